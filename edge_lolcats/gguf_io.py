@@ -1,0 +1,71 @@
+"""Reading GGUF files with gguf-py into plain Python values and numpy arrays. No torch here:
+the runtime uses this module too."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, truncated, corrupt or of a kind we do not read."""
+
+
+@dataclass
+class GGUFFile:
+    path: str
+    metadata: dict  # key -> Python value (str, int, float, bool, list)
+    tensors: dict  # name -> gguf.ReaderTensor
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "?")
+
+    def arch_key(self, key: str, default=None):
+        """``{arch}.{key}`` from the metadata."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as float32 in row-major order (ggml's reversed shape put back)."""
+        if name not in self.tensors:
+            raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
+        return tensor_to_float32(self.tensors[name])
+
+
+def tensor_to_float32(tensor) -> np.ndarray:
+    from gguf import GGMLQuantizationType, quants
+
+    shape = tuple(int(x) for x in reversed(tensor.shape))  # ggml lists the fastest dimension first
+    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        array = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        try:
+            array = quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as e:
+            raise ModelFileError(f"tensor {tensor.name}: {tensor.tensor_type.name} is not supported ({e})") from None
+    return array.reshape(shape)
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """Open a GGUF file (memory-mapped) and read all of its metadata."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFileError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError, struct/numpy errors or IndexError on damage
+        raise ModelFileError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            metadata[key] = field.contents()
+        except Exception as e:
+            raise ModelFileError(f"{path}: unreadable metadata {key!r} ({e})") from None
+    return GGUFFile(path, metadata, {t.name: t for t in reader.tensors})

@@ -1,0 +1,158 @@
+"""A small tokenizer: a `tokenizers` backend plus BOS/EOS handling and the chat template.
+
+Built from GGUF metadata (byte-level BPE vocabularies) or from an HF folder's tokenizer.json. No
+torch, no transformers: the runtime uses it as it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+# Pre-tokenizer regexes for the `tokenizer.ggml.pre` values of byte-level vocabularies, as llama.cpp
+# uses them (llama-vocab.cpp). A vocabulary split differently from how it was trained gives other ids.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level(split: str, digits_first: bool = False):
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits_first else []
+    steps += [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    return pre_tokenizers.Sequence(steps)
+
+
+PRE_TOKENIZERS = {
+    "default": lambda: _byte_level(_GPT2_SPLIT),
+    "gpt2": lambda: _byte_level(_GPT2_SPLIT),
+    "smollm": lambda: _byte_level(_GPT2_SPLIT, digits_first=True),  # SmolLM splits every digit
+    "llama3": lambda: _byte_level(_LLAMA3_SPLIT),
+    "llama-bpe": lambda: _byte_level(_LLAMA3_SPLIT),
+    "qwen2": lambda: _byte_level(_QWEN2_SPLIT),
+}
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the model's chat template."""
+
+    def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: list[int],
+                 chat_template: str | None = None, add_bos_token: bool = False):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = list(eos_token_ids)
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render the model's chat template (Jinja, sandboxed, as transformers renders it)."""
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        tok = lambda i: self.token(i) if i is not None else None  # noqa: E731
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=tok(self.bos_token_id) or "", eos_token=tok(self.eos_token_ids[0]) if self.eos_token_ids else "")
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
+        kind = metadata.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+        pre = metadata.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+        backend.decoder = decoders.ByteLevel()
+        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == _CONTROL])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        return cls(backend, bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+                   eos_token_ids=[eos] if eos is not None else [],
+                   chat_template=metadata.get("tokenizer.chat_template"),
+                   add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)))
+
+    @classmethod
+    def from_folder(cls, folder: str, eos_token_ids: list[int] | None = None) -> "Tokenizer":
+        """An HF-style folder: tokenizer.json, tokenizer_config.json (and chat_template.jinja)."""
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise TokenizerError(f"{folder}: no tokenizer.json")
+        backend = Backend.from_file(path)
+        config = {}
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        template = config.get("chat_template")
+        template_path = os.path.join(folder, "chat_template.jinja")
+        if template is None and os.path.isfile(template_path):
+            with open(template_path, encoding="utf-8") as f:
+                template = f.read()
+
+        def token_id(name):
+            value = config.get(name)
+            if isinstance(value, dict):  # older files store AddedToken dicts
+                value = value.get("content")
+            return backend.token_to_id(value) if value else None
+
+        if eos_token_ids is None:
+            eos = token_id("eos_token")
+            eos_token_ids = [eos] if eos is not None else []
+        return cls(backend, bos_token_id=token_id("bos_token"), eos_token_ids=eos_token_ids,
+                   chat_template=template, add_bos_token=bool(config.get("add_bos_token", False)))
+
+    def save(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.backend.save(os.path.join(folder, "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.token(self.bos_token_id) if self.bos_token_id is not None else None,
+            "eos_token": self.token(self.eos_token_ids[0]) if self.eos_token_ids else None,
+            "add_bos_token": self.add_bos_token,
+            "chat_template": self.chat_template,
+        }
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)

@@ -1,0 +1,1 @@
+"""Triton kernels for the hybrid sliding-window + linear attention."""

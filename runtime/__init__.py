@@ -1,0 +1,5 @@
+"""Torch-free runtime for linearized models (numpy, onnxruntime, gguf, tokenizers).
+
+Never import torch here, directly or through another module: a test imports this package in an
+interpreter where torch cannot be imported.
+"""
