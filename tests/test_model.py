@@ -127,7 +127,7 @@ def test_empty_prompt_is_an_error():
         prefill(tiny_model(), [])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_hf_folder_load_and_checkpoint_roundtrip(family, tiny_model_dir, tmp_path):
     folder, original = tiny_model_dir(family)
     loaded = load_model(folder)
@@ -199,6 +199,11 @@ def test_pickled_weights_are_never_loaded(tiny_model_dir):
     torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
     with pytest.raises(ModelFileError, match="safetensors"):
         load_model(folder)
+
+
+def test_gguf_path_and_name_resolve_to_the_same_file(smollm2_gguf):
+    assert resolve("smollm2-135m") == ("gguf", smollm2_gguf.path)
+    assert resolve(smollm2_gguf.path) == ("gguf", smollm2_gguf.path)
 
 
 def test_unknown_model_lists_what_is_accepted(tmp_path):
