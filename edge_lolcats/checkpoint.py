@@ -110,7 +110,7 @@ def load_checkpoint(folder: str, dtype=torch.float32):
         loaded = load_model(base, dtype=dtype)
         if loaded.kind == "lolcats-checkpoint":
             raise ModelFileError(f"{folder}: base {base!r} is itself linearized")
-        model = linearize(loaded.model, **dims)
+        model = _rebuild(loaded.model, dims, lolcats)
         expected = {k: v for k, v in model.state_dict().items() if is_delta_param(k)}
         if set(weights) != set(expected):
             raise ModelFileError(f"{folder}: delta weights do not match the model: missing "
@@ -130,11 +130,23 @@ def load_checkpoint(folder: str, dtype=torch.float32):
             raise ModelFileError(f"{folder}: unknown model type {model_type!r} ({e})") from None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            linearize(model, **dims)
+            _rebuild(model, dims, lolcats)
         model = assign_weights(model, weights, dtype)
     model.config.lolcats = lolcats
     tokenizer = Tokenizer.from_folder(folder, eos_token_ids=_eos_list(model.config.eos_token_id))
     return model.eval(), tokenizer
+
+
+def _rebuild(model, dims, lolcats):
+    """Linearize (and add LoRA, if the checkpoint has it) so that the checkpoint's names fit."""
+    from .lora import apply_lora
+
+    linearize(model, **dims)
+    lora = lolcats.get("lora")
+    if lora:
+        apply_lora(model, rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)),
+                   targets=lora.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
+    return model
 
 
 def _eos_list(eos):
