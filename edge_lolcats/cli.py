@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--feature-dim", type=positive_int, default=64, help="feature map size F (default 64)")
     lin.add_argument("--delta", action="store_true",
                      help="save only the new weights, on top of --base (a few MB instead of the whole model)")
+    tr = lin.add_argument_group("training (both budgets 0: swap the attention only, no training)")
+    tr.add_argument("--stage1-tokens", type=non_negative_int, default=0, help="attention-transfer budget in tokens")
+    tr.add_argument("--stage2-tokens", type=non_negative_int, default=0, help="LoRA budget in tokens")
+    tr.add_argument("--data", metavar="PATH", help=".txt/.md/.jsonl file or folder (default: the installed corpus)")
+    tr.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per training sequence")
+    tr.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step")
+    tr.add_argument("--stage1-lr", type=float, default=1e-2)
+    tr.add_argument("--stage2-lr", type=float, default=1e-4)
+    tr.add_argument("--lora-rank", type=positive_int, default=8)
+    tr.add_argument("--lora-alpha", type=float, default=16.0)
+    tr.add_argument("--lora-dropout", type=float, default=0.0)
+    tr.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated projections")
+    tr.add_argument("--kd", action="store_true", help="stage 2: add KL(teacher || student) on the logits")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--save-every", type=positive_int, default=25, help="checkpoint every N steps")
+    tr.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    tr.add_argument("--work-dir", metavar="DIR", help="training checkpoints and metrics (default: OUT.train)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in the work dir")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     gen = sub.add_parser("generate", help="generate text from a model or checkpoint")
     gen.add_argument("model", metavar="MODEL")
@@ -136,16 +155,55 @@ def cmd_linearize(args):
     if loaded.kind == "lolcats-checkpoint":
         raise CLIError(f"{args.base} is already linearized")
     model = linearize(loaded.model, window_size=args.window_size, feature_dim=args.feature_dim)
-    base = None
-    if args.delta:
-        base = args.base if loaded.kind == "gguf" and not os.path.exists(args.base) else os.path.abspath(args.base)
-    out = save_checkpoint(model, loaded.tokenizer, args.out, base=base)
+    base = args.base if loaded.kind == "gguf" and not os.path.exists(args.base) else os.path.abspath(args.base)
+    training = None
+    if args.stage1_tokens or args.stage2_tokens:
+        training = _train(args, model, loaded.tokenizer, base)
+    elif args.resume:
+        raise CLIError("--resume needs a training budget (--stage1-tokens / --stage2-tokens)")
+    out = save_checkpoint(model, loaded.tokenizer, args.out, base=base if args.delta else None)
+    if training is not None:
+        import shutil
+
+        summary, work_dir = training
+        with open(os.path.join(out, "training.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        shutil.copy(os.path.join(work_dir, "metrics.jsonl"), os.path.join(out, "metrics.jsonl"))
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     sb = state_bytes(model)
     print(f"linearized {args.base}: {model.config.num_hidden_layers} layers, window {args.window_size}, "
           f"feature dim {args.feature_dim}")
-    print(f"wrote {out} ({size / 2**20:.1f} MiB{', delta on ' + base if base else ''})")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB{', delta on ' + base if args.delta else ''})")
     print(f"decode state: {sb / 2**20:.2f} MiB, fixed at any context length")
+
+
+def _train(args, model, tokenizer, base):
+    from .data import load_corpus
+    from .train import TrainConfig, train
+
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    config = TrainConfig(stage1_tokens=args.stage1_tokens, stage2_tokens=args.stage2_tokens, seq_len=args.seq_len,
+                         batch_size=args.batch_size, stage1_lr=args.stage1_lr, stage2_lr=args.stage2_lr,
+                         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                         lora_targets=targets, kd=args.kd, seed=args.seed, save_every=args.save_every,
+                         device=args.device)
+    corpus = load_corpus(tokenizer, args.data, seq_len=args.seq_len, seed=args.seed)
+    work_dir = args.work_dir or os.path.abspath(args.out).rstrip("/") + ".train"
+    print(f"data: {len(corpus.train)} training and {len(corpus.heldout)} held-out sequences of {args.seq_len} "
+          f"tokens ({len(corpus.train_names)} / {len(corpus.heldout_names)} documents); work dir {work_dir}",
+          file=sys.stderr)
+    meta = {"base": base, "window_size": args.window_size, "feature_dim": args.feature_dim}
+    try:
+        progress = train(model, corpus, config, work_dir, resume=args.resume, meta=meta,
+                         show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the last checkpoint is in {work_dir}: continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    summary = {"base": base, "data": args.data or "default corpus", "data_fingerprint": corpus.fingerprint(),
+               "stage1_tokens": progress.tokens["1"], "stage2_tokens": progress.tokens["2"],
+               "train_seconds": round(progress.train_seconds, 1),
+               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}}
+    return summary, work_dir
 
 
 def _read_prompt(args) -> str:

@@ -31,6 +31,7 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Linear(in_dim, rank, bias=False)
         self.lora_b = nn.Linear(rank, out_dim, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True  # off: the base layer alone (the teacher, for distillation)
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 
@@ -48,7 +49,10 @@ class LoRALinear(nn.Module):
         return lora
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
+        out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
+        return out + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + self.scaling * (self.lora_b.weight @ self.lora_a.weight)
@@ -57,16 +61,25 @@ class LoRALinear(nn.Module):
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}, rank={self.rank}, alpha={self.alpha}"
 
 
-def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=DEFAULT_TARGETS):
-    """Wrap the target projections of every attention layer in :class:`LoRALinear` (in place)."""
+def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=DEFAULT_TARGETS,
+               seed: int | None = None):
+    """Wrap the target projections of every attention layer in :class:`LoRALinear` (in place).
+
+    With ``seed``, ``lora_a`` is initialized from its own generator, independent of the global RNG
+    (so that a resumed training run initializes LoRA exactly as an uninterrupted one)."""
     targets = tuple(targets)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for layer in model.model.layers:
         attn = layer.self_attn
         for name in targets:
             module = getattr(attn, name, None)
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"cannot put LoRA on {name!r}: not a linear layer of {type(attn).__name__}")
-            setattr(attn, name, LoRALinear.from_linear(module, rank, alpha, dropout))
+            lora = LoRALinear.from_linear(module, rank, alpha, dropout)
+            if generator is not None:
+                with torch.no_grad():
+                    nn.init.kaiming_uniform_(lora.lora_a.weight, a=math.sqrt(5), generator=generator)
+            setattr(attn, name, lora)
     lolcats = dict(getattr(model.config, "lolcats", None) or {})
     lolcats["lora"] = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
     model.config.lolcats = lolcats

@@ -69,6 +69,8 @@ class HybridAttention(nn.Module):
 
     def attend(self, q, k, v, state: HybridState | None = None, output_state: bool = False):
         """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked."""
+        if self.form == "softmax":  # the teacher, for distillation (no state)
+            return softmax_attention(q, k, v), None
         weights = (self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor)
         if state is not None and q.shape[2] == 1:
             return hybrid_attention_step(q, k, v, *weights, state)
@@ -85,6 +87,38 @@ class HybridAttention(nn.Module):
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
         return self.o_proj(out.to(hidden_states.dtype)), new_state
+
+
+def softmax_attention(q, k, v):
+    """Causal softmax attention, the teacher: q [B, H, N, D], k and v [B, Hkv, N, D]."""
+    heads = q.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), is_causal=True,
+                                          scale=1 / math.sqrt(q.shape[-1]))
+
+
+class teacher_mode:
+    """Within this context a linearized model computes as its softmax teacher: every hybrid layer
+    uses causal softmax attention and every LoRA update is switched off."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        from .lora import LoRALinear
+
+        self.saved = []
+        for m in self.model.modules():
+            if isinstance(m, HybridAttention):
+                self.saved.append((m, "form", m.form))
+                m.form = "softmax"
+            elif isinstance(m, LoRALinear):
+                self.saved.append((m, "enabled", m.enabled))
+                m.enabled = False
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, name, value in self.saved:
+            setattr(m, name, value)
 
 
 def apply_rope(q, k, cos, sin):
@@ -192,7 +226,8 @@ def _softmax_layer(attn, hidden_states, position_embeddings, cache: KVCache | No
     return attn.o_proj(out), KVCache(k, v)
 
 
-def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, last_logits_only: bool = False):
+def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, last_logits_only: bool = False,
+            with_state: bool = True):
     """Run the decoder on ``input_ids`` [B, N] from ``state``: returns (logits, new state).
 
     Works for softmax models (state holds KV caches) and linearized ones (fixed-size states).
@@ -210,7 +245,7 @@ def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, 
         layer_state = state.layers[i] if state is not None else None
         h = layer.input_layernorm(x)
         if isinstance(layer.self_attn, HybridAttention):
-            a, layer_state = layer.self_attn(h, position_embeddings, state=layer_state, output_state=True)
+            a, layer_state = layer.self_attn(h, position_embeddings, state=layer_state, output_state=with_state)
         else:
             a, layer_state = _softmax_layer(layer.self_attn, h, position_embeddings, layer_state,
                                             heads, kv_heads, head_dim)
@@ -220,4 +255,4 @@ def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, 
     if last_logits_only:
         x = x[:, -1:]
     logits = model.lm_head(inner.norm(x))
-    return logits, ModelState(new_layers, start + n)
+    return logits, (ModelState(new_layers, start + n) if with_state else None)

