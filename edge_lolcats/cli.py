@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prefill-chunk", type=positive_int, default=1024, help="prompt tokens per prefill chunk")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
 
+    ev = sub.add_parser("eval", help="a linearized model against its teacher and fixed-memory baselines")
+    ev.add_argument("model", metavar="MODEL", help="linearized checkpoint")
+    ev.add_argument("--teacher", metavar="NAME|PATH", help="softmax teacher (default: the checkpoint's base)")
+    ev.add_argument("--data", metavar="PATH", help="text to hold out from (default: as in training)")
+    ev.add_argument("--max-tokens", type=positive_int, default=32768, help="held-out tokens for perplexity")
+    ev.add_argument("--seq-len", type=positive_int, help="held-out sequence length (default: as in training)")
+    ev.add_argument("--seed", type=int, help="split seed (default: as in training)")
+    ev.add_argument("--long-docs", type=non_negative_int, default=3, help="long documents for position buckets")
+    ev.add_argument("--passkey-trials", type=non_negative_int, default=5, help="trials per passkey length")
+    ev.add_argument("--passkey-lengths", type=int_list, default=[1024, 4096, 8192])
+    ev.add_argument("--stage2-only", metavar="CKPT", help="baseline: a linearization trained with LoRA alone")
+    ev.add_argument("--json", metavar="OUT", help="write all results as one JSON object")
+    ev.add_argument("--no-progress", action="store_true")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     att = bsub.add_parser("attention", help="chunked hybrid attention vs the quadratic reference on the CPU")
@@ -283,6 +297,51 @@ def cmd_generate(args):
           f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr)
 
 
+def cmd_eval(args):
+    from .data import load_corpus
+    from .evaluate import evaluate, markdown_table, write_json
+    from .loading import load_model
+    from .model import is_linearized, linearize
+
+    loaded = load_model(args.model)
+    if not is_linearized(loaded.model):
+        raise CLIError(f"{args.model} is not a linearized checkpoint (linearize it first)")
+    lolcats = loaded.model.config.lolcats
+    training = {}
+    path = os.path.join(loaded.path, "training.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            training = json.load(f)
+    config = training.get("config", {})
+    data = args.data if args.data is not None else (None if training.get("data") in (None, "default corpus")
+                                                    else training["data"])
+    seq_len = args.seq_len or config.get("seq_len", 1024)
+    seed = args.seed if args.seed is not None else config.get("seed", 0)
+    teacher = None
+    if args.teacher:
+        t = load_model(args.teacher)
+        if t.kind == "lolcats-checkpoint":
+            raise CLIError(f"--teacher {args.teacher} is linearized; give the softmax base model")
+        teacher = linearize(t.model, window_size=lolcats["window_size"], feature_dim=lolcats["feature_dim"])
+    elif lolcats.get("lora_merged"):
+        raise CLIError("LoRA is merged into this checkpoint, so its teacher cannot be recovered: pass --teacher")
+    corpus = load_corpus(loaded.tokenizer, data, seq_len=seq_len, seed=seed)
+    if training.get("data_fingerprint") and training["data_fingerprint"] != corpus.fingerprint():
+        print(f"{PROG}: warning: this data differs from the training data; held-out text may have been trained on",
+              file=sys.stderr)
+    stage2_only = None
+    if args.stage2_only:
+        stage2_only = load_model(args.stage2_only).model
+    result = evaluate(loaded.model, loaded.tokenizer, corpus, teacher=teacher, max_tokens=args.max_tokens,
+                      long_docs=args.long_docs, passkey_trials=args.passkey_trials,
+                      passkey_lengths=args.passkey_lengths if args.passkey_trials else (),
+                      stage2_only=stage2_only, progress=not args.no_progress)
+    result["model"] = args.model
+    print(markdown_table(result))
+    if args.json:
+        write_json(args.json, result)
+
+
 def cmd_bench(args):
     if args.bench == "attention":
         from .bench_attention import run
@@ -290,7 +349,8 @@ def cmd_bench(args):
         run(args)
 
 
-COMMANDS = {"info": cmd_info, "linearize": cmd_linearize, "generate": cmd_generate, "bench": cmd_bench}
+COMMANDS = {"info": cmd_info, "linearize": cmd_linearize, "generate": cmd_generate, "eval": cmd_eval,
+            "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,7 @@ class HybridAttention(nn.Module):
         self.feature_map_k = FeatureMap(heads, head_dim, feature_dim).to(device)
         self.window_factor = nn.Parameter(torch.full((heads,), WINDOW_FACTOR_INIT, device=device))
         self.form = "chunked"
+        self.sink_tokens, self.recent_tokens = 4, None  # for the "sink" baseline form
 
     def project(self, hidden_states, position_embeddings):
         """q [B, H, N, D], k and v [B, Hkv, N, D], after RoPE (as the softmax layer computes them)."""
@@ -69,8 +70,8 @@ class HybridAttention(nn.Module):
 
     def attend(self, q, k, v, state: HybridState | None = None, output_state: bool = False):
         """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked."""
-        if self.form == "softmax":  # the teacher, for distillation (no state)
-            return softmax_attention(q, k, v), None
+        if self.form in FIXED_MEMORY_BASELINES or self.form == "softmax":  # teacher and baselines, no state
+            return softmax_attention(q, k, v, self.baseline_mask(q.shape[2], q.device)), None
         weights = (self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor)
         if state is not None and q.shape[2] == 1:
             return hybrid_attention_step(q, k, v, *weights, state)
@@ -89,19 +90,54 @@ class HybridAttention(nn.Module):
         return self.o_proj(out.to(hidden_states.dtype)), new_state
 
 
-def softmax_attention(q, k, v):
-    """Causal softmax attention, the teacher: q [B, H, N, D], k and v [B, Hkv, N, D]."""
+    def baseline_mask(self, n: int, device) -> torch.Tensor | None:
+        """Which keys each query sees under the current softmax form ([N, N] bool; None: causal)."""
+        if self.form == "softmax":
+            return None
+        i = torch.arange(n, device=device)[:, None]
+        j = torch.arange(n, device=device)[None, :]
+        if self.form == "window":  # the same window as the hybrid, no linear part
+            return (j <= i) & (j > i - self.window_size)
+        # "sink": StreamingLLM's cache of the first sink_tokens plus the recent_tokens newest keys
+        # (original positions kept, as in a cache that is never re-indexed)
+        return (j <= i) & ((j < self.sink_tokens) | (j > i - self.recent_tokens))
+
+
+# Softmax attention under a fixed key budget, run on the teacher's weights for comparison.
+FIXED_MEMORY_BASELINES = ("window", "sink")
+
+
+def softmax_attention(q, k, v, mask: torch.Tensor | None = None):
+    """Softmax attention, causal or under a [N, N] bool mask: q [B, H, N, D], k and v [B, Hkv, N, D]."""
     heads = q.shape[1]
-    return F.scaled_dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), is_causal=True,
-                                          scale=1 / math.sqrt(q.shape[-1]))
+    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
+    scale = 1 / math.sqrt(q.shape[-1])
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-class teacher_mode:
-    """Within this context a linearized model computes as its softmax teacher: every hybrid layer
-    uses causal softmax attention and every LoRA update is switched off."""
+def sink_cache_budget(model, sink_tokens: int = 4) -> int:
+    """Recent tokens a sink + window KV cache (float32) may keep to match the hybrid state's bytes."""
+    heads, kv_heads, head_dim = attention_dims(model.config)
+    cfg = lolcats_config(model)
+    hybrid = heads * (2 * cfg["feature_dim"] * head_dim + 2 * cfg["feature_dim"] + 2 * cfg["window_size"] * head_dim)
+    per_token = 2 * kv_heads * head_dim
+    return max(1, hybrid // per_token - sink_tokens)
 
-    def __init__(self, model):
-        self.model = model
+
+class base_attention:
+    """Within this context a linearized model runs softmax attention on its teacher's weights (every
+    LoRA update switched off): ``kind`` "softmax" is the teacher itself, "window" a sliding window of
+    the hybrid's size, "sink" a StreamingLLM cache of ``sink_tokens`` + ``recent_tokens`` keys."""
+
+    def __init__(self, model, kind: str = "softmax", sink_tokens: int = 4, recent_tokens: int | None = None):
+        if kind not in ("softmax",) + FIXED_MEMORY_BASELINES:
+            raise ValueError(f"unknown attention kind {kind!r}")
+        self.model, self.kind = model, kind
+        self.sink_tokens = sink_tokens
+        self.recent_tokens = recent_tokens if recent_tokens is not None else (
+            sink_cache_budget(model, sink_tokens) if kind == "sink" else None)
 
     def __enter__(self):
         from .lora import LoRALinear
@@ -110,7 +146,8 @@ class teacher_mode:
         for m in self.model.modules():
             if isinstance(m, HybridAttention):
                 self.saved.append((m, "form", m.form))
-                m.form = "softmax"
+                m.form = self.kind
+                m.sink_tokens, m.recent_tokens = self.sink_tokens, self.recent_tokens
             elif isinstance(m, LoRALinear):
                 self.saved.append((m, "enabled", m.enabled))
                 m.enabled = False
@@ -119,6 +156,11 @@ class teacher_mode:
     def __exit__(self, *exc):
         for m, name, value in self.saved:
             setattr(m, name, value)
+
+
+def teacher_mode(model):
+    """The linearized model computing as its softmax teacher (see :class:`base_attention`)."""
+    return base_attention(model, "softmax")
 
 
 def apply_rope(q, k, cos, sin):
@@ -227,11 +269,12 @@ def _softmax_layer(attn, hidden_states, position_embeddings, cache: KVCache | No
 
 
 def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, last_logits_only: bool = False,
-            with_state: bool = True):
+            with_state: bool = True, return_hidden: bool = False):
     """Run the decoder on ``input_ids`` [B, N] from ``state``: returns (logits, new state).
 
     Works for softmax models (state holds KV caches) and linearized ones (fixed-size states).
-    ``last_logits_only`` returns logits [B, 1, V] and avoids an [N, V] matrix on long prefills.
+    ``last_logits_only`` returns logits [B, 1, V] and avoids an [N, V] matrix on long prefills;
+    ``return_hidden`` returns the final normed hidden states [B, N, hidden] instead of logits.
     """
     inner = model.model
     heads, kv_heads, head_dim = attention_dims(model.config)
@@ -254,5 +297,6 @@ def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, 
         new_layers.append(layer_state)
     if last_logits_only:
         x = x[:, -1:]
-    logits = model.lm_head(inner.norm(x))
+    x = inner.norm(x)
+    logits = x if return_hidden else model.lm_head(x)
     return logits, (ModelState(new_layers, start + n) if with_state else None)
