@@ -175,6 +175,8 @@ def cmd_linearize(args):
         training = _train(args, model, loaded.tokenizer, base)
     elif args.resume:
         raise CLIError("--resume needs a training budget (--stage1-tokens / --stage2-tokens)")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 writes the checkpoint
     out = save_checkpoint(model, loaded.tokenizer, args.out, base=base if args.delta else None)
     if training is not None:
         import shutil
@@ -189,6 +191,21 @@ def cmd_linearize(args):
           f"feature dim {args.feature_dim}")
     print(f"wrote {out} ({size / 2**20:.1f} MiB{', delta on ' + base if args.delta else ''})")
     print(f"decode state: {sb / 2**20:.2f} MiB, fixed at any context length")
+
+
+def _init_distributed(config):
+    """Under torchrun (WORLD_SIZE > 1): one process group; gloo on CPU, NCCL on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if config.device == "cuda" else "gloo")
+    if config.device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        config.device = f"cuda:{local_rank}"
 
 
 def _train(args, model, tokenizer, base):
@@ -207,6 +224,7 @@ def _train(args, model, tokenizer, base):
           f"tokens ({len(corpus.train_names)} / {len(corpus.heldout_names)} documents); work dir {work_dir}",
           file=sys.stderr)
     meta = {"base": base, "window_size": args.window_size, "feature_dim": args.feature_dim}
+    _init_distributed(config)
     try:
         progress = train(model, corpus, config, work_dir, resume=args.resume, meta=meta,
                          show_progress=not args.no_progress)

@@ -254,6 +254,38 @@ def load_training_state(folder: str, info: dict, model, optimizer_for_stage):
     return optimizer
 
 
+# --- several processes ---------------------------------------------------------------------------
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless torch.distributed is initialized."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(params, world: int):
+    """Data parallel: every process ends the step with the mean of all processes' gradients."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world
+
+
+def average_scalars(values: dict, world: int) -> dict:
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -281,8 +313,17 @@ def _truncate_log(path: str, progress: Progress):
 
 def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = False, meta: dict | None = None,
           show_progress: bool = True):
-    """Run (or resume) both stages on a linearized model in place. Returns the Progress."""
+    """Run (or resume) both stages on a linearized model in place. Returns the Progress.
+
+    Under torch.distributed (torchrun) each of the W processes takes its 1/W share of every batch
+    and gradients are averaged, so the run follows the one-process run with the same batch size;
+    only rank 0 writes logs and checkpoints."""
     from tqdm import tqdm
+
+    rank, world = dist_info()
+    if config.batch_size % world:
+        raise TrainingError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes")
+    show_progress = show_progress and rank == 0
 
     meta = {**(meta or {}), "config": {k: getattr(config, k) for k in TrainConfig.IDENTITY},
             "data_fingerprint": corpus.fingerprint()}
@@ -296,6 +337,10 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
     train_data = torch.from_numpy(corpus.train)
     progress = Progress()
     found = latest_valid_checkpoint(work_dir)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank sees the same checkpoints before deciding
     if found and not resume:
         raise TrainingError(f"{work_dir} already holds a training run; pass --resume to continue it "
                             f"or remove the folder to start over")
@@ -316,9 +361,10 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
             model.to(device)
         params = set_trainable(model, progress.stage)
         optimizer = load_training_state(folder, info, model, lambda: make_optimizer(params, config, progress.stage))
-        _truncate_log(log_path, progress)
+        if rank == 0:
+            _truncate_log(log_path, progress)
     else:
-        if os.path.exists(log_path):
+        if rank == 0 and os.path.exists(log_path):
             os.remove(log_path)
         optimizer = None
         torch.manual_seed(config.seed)  # dropout; a resumed run restores the RNG from its checkpoint
@@ -347,6 +393,7 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
         try:
             while progress.step < n_steps:
                 idx = batch_indices(len(train_data), stage, progress.step, config.batch_size, config.seed)
+                idx = idx.reshape(world, -1)[rank]  # this process's share of the batch
                 batch = train_data[torch.from_numpy(idx)].to(device)
                 t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
@@ -355,6 +402,9 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
                         parts = {"loss": stage1_step(model, batch, config.mse_weight)}
                     else:
                         parts = stage2_step(model, batch, config.kd, config.kd_weight)
+                if world > 1:
+                    average_gradients(params, world)
+                    parts = average_scalars(parts, world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip).item()
                 stepping = True  # an interrupt inside optimizer.step could leave half-updated weights
                 optimizer.step()
@@ -366,13 +416,14 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
                 record = {"stage": stage, "step": progress.step, "tokens": progress.tokens[str(stage)], **parts,
                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
                           "train_seconds": progress.train_seconds}
-                _log(log_path, record)
+                if rank == 0:
+                    _log(log_path, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.4g}", tok_s=f"{tokens_per_step / dt:.0f}")
-                if progress.step % config.save_every == 0 or progress.step == n_steps:
+                if (progress.step % config.save_every == 0 or progress.step == n_steps) and rank == 0:
                     save_training_state(work_dir, model, optimizer, progress, meta)
         except KeyboardInterrupt:
-            if not stepping:
+            if not stepping and rank == 0:
                 save_training_state(work_dir, model, optimizer, progress, meta)
             bar.close()
             raise

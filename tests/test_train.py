@@ -176,3 +176,32 @@ def test_resume_refuses_a_different_run(smol_tokenizer, tmp_path):
     with pytest.raises(TrainingError, match="data_fingerprint"):
         train(linearize(tiny_model(), window_size=8, feature_dim=8), other_data, config, work, resume=True,
               show_progress=False)
+
+
+def test_two_processes_match_one(tmp_path, tiny_model_dir, data_dir):
+    """torchrun with 2 CPU processes (gloo), each taking half of every batch of 2, follows the
+    one-process run with batch 2. Not bit-exact: the gradient mean is summed in another order
+    (~1e-7 relative), which Adam carries into the weights at about lr * 1e-6 per step; 1e-4 absolute
+    on O(1) weights leaves room for that and none for a wrong split (which moves weights by ~lr)."""
+    base, _ = tiny_model_dir()
+    common = ["linearize", "--base", base, "--data", data_dir, "--stage1-tokens", str(64 * 2 * 8),
+              "--stage2-tokens", str(64 * 2 * 4), "--seq-len", "64", "--batch-size", "2", "--window-size", "8",
+              "--feature-dim", "8", "--lora-rank", "4", "--no-progress"]
+    one = subprocess.run(_cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True, cwd=REPO)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "edge_lolcats.cli", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys() and any("lora_" in k for k in a)
+    initial = linearize(tiny_model(), window_size=8, feature_dim=8).state_dict()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() < 1e-4, key
+        if "feature_map" in key or "window_factor" in key:
+            assert (a[key] - initial[key]).abs().max() > 1e-3, f"{key} did not train"
+    log_one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    log_two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(log_one) == len(log_two) == 12
+    for x, y in zip(log_one, log_two):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 * abs(x["loss"])
