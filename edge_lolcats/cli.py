@@ -19,7 +19,7 @@ def _user_errors():
     from .gguf_io import ModelFileError
     from .tokenizer import TokenizerError
 
-    return (CLIError, ModelFileError, TokenizerError, ValueError, OSError, UnicodeDecodeError)
+    return (CLIError, ModelFileError, TokenizerError, ValueError, OSError, UnicodeDecodeError)  # incl. subclasses
 
 
 def positive_int(text):
@@ -116,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--stage2-only", metavar="CKPT", help="baseline: a linearization trained with LoRA alone")
     ev.add_argument("--json", metavar="OUT", help="write all results as one JSON object")
     ev.add_argument("--no-progress", action="store_true")
+
+    ex = sub.add_parser("export", help="export a model to one self-contained GGUF file")
+    ex.add_argument("model", metavar="MODEL")
+    ex.add_argument("--format", choices=["gguf"], default="gguf")
+    ex.add_argument("--dtype", default="f32", help="f32, f16, q8_0 or q4_0 for the weight matrices")
+    ex.add_argument("--out", required=True, metavar="FILE")
+    ex.add_argument("--softmax-teacher", action="store_true",
+                    help="write the weights (LoRA merged) as a plain llama file with softmax attention, for llama.cpp")
+
+    ver = sub.add_parser("verify", help="check an exported file, optionally against a reference model")
+    ver.add_argument("file", metavar="FILE")
+    ver.add_argument("--against", metavar="MODEL", help="reference model: compare logits and a greedy generation")
+    ver.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens to compare")
+    ver.add_argument("--json", action="store_true")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -360,6 +374,75 @@ def cmd_eval(args):
         write_json(args.json, result)
 
 
+def cmd_export(args):
+    import resource
+    import time
+
+    from .converters.gguf_export import DTYPES, export_gguf
+    from .loading import load_model
+
+    if args.dtype not in DTYPES:
+        raise CLIError(f"unsupported --dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} is a folder; give a file name")
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc="writing tensors", unit="tensor", disable=not sys.stderr.isatty())
+
+    def progress(i, n):
+        bar.total = n
+        bar.update(1)
+
+    summary = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.dtype, source=args.model,
+                          progress=progress, as_softmax=args.softmax_teacher)
+    bar.close()
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(summary))
+
+
+def cmd_verify(args):
+    import torch
+
+    from .generate import generate
+    from .gguf_io import read_gguf
+    from .loading import load_gguf, load_model
+    from .model import forward, is_linearized, state_bytes
+
+    if not args.file.endswith(".gguf") or os.path.isdir(args.file):
+        raise CLIError(f"{args.file}: expected a .gguf file")
+    gguf = read_gguf(args.file)
+    model, tokenizer = load_gguf(args.file)  # checks architecture, keys, every tensor's name and shape
+    report = {"file": args.file, "architecture": gguf.architecture, "tensors": len(gguf.tensors),
+              "types": sorted({t.tensor_type.name for t in gguf.tensors.values()}),
+              "layers": model.config.num_hidden_layers, "linearized": is_linearized(model),
+              "state_bytes": state_bytes(model), "chat_template": tokenizer.chat_template is not None, "ok": True}
+    if args.against:
+        ref = load_model(args.against)
+        prompt = tokenizer.encode("The history of the city begins in the early middle ages, when")
+        if ref.tokenizer.encode("The history of the city") != tokenizer.encode("The history of the city"):
+            raise CLIError("the file's tokenizer does not match the reference model's")
+        with torch.no_grad():
+            a, _ = forward(model, torch.tensor([prompt]), with_state=False)
+            b, _ = forward(ref.model, torch.tensor([prompt]), with_state=False)
+        ga = generate(model, prompt, max_new_tokens=args.tokens).token_ids
+        gb = generate(ref.model, prompt, max_new_tokens=args.tokens).token_ids
+        same = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
+        report.update({"against": args.against, "max_logit_diff": float((a - b).abs().max()),
+                       "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+                       "greedy_tokens_equal": same, "greedy_tokens": len(ga)})
+        report["ok"] = same == len(ga)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:20s} {v}")
+    if not report["ok"]:
+        raise CLIError(f"greedy generation differs from {args.against} at token {report['greedy_tokens_equal']}")
+
+
 def cmd_bench(args):
     if args.bench == "attention":
         from .bench_attention import run
@@ -368,7 +451,7 @@ def cmd_bench(args):
 
 
 COMMANDS = {"info": cmd_info, "linearize": cmd_linearize, "generate": cmd_generate, "eval": cmd_eval,
-            "bench": cmd_bench}
+            "export": cmd_export, "verify": cmd_verify, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .converters import gguf_names as names
 from .gguf_io import GGUFFile, ModelFileError, read_gguf
 from .model import SUPPORTED_FAMILIES
 from .tokenizer import Tokenizer
@@ -112,14 +113,16 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def llama_config_from_gguf(gguf: GGUFFile):
+    """A transformers LlamaConfig from a ``llama`` or ``lolcats`` GGUF file's metadata."""
     from transformers import LlamaConfig
 
-    if gguf.architecture != "llama":
-        raise ModelFileError(f"{gguf.path}: architecture {gguf.architecture!r} is not supported; supported: llama")
+    if gguf.architecture not in (names.LLAMA_ARCH, names.LOLCATS_ARCH):
+        raise ModelFileError(f"{gguf.path}: architecture {gguf.architecture!r} is not supported; "
+                             f"supported: {names.LLAMA_ARCH}, {names.LOLCATS_ARCH}")
     required = ["embedding_length", "block_count", "attention.head_count", "feed_forward_length"]
     missing = [k for k in required if gguf.arch_key(k) is None]
     if missing:
-        raise ModelFileError(f"{gguf.path}: missing metadata {', '.join('llama.' + k for k in missing)}")
+        raise ModelFileError(f"{gguf.path}: missing metadata {', '.join(gguf.architecture + '.' + k for k in missing)}")
     scaling = gguf.arch_key("rope.scaling.type")
     if scaling not in (None, "none"):
         raise ModelFileError(f"{gguf.path}: RoPE scaling {scaling!r} is not supported")
@@ -145,38 +148,30 @@ def llama_config_from_gguf(gguf: GGUFFile):
     )
 
 
-_GGUF_TO_HF = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
+def permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """transformers (half-split RoPE) -> llama.cpp (interleaved) q/k row order; inverse of the next."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_state_dict_from_gguf(gguf: GGUFFile, config) -> dict:
-    """transformers-named float32 tensors from a llama GGUF (q/k rows un-permuted)."""
+def state_dict_from_gguf(gguf: GGUFFile, config) -> dict:
+    """transformers-named float32 tensors from a llama or lolcats GGUF (q/k rows un-permuted where
+    the file has them permuted: always for llama, per ``lolcats.rope.qk_permuted`` for lolcats)."""
+    permuted = (gguf.architecture == names.LLAMA_ARCH
+                or bool(gguf.metadata.get(names.KEY_QK_PERMUTED.format(arch=gguf.architecture), False)))
     sd = {}
     for name in gguf.tensors:
+        try:
+            key = names.gguf_to_hf(name)
+        except (KeyError, ValueError):
+            raise ModelFileError(f"{gguf.path}: unexpected tensor {name!r}") from None
+        if gguf.architecture == names.LLAMA_ARCH and any(f".{p}." in name for p in names.LOLCATS_ONLY):
+            raise ModelFileError(f"{gguf.path}: tensor {name!r} does not belong in a llama file")
         array = gguf.tensor(name)
-        if name == "token_embd.weight":
-            key = "model.embed_tokens.weight"
-        elif name == "output_norm.weight":
-            key = "model.norm.weight"
-        elif name == "output.weight":
-            key = "lm_head.weight"
-        elif name.startswith("blk."):
-            _, layer, part, suffix = name.split(".", 3)
-            if part not in _GGUF_TO_HF:
-                raise ModelFileError(f"{gguf.path}: unexpected tensor {name!r}")
-            key = f"model.layers.{layer}.{_GGUF_TO_HF[part]}.{suffix}"
-            if part == "attn_q":
-                array = _unpermute_rope_rows(array, config.num_attention_heads)
-            elif part == "attn_k":
-                array = _unpermute_rope_rows(array, config.num_key_value_heads)
-        elif name == "rope_freqs.weight":
-            raise ModelFileError(f"{gguf.path}: rope_freqs (scaled RoPE) is not supported")
-        else:
-            raise ModelFileError(f"{gguf.path}: unexpected tensor {name!r}")
+        if permuted and ".attn_q." in name:
+            array = _unpermute_rope_rows(array, config.num_attention_heads)
+        elif permuted and ".attn_k." in name:
+            array = _unpermute_rope_rows(array, config.num_key_value_heads)
         array = np.ascontiguousarray(array)
         sd[key] = torch.from_numpy(array if array.flags.writeable else array.copy())
     return sd
@@ -217,8 +212,25 @@ def assign_weights(model, state_dict: dict, dtype=torch.float32):
 
 
 def load_gguf(path: str, dtype=torch.float32):
+    """(model, tokenizer) from a llama GGUF (softmax) or a lolcats GGUF (linearized, LoRA merged)."""
+    from transformers import AutoModelForCausalLM
+
+    from .model import linearize
+
     gguf = read_gguf(path)
     config = llama_config_from_gguf(gguf)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    model = build_model(config, llama_state_dict_from_gguf(gguf, config), dtype=dtype)
+    state_dict = state_dict_from_gguf(gguf, config)
+    if gguf.architecture == names.LLAMA_ARCH:
+        return build_model(config, state_dict, dtype=dtype), tokenizer
+    window, feature_dim = gguf.arch_key("attention.window_size"), gguf.arch_key("attention.feature_dim")
+    kind = gguf.arch_key("attention.feature_map")
+    if window is None or feature_dim is None or kind != "hedgehog":
+        raise ModelFileError(f"{path}: lolcats file without window size, feature dim or a known feature map "
+                             f"(window_size={window}, feature_dim={feature_dim}, feature_map={kind!r})")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        linearize(model, window_size=int(window), feature_dim=int(feature_dim))
+    model = assign_weights(model, state_dict, dtype)
+    model.config.lolcats = {**model.config.lolcats, "lora_merged": True, "source": "gguf"}
     return model, tokenizer

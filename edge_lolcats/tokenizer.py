@@ -47,8 +47,11 @@ class Tokenizer:
     """Text <-> token ids, plus the model's chat template."""
 
     def __init__(self, backend: Backend, *, bos_token_id: int | None, eos_token_ids: list[int],
-                 chat_template: str | None = None, add_bos_token: bool = False):
+                 chat_template: str | None = None, add_bos_token: bool = False, pre: str | None = None,
+                 pad_token_id: int | None = None):
         self.backend = backend
+        self.pre = pre  # llama.cpp's name for the pre-tokenizer, when known (needed to write GGUF)
+        self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
         self.eos_token_ids = list(eos_token_ids)
         self.chat_template = chat_template
@@ -112,7 +115,43 @@ class Tokenizer:
         return cls(backend, bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
                    eos_token_ids=[eos] if eos is not None else [],
                    chat_template=metadata.get("tokenizer.chat_template"),
-                   add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)))
+                   add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)), pre=pre,
+                   pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"))
+
+    def gguf_metadata(self) -> dict:
+        """The ``tokenizer.*`` GGUF keys that :meth:`from_gguf_metadata` reads back."""
+        model = json.loads(self.backend.to_str())["model"]
+        if model.get("type") != "BPE" or not isinstance(self.backend.decoder, decoders.ByteLevel):
+            raise TokenizerError("only byte-level BPE tokenizers can be written to GGUF")
+        pre = self.pre or self._detect_pre()
+        size = self.vocab_size
+        tokens = [self.backend.id_to_token(i) for i in range(size)]
+        if any(t is None for t in tokens):
+            raise TokenizerError("the vocabulary has holes; cannot write it to GGUF")
+        added = {t.content: t for t in self.backend.get_added_tokens_decoder().values()}
+        types = [(_CONTROL if added[t].special else _USER_DEFINED) if t in added else 1 for t in tokens]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
+                "tokenizer.ggml.add_bos_token": self.add_bos_token}
+        if self.bos_token_id is not None:
+            meta["tokenizer.ggml.bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            meta["tokenizer.ggml.eos_token_id"] = self.eos_token_ids[0]
+        if self.pad_token_id is not None:
+            meta["tokenizer.ggml.padding_token_id"] = self.pad_token_id
+        if self.chat_template:
+            meta["tokenizer.chat_template"] = self.chat_template
+        return meta
+
+    def _detect_pre(self) -> str:
+        current = json.loads(self.backend.to_str()).get("pre_tokenizer")
+        for name, build in PRE_TOKENIZERS.items():
+            probe = Backend(models.BPE())
+            probe.pre_tokenizer = build()
+            if json.loads(probe.to_str())["pre_tokenizer"] == current:
+                return name
+        raise TokenizerError("this tokenizer's pre-tokenizer has no llama.cpp name; cannot write it to GGUF")
 
     @classmethod
     def from_folder(cls, folder: str, eos_token_ids: list[int] | None = None) -> "Tokenizer":
@@ -142,13 +181,16 @@ class Tokenizer:
             eos = token_id("eos_token")
             eos_token_ids = [eos] if eos is not None else []
         return cls(backend, bos_token_id=token_id("bos_token"), eos_token_ids=eos_token_ids,
-                   chat_template=template, add_bos_token=bool(config.get("add_bos_token", False)))
+                   chat_template=template, add_bos_token=bool(config.get("add_bos_token", False)),
+                   pre=config.get("gguf_pre"), pad_token_id=token_id("pad_token"))
 
     def save(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         self.backend.save(os.path.join(folder, "tokenizer.json"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
+            "gguf_pre": self.pre,
+            "pad_token": self.token(self.pad_token_id) if self.pad_token_id is not None else None,
             "bos_token": self.token(self.bos_token_id) if self.bos_token_id is not None else None,
             "eos_token": self.token(self.eos_token_ids[0]) if self.eos_token_ids else None,
             "add_bos_token": self.add_bos_token,

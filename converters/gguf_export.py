@@ -1,0 +1,153 @@
+"""Export to one self-contained GGUF file (weights, tokenizer, chat template).
+
+A linearized model becomes architecture ``lolcats`` (see :mod:`edge_lolcats.converters.gguf_names`);
+a softmax model becomes a plain ``llama`` file that llama.cpp loads, q/k rows permuted as its
+converter does. LoRA is merged first (on a copy). Big matrices take the requested type; norms,
+feature maps and window factors stay float32 (they are small and precision-sensitive).
+The file is written to a temporary name beside the destination and renamed into place.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import gguf_names as names
+
+DTYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _qtype(dtype: str):
+    from gguf import GGMLQuantizationType as T
+
+    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
+
+
+def _encode(array: np.ndarray, dtype: str, name: str):
+    """(data, raw_dtype) for GGUFWriter.add_tensor."""
+    from gguf import quants
+
+    small = array.ndim < 2 or any(p in name for p in names.LOLCATS_ONLY) or name.endswith("_norm.weight")
+    if small or dtype == "f32":
+        return array.astype(np.float32), _qtype("f32")
+    if dtype == "f16":
+        return array.astype(np.float16), _qtype("f16")
+    if array.shape[-1] % 32:
+        return array.astype(np.float16), _qtype("f16")  # rows that do not split into blocks of 32
+    return quants.quantize(array.astype(np.float32), _qtype(dtype)), _qtype(dtype)
+
+
+def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "", progress=None,
+                as_softmax: bool = False) -> dict:
+    """Write ``model`` to ``path``; returns a summary (architecture, tensor count, bytes).
+
+    ``as_softmax`` writes a linearized model's weights (LoRA merged) as a plain llama file with
+    softmax attention, dropping the feature maps: the teacher at the same precision, for llama.cpp."""
+    import gguf
+    import torch
+
+    from ..lora import lora_modules, merge_lora
+    from ..model import attention_dims, is_linearized, lolcats_config
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    config = model.config
+    if config.model_type not in ("llama", "mistral", "qwen2"):
+        raise ExportError(f"cannot export a {config.model_type!r} model to GGUF")
+    if lora_modules(model):
+        model = merge_lora(copy.deepcopy(model))
+    linear = is_linearized(model) and not as_softmax
+    arch = names.LOLCATS_ARCH if linear else names.LLAMA_ARCH
+    if not linear and config.model_type != "llama":
+        raise ExportError(f"a softmax {config.model_type} model has no llama.cpp equivalent here; export llama")
+    heads, kv_heads, head_dim = attention_dims(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ExportError(f"RoPE type {rope.get('rope_type')!r} is not supported")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        key = lambda k: k.format(arch=arch)  # noqa: E731
+        writer.add_name(source or arch)
+        writer.add_uint32(key(names.KEY_CONTEXT_LENGTH), int(config.max_position_embeddings))
+        writer.add_uint32(key(names.KEY_EMBEDDING_LENGTH), int(config.hidden_size))
+        writer.add_uint32(key(names.KEY_BLOCK_COUNT), int(config.num_hidden_layers))
+        writer.add_uint32(key(names.KEY_FEED_FORWARD_LENGTH), int(config.intermediate_size))
+        writer.add_uint32(key(names.KEY_HEAD_COUNT), heads)
+        writer.add_uint32(key(names.KEY_HEAD_COUNT_KV), kv_heads)
+        writer.add_uint32(key(names.KEY_KEY_LENGTH), head_dim)
+        writer.add_uint32(key(names.KEY_VALUE_LENGTH), head_dim)
+        writer.add_float32(key(names.KEY_RMS_EPS), float(config.rms_norm_eps))
+        writer.add_float32(key(names.KEY_ROPE_FREQ_BASE), float(theta))
+        writer.add_uint32(key(names.KEY_ROPE_DIMENSION_COUNT), head_dim)
+        writer.add_uint32(key(names.KEY_VOCAB_SIZE), int(config.vocab_size))
+        if linear:
+            lol = lolcats_config(model)
+            writer.add_uint32(key(names.KEY_WINDOW_SIZE), int(lol["window_size"]))
+            writer.add_uint32(key(names.KEY_FEATURE_DIM), int(lol["feature_dim"]))
+            writer.add_string(key(names.KEY_FEATURE_MAP), lol.get("feature_map", "hedgehog"))
+            writer.add_bool(key(names.KEY_QK_PERMUTED), False)
+            writer.add_uint32(key(names.KEY_FORMAT_VERSION), names.FORMAT_VERSION)
+            writer.add_string(key(names.KEY_SOURCE), json.dumps({"model": source, "lolcats": lol}, default=str))
+        file_type = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[dtype]
+        writer.add_file_type(file_type)
+        for k, v in tokenizer.gguf_metadata().items():
+            _add_value(writer, k, v)
+
+        state = model.state_dict()
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        if not linear:
+            state = {k: v for k, v in state.items() if not any(p in names.hf_to_gguf(k) for p in names.LOLCATS_ONLY)}
+        for i, (hf_name, tensor) in enumerate(state.items()):
+            gg_name = names.hf_to_gguf(hf_name)
+            array = tensor.detach().to(torch.float32).cpu().numpy()
+            if not linear and ".attn_q." in gg_name:
+                from ..loading import permute_rope_rows
+
+                array = permute_rope_rows(array, heads)
+            elif not linear and ".attn_k." in gg_name:
+                from ..loading import permute_rope_rows
+
+                array = permute_rope_rows(array, kv_heads)
+            data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name)
+            writer.add_tensor(gg_name, data, raw_dtype=raw)
+            if progress is not None:
+                progress(i + 1, len(state))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)  # atomic: an existing file is replaced only by a complete one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {"path": path, "architecture": arch, "dtype": dtype, "tensors": len(state), "bytes": os.path.getsize(path)}
+
+
+def _add_value(writer, key: str, value):
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        raise ExportError(f"cannot write metadata {key!r} of type {type(value).__name__}")

@@ -1,0 +1,89 @@
+"""GGUF names shared by our writer (export) and our readers (the torch loader and the numpy
+runtime). Pure data: no torch, no numpy.
+
+The parts shared with Llama keep llama.cpp's names (``token_embd``, ``blk.N.attn_q``, ...,
+``{arch}.attention.head_count_kv``, rope keys). The linearized model has its own architecture name,
+``lolcats``, new keys for the hybrid attention and new tensors for the feature maps and window
+factors. Unlike llama.cpp's llama files, a lolcats file keeps q/k rows in the transformers
+(half-split RoPE) layout, which the feature maps were trained on: ``lolcats.rope.qk_permuted`` is
+false. A plain ``llama`` file (the softmax teacher for llama.cpp) has them permuted, as llama.cpp
+expects.
+"""
+
+LOLCATS_ARCH = "lolcats"
+LLAMA_ARCH = "llama"
+FORMAT_VERSION = 1
+
+# metadata keys; "{arch}" is filled with the architecture name
+KEY_CONTEXT_LENGTH = "{arch}.context_length"
+KEY_EMBEDDING_LENGTH = "{arch}.embedding_length"
+KEY_BLOCK_COUNT = "{arch}.block_count"
+KEY_FEED_FORWARD_LENGTH = "{arch}.feed_forward_length"
+KEY_HEAD_COUNT = "{arch}.attention.head_count"
+KEY_HEAD_COUNT_KV = "{arch}.attention.head_count_kv"
+KEY_KEY_LENGTH = "{arch}.attention.key_length"
+KEY_VALUE_LENGTH = "{arch}.attention.value_length"
+KEY_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
+KEY_ROPE_FREQ_BASE = "{arch}.rope.freq_base"
+KEY_ROPE_DIMENSION_COUNT = "{arch}.rope.dimension_count"
+KEY_VOCAB_SIZE = "{arch}.vocab_size"
+# ours
+KEY_WINDOW_SIZE = "{arch}.attention.window_size"
+KEY_FEATURE_DIM = "{arch}.attention.feature_dim"
+KEY_FEATURE_MAP = "{arch}.attention.feature_map"  # "hedgehog"
+KEY_QK_PERMUTED = "{arch}.rope.qk_permuted"
+KEY_FORMAT_VERSION = "{arch}.format_version"
+KEY_SOURCE = "{arch}.source"  # what the file was exported from (model name and checkpoint config)
+
+# tensors: transformers name -> GGUF name, per layer with {n}
+GLOBAL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    # lolcats only
+    "self_attn.feature_map_q": "attn_fmap_q",
+    "self_attn.feature_map_k": "attn_fmap_k",
+}
+# a bare parameter (no .weight) of the hybrid layer
+WINDOW_FACTOR_HF = "self_attn.window_factor"
+WINDOW_FACTOR_GGUF = "attn_window_factor"
+LOLCATS_ONLY = ("attn_fmap_q", "attn_fmap_k", WINDOW_FACTOR_GGUF)
+
+
+def hf_to_gguf(name: str) -> str:
+    """transformers parameter name -> GGUF tensor name (KeyError if it has none)."""
+    if name in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[name]
+    prefix, _, rest = name.partition("model.layers.")
+    if prefix or not rest:
+        raise KeyError(name)
+    n, _, part = rest.partition(".")
+    if part == WINDOW_FACTOR_HF:
+        return f"blk.{n}.{WINDOW_FACTOR_GGUF}.weight"
+    module, _, suffix = part.rpartition(".")
+    return f"blk.{n}.{LAYER_TENSORS[module]}.{suffix}"
+
+
+def gguf_to_hf(name: str) -> str:
+    """GGUF tensor name -> transformers parameter name (KeyError if unknown)."""
+    for hf, gg in GLOBAL_TENSORS.items():
+        if gg == name:
+            return hf
+    blk, n, part, suffix = name.split(".", 3)
+    if blk != "blk":
+        raise KeyError(name)
+    if part == WINDOW_FACTOR_GGUF:
+        return f"model.layers.{n}.{WINDOW_FACTOR_HF}"
+    inverse = {v: k for k, v in LAYER_TENSORS.items()}
+    return f"model.layers.{n}.{inverse[part]}.{suffix}"
