@@ -117,16 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="OUT", help="write all results as one JSON object")
     ev.add_argument("--no-progress", action="store_true")
 
-    ex = sub.add_parser("export", help="export a model to one self-contained GGUF file")
+    ex = sub.add_parser("export", help="export to one GGUF file or an ONNX folder (explicit recurrent state)")
     ex.add_argument("model", metavar="MODEL")
-    ex.add_argument("--format", choices=["gguf"], default="gguf")
-    ex.add_argument("--dtype", default="f32", help="f32, f16, q8_0 or q4_0 for the weight matrices")
-    ex.add_argument("--out", required=True, metavar="FILE")
+    ex.add_argument("--format", choices=["gguf", "onnx"], default="gguf")
+    ex.add_argument("--dtype", default="f32", help="GGUF: f32, f16, q8_0 or q4_0 for the weight matrices")
+    ex.add_argument("--quantize", choices=["int8"], help="ONNX: dynamic int8 quantization of MatMul weights")
+    ex.add_argument("--out", required=True, metavar="FILE|DIR")
     ex.add_argument("--softmax-teacher", action="store_true",
                     help="write the weights (LoRA merged) as a plain llama file with softmax attention, for llama.cpp")
 
-    ver = sub.add_parser("verify", help="check an exported file, optionally against a reference model")
-    ver.add_argument("file", metavar="FILE")
+    ver = sub.add_parser("verify", help="check an exported file or folder, optionally against a reference model")
+    ver.add_argument("file", metavar="FILE|DIR")
     ver.add_argument("--against", metavar="MODEL", help="reference model: compare logits and a greedy generation")
     ver.add_argument("--tokens", type=positive_int, default=32, help="greedy tokens to compare")
     ver.add_argument("--json", action="store_true")
@@ -379,25 +380,39 @@ def cmd_export(args):
     import time
 
     from .converters.gguf_export import DTYPES, export_gguf
+    from .converters.onnx_export import export_onnx
     from .loading import load_model
 
-    if args.dtype not in DTYPES:
-        raise CLIError(f"unsupported --dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
-    if os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out} is a folder; give a file name")
+    if args.format == "gguf":
+        if args.dtype not in DTYPES:
+            raise CLIError(f"unsupported --dtype {args.dtype!r}; choose from {', '.join(DTYPES)}")
+        if args.quantize:
+            raise CLIError("--quantize is for ONNX; GGUF takes --dtype")
+        if os.path.isdir(args.out):
+            raise CLIError(f"--out {args.out} is a folder; give a file name")
+    else:
+        if args.dtype != "f32":
+            raise CLIError("--dtype is for GGUF; ONNX takes --quantize int8")
+        if args.softmax_teacher:
+            raise CLIError("--softmax-teacher is for GGUF (llama.cpp)")
+        if os.path.isfile(args.out):
+            raise CLIError(f"--out {args.out} is a file; ONNX export writes a folder")
     t0 = time.perf_counter()
     loaded = load_model(args.model)
-    from tqdm import tqdm
+    if args.format == "onnx":
+        summary = export_onnx(loaded.model, loaded.tokenizer, args.out, quantize=args.quantize, source=args.model)
+    else:
+        from tqdm import tqdm
 
-    bar = tqdm(total=None, desc="writing tensors", unit="tensor", disable=not sys.stderr.isatty())
+        bar = tqdm(total=None, desc="writing tensors", unit="tensor", disable=not sys.stderr.isatty())
 
-    def progress(i, n):
-        bar.total = n
-        bar.update(1)
+        def progress(i, n):
+            bar.total = n
+            bar.update(1)
 
-    summary = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.dtype, source=args.model,
-                          progress=progress, as_softmax=args.softmax_teacher)
-    bar.close()
+        summary = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.dtype, source=args.model,
+                              progress=progress, as_softmax=args.softmax_teacher)
+        bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(summary))
@@ -407,33 +422,47 @@ def cmd_verify(args):
     import torch
 
     from .generate import generate
-    from .gguf_io import read_gguf
     from .loading import load_gguf, load_model
     from .model import forward, is_linearized, state_bytes
 
-    if not args.file.endswith(".gguf") or os.path.isdir(args.file):
-        raise CLIError(f"{args.file}: expected a .gguf file")
-    gguf = read_gguf(args.file)
-    model, tokenizer = load_gguf(args.file)  # checks architecture, keys, every tensor's name and shape
-    report = {"file": args.file, "architecture": gguf.architecture, "tensors": len(gguf.tensors),
-              "types": sorted({t.tensor_type.name for t in gguf.tensors.values()}),
-              "layers": model.config.num_hidden_layers, "linearized": is_linearized(model),
-              "state_bytes": state_bytes(model), "chat_template": tokenizer.chat_template is not None, "ok": True}
-    if args.against:
-        ref = load_model(args.against)
-        prompt = tokenizer.encode("The history of the city begins in the early middle ages, when")
-        if ref.tokenizer.encode("The history of the city") != tokenizer.encode("The history of the city"):
-            raise CLIError("the file's tokenizer does not match the reference model's")
-        with torch.no_grad():
-            a, _ = forward(model, torch.tensor([prompt]), with_state=False)
-            b, _ = forward(ref.model, torch.tensor([prompt]), with_state=False)
-        ga = generate(model, prompt, max_new_tokens=args.tokens).token_ids
-        gb = generate(ref.model, prompt, max_new_tokens=args.tokens).token_ids
-        same = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), len(ga))
-        report.update({"against": args.against, "max_logit_diff": float((a - b).abs().max()),
-                       "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-                       "greedy_tokens_equal": same, "greedy_tokens": len(ga)})
-        report["ok"] = same == len(ga)
+    prompt_text = "The history of the city begins in the early middle ages, when"
+    if os.path.isdir(args.file):
+        from .runtime.onnx_engine import OnnxEngine
+
+        engine = OnnxEngine(args.file)  # checks model.json, the graph and its state inputs
+        meta = engine.meta
+        report = {"file": args.file, "format": "onnx", "weights": meta["weights"], "layers": meta["layers"],
+                  "state_tensors": len(meta["state"]), "state_bytes": meta["state_bytes_per_sequence"],
+                  "chat_template": meta.get("chat_template") is not None, "ok": True}
+        prompt = engine.tokenizer.encode(prompt_text)
+        if args.against:
+            ref = load_model(args.against)
+            logits, _ = engine.prefill(prompt)
+            with torch.no_grad():
+                b, _ = forward(ref.model, torch.tensor([prompt]), with_state=False)
+            ga = engine.greedy(prompt, args.tokens)
+            gb = generate(ref.model, prompt, max_new_tokens=args.tokens).token_ids
+            report.update(_compare(args, ref, engine.tokenizer, torch.from_numpy(logits[0]), b[0, -1], ga, gb))
+    elif args.file.endswith(".gguf"):
+        from .gguf_io import read_gguf
+
+        gguf = read_gguf(args.file)
+        model, tokenizer = load_gguf(args.file)  # checks architecture, keys, every tensor's name and shape
+        report = {"file": args.file, "format": "gguf", "architecture": gguf.architecture, "tensors": len(gguf.tensors),
+                  "types": sorted({t.tensor_type.name for t in gguf.tensors.values()}),
+                  "layers": model.config.num_hidden_layers, "linearized": is_linearized(model),
+                  "state_bytes": state_bytes(model), "chat_template": tokenizer.chat_template is not None, "ok": True}
+        if args.against:
+            ref = load_model(args.against)
+            prompt = tokenizer.encode(prompt_text)
+            with torch.no_grad():
+                a, _ = forward(model, torch.tensor([prompt]), with_state=False)
+                b, _ = forward(ref.model, torch.tensor([prompt]), with_state=False)
+            ga = generate(model, prompt, max_new_tokens=args.tokens).token_ids
+            gb = generate(ref.model, prompt, max_new_tokens=args.tokens).token_ids
+            report.update(_compare(args, ref, tokenizer, a[0, -1], b[0, -1], ga, gb))
+    else:
+        raise CLIError(f"{args.file}: expected a .gguf file or an ONNX export folder")
     if args.json:
         print(json.dumps(report))
     else:
@@ -441,6 +470,15 @@ def cmd_verify(args):
             print(f"{k:20s} {v}")
     if not report["ok"]:
         raise CLIError(f"greedy generation differs from {args.against} at token {report['greedy_tokens_equal']}")
+
+
+def _compare(args, ref, tokenizer, logits, ref_logits, tokens, ref_tokens) -> dict:
+    probe = "The history of the city"
+    if ref.tokenizer.encode(probe) != tokenizer.encode(probe):
+        raise CLIError("the export's tokenizer does not match the reference model's")
+    same = next((i for i, (x, y) in enumerate(zip(tokens, ref_tokens)) if x != y), len(tokens))
+    return {"against": args.against, "max_logit_diff": float((logits - ref_logits).abs().max()),
+            "greedy_tokens_equal": same, "greedy_tokens": len(tokens), "ok": same == len(tokens)}
 
 
 def cmd_bench(args):

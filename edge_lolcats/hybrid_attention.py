@@ -331,6 +331,59 @@ def hybrid_attention_recurrent(q, k, v, fq_weight, fk_weight, window_factor, *, 
     return out, (state if output_final_state else None)
 
 
+def hybrid_attention_block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window,
+                                position):
+    """A block of T new tokens (T >= 1) on the fixed state, as a pure tensor function.
+
+    The graph-friendly form used by exports (ONNX) and mirrored by the numpy runtime: no Python
+    control flow depends on the data, ``position`` (tokens seen before the block) is a 0-d int64
+    tensor, and the same function serves prefill (T > 1) and decode (T = 1). The W window keys
+    are laid out in time order in front of the T new ones; query i then sees, densely, window keys
+    at extended index e in (i, i + W] and linear keys at e <= i, all masked to real positions.
+    Cost O(T * (W + T)) per block: callers bound T (prefill in blocks), so it stays linear overall.
+
+    q [B, H, T, D]; k, v [B, Hkv, T, D]; kv [B, H, 2F, D]; z [B, H, 2F]; k_window, v_window
+    [B, H, W, D] (ring, slot p % W). Returns (out [B, H, T, D], kv, z, k_window, v_window).
+    """
+    out_dtype = v.dtype
+    ct = kv.dtype
+    b, h, t, d = q.shape
+    w = k_window.shape[2]
+    q, k, v = q.to(ct), repeat_kv_heads(k.to(ct), h), repeat_kv_heads(v.to(ct), h)
+    position = position.to(torch.int64)
+    # window keys in time order: extended index e < W holds absolute position position - W + e
+    ring = (torch.arange(w, device=q.device) + position) % w
+    k_ext = torch.cat([k_window.index_select(2, ring), k], dim=2)  # [B, H, W + T, D]
+    v_ext = torch.cat([v_window.index_select(2, ring), v], dim=2)
+    e = torch.arange(w + t, device=q.device)
+    real = (position - w + e) >= 0  # [W + T]: slots never written are not keys
+    i = torch.arange(t, device=q.device)[:, None]
+    in_window = (e[None, :] > i) & (e[None, :] <= i + w) & real[None, :]  # [T, W + T]
+    is_older = (e[None, :] <= i) & real[None, :]
+
+    phi_q = feature_map(q, fq_weight)  # [B, H, T, 2F]
+    phi_k = feature_map(k_ext, fk_weight)  # [B, H, W + T, 2F]
+    scores = (q @ k_ext.transpose(-1, -2)) / math.sqrt(d)
+    scores = scores.masked_fill(~in_window, float("-inf"))
+    a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
+    a_lin = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~is_older, 0.0)
+    factor = torch.sigmoid(window_factor.to(ct))[None, :, None, None]
+    num = factor * (a_win @ v_ext) + a_lin @ v_ext + phi_q @ kv
+    den = factor * a_win.sum(-1, keepdim=True) + a_lin.sum(-1, keepdim=True) + phi_q @ z.unsqueeze(-1)
+    out = (num / den).to(out_dtype)
+
+    # keys leaving the window in this block: extended e < T (absolute position <= position + T - 1 - W)
+    leaving = (real & (e < t)).to(ct)[None, None, :, None]  # [1, 1, W + T, 1]
+    phi_leave = phi_k * leaving
+    kv = kv + phi_leave.transpose(-1, -2) @ v_ext
+    z = z + phi_leave.sum(2)
+    # the newest W keys (extended T .. T+W-1, positions position+T-W ..) back into ring slots
+    slot_to_ext = t + (torch.arange(w, device=q.device) - position - t) % w
+    k_window = k_ext.index_select(2, slot_to_ext)
+    v_window = v_ext.index_select(2, slot_to_ext)
+    return out, kv, z, k_window, v_window
+
+
 FORMS = {
     "reference": hybrid_attention_reference,
     "chunked": hybrid_attention_chunked,

@@ -195,3 +195,25 @@ def test_bad_shapes_raise():
         hybrid_attention_chunked(q, k, v, fq[:, :4], fk, wf)
     with pytest.raises(ValueError, match="multiple"):
         hybrid_attention_chunked(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1), fq, fk, wf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_step_matches_reference_for_any_block_sizes(dtype):
+    """The export form: blocks of varying T (1 included) from a state equal the reference."""
+    from edge_lolcats.hybrid_attention import hybrid_attention_block_step
+
+    seed = torch.seed() % 2**31
+    args = make_inputs(2, 6, 3, 75, 16, 8, dtype, seed=seed)
+    q, k, v, fq, fk, wf = args
+    ref, ref_state = hybrid_attention_reference(*args, window_size=16, output_final_state=True)
+    st = empty_state(2, 6, 16, 8, 16, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    kv, z, kw, vw, pos, outs = st.kv, st.z, st.k_window, st.v_window, 0, []
+    for size in (1, 5, 16, 1, 1, 20, 31):  # 75 tokens: before, at and past the window
+        sl = slice(pos, pos + size)
+        o, kv, z, kw, vw = hybrid_attention_block_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq, fk, wf, kv, z, kw,
+                                                       vw, torch.tensor(pos))
+        outs.append(o)
+        pos += size
+    assert_close(torch.cat(outs, 2), ref, f"block steps vs reference (seed {seed})", **TOL[dtype])
+    for name, got in (("kv", kv), ("z", z), ("k_window", kw), ("v_window", vw)):
+        assert_close(got, getattr(ref_state, name), f"block steps state.{name} (seed {seed})", **TOL[dtype])

@@ -1,0 +1,93 @@
+"""onnxruntime engine over an ONNX export (``model.onnx`` + ``model.json``). No torch.
+
+The state is a dict of numpy arrays named as in the graph (``state.{i}.kv`` ...) plus the
+position; every call is ``(tokens, position, state) -> (logits of the last token, new state)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..gguf_io import ModelFileError
+from ..tokenizer import Tokenizer
+
+
+@dataclass
+class OnnxState:
+    tensors: dict  # name -> np.ndarray [B, ...]
+    position: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.tensors.values())
+
+
+class OnnxEngine:
+    def __init__(self, folder: str, threads: int | None = None):
+        import onnxruntime as ort
+
+        meta_path = os.path.join(folder, "model.json")
+        if not os.path.isfile(meta_path):
+            raise ModelFileError(f"{folder}: no model.json (not an edge-lolcats ONNX export)")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelFileError(f"{meta_path}: unreadable ({e})") from None
+        if self.meta.get("format") != "edge-lolcats-onnx":
+            raise ModelFileError(f"{meta_path}: not an edge-lolcats ONNX export")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        graph = os.path.join(folder, self.meta["graph"])
+        try:
+            self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types on damaged graphs
+            raise ModelFileError(f"{graph}: cannot load ({str(e).splitlines()[0][:200]})") from None
+        self.state_names = self.meta["inputs"][2:]
+        graph_inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        for name, spec in self.meta["state"].items():
+            shape = graph_inputs.get(name)
+            if shape is None or [d if isinstance(d, int) else "batch" for d in shape] != spec["shape"]:
+                raise ModelFileError(f"{folder}: state {name} is {shape} in the graph, {spec['shape']} in model.json")
+        self.tokenizer = Tokenizer.from_folder(folder, eos_token_ids=self.meta.get("eos_token_ids"))
+
+    def empty_state(self, batch: int = 1) -> OnnxState:
+        return OnnxState({n: np.zeros([batch] + s["shape"][1:], np.float32) for n, s in self.meta["state"].items()}, 0)
+
+    def check_state(self, state: OnnxState):
+        for name, spec in self.meta["state"].items():
+            a = state.tensors.get(name)
+            if a is None or list(a.shape[1:]) != spec["shape"][1:] or a.dtype != np.float32:
+                raise ValueError(f"state tensor {name}: expected float32 [batch, {', '.join(map(str, spec['shape'][1:]))}]"
+                                 f", got {None if a is None else (a.dtype.name, list(a.shape))}")
+
+    def run(self, tokens, state: OnnxState) -> tuple[np.ndarray, OnnxState]:
+        """Feed ``tokens`` ([T] or [B, T]) after ``state``: (logits [B, V] of the last token, new state)."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        feeds = {"input_ids": ids, "position": np.array(state.position, np.int64), **state.tensors}
+        out = self.session.run(None, feeds)
+        return out[0], OnnxState(dict(zip(self.state_names, out[1:])), state.position + ids.shape[1])
+
+    def prefill(self, tokens, state: OnnxState | None = None, block: int = 512, progress=None):
+        state = state or self.empty_state()
+        logits = None
+        for start in range(0, len(tokens), block):
+            logits, state = self.run(tokens[start : start + block], state)
+            if progress is not None:
+                progress(min(block, len(tokens) - start))
+        return logits, state
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        logits, state = self.prefill(prompt)
+        out = []
+        for _ in range(max_new_tokens):
+            token = int(logits[0].argmax())
+            out.append(token)
+            logits, state = self.run([token], state)
+        return out

@@ -1,0 +1,139 @@
+"""ONNX export: one pure graph with explicit state, equal to the PyTorch model for any block sizes,
+parity on the real SmolLM2, int8 weights, and bad exports refused."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, tiny_model
+
+from edge_lolcats.converters.onnx_export import ExportError, export_onnx
+from edge_lolcats.gguf_io import ModelFileError
+from edge_lolcats.lora import apply_lora, lora_modules
+from edge_lolcats.model import forward, linearize
+from edge_lolcats.runtime.onnx_engine import OnnxEngine
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, smol_tokenizer):
+    model = apply_lora(linearize(tiny_model("qwen2"), window_size=8, feature_dim=8), rank=2)  # biases, GQA
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_b.weight.normal_(std=0.3)
+        for layer in model.model.layers:
+            layer.self_attn.feature_map_k.weight.normal_()
+    folder = str(tmp_path_factory.mktemp("onnx") / "export")
+    export_onnx(model, smol_tokenizer, folder)
+    return model, folder
+
+
+def test_graph_equals_pytorch_for_any_block_sizes(tiny_export):
+    model, folder = tiny_export
+    engine = OnnxEngine(folder)
+    x = torch.randint(0, 49152, (2, 41))
+    with torch.no_grad():
+        ref, ref_state = forward(model, x)  # LoRA unmerged here, merged in the graph
+    state, pos = engine.empty_state(batch=2), 0
+    for size in (1, 7, 8, 9, 1, 15):  # before, at and past the window of 8
+        logits, state = engine.run(x[:, pos : pos + size].numpy(), state)
+        pos += size
+        # float32: LoRA merged once in the graph (~1e-7 relative), other ops in another order
+        assert np.abs(logits - ref[:, pos - 1].numpy()).max() < 1e-4, (size, pos)
+    assert state.position == 41
+    for i, layer_state in enumerate(ref_state.layers):
+        for part in ("kv", "z", "k_window", "v_window"):
+            np.testing.assert_allclose(state.tensors[f"state.{i}.{part}"], getattr(layer_state, part).numpy(),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_model_json_describes_the_graph(tiny_export):
+    model, folder = tiny_export
+    meta = json.load(open(os.path.join(folder, "model.json")))
+    assert meta["inputs"][:2] == ["input_ids", "position"]
+    assert meta["state"]["state.1.k_window"]["shape"] == ["batch", 4, 8, 16]
+    assert meta["state"]["state.0.kv"]["shape"] == ["batch", 4, 16, 16]
+    assert meta["state_bytes_per_sequence"] == 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+    import onnx
+
+    graph = onnx.load(os.path.join(folder, "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == meta["inputs"]
+    assert [o.name for o in graph.output] == meta["outputs"]
+    assert sorted(os.listdir(folder)) == ["model.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_int8_export_agrees_mostly(tmp_path, smol_tokenizer):
+    model = linearize(tiny_model(), window_size=8, feature_dim=8)
+    export_onnx(model, smol_tokenizer, str(tmp_path / "q"), quantize="int8")
+    engine = OnnxEngine(str(tmp_path / "q"))
+    assert engine.meta["weights"] == "int8"
+    x = torch.randint(0, 49152, (1, 30))
+    with torch.no_grad():
+        ref, _ = forward(model, x)
+    agree, state = 0, engine.empty_state()
+    for i in range(30):
+        logits, state = engine.run(x[:, i : i + 1].numpy(), state)
+        agree += int(logits[0].argmax() == ref[0, i].argmax())
+    assert agree >= 24  # int8 weights move the argmax on a few near-ties of a random model
+
+
+def test_bad_exports_are_refused(tiny_export, tmp_path, smol_tokenizer):
+    import shutil
+
+    _, folder = tiny_export
+    bad = str(tmp_path / "bad")
+    shutil.copytree(folder, bad)
+    meta = json.load(open(os.path.join(bad, "model.json")))
+    meta["state"]["state.0.kv"]["shape"] = ["batch", 4, 99, 16]
+    json.dump(meta, open(os.path.join(bad, "model.json"), "w"))
+    with pytest.raises(ModelFileError, match="state.0.kv"):
+        OnnxEngine(bad)
+    r = run_cli("verify", bad)
+    assert r.returncode == 2 and "state.0.kv" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    shutil.copytree(folder, str(tmp_path / "cut"))
+    data = open(os.path.join(folder, "model.onnx"), "rb").read()
+    open(str(tmp_path / "cut" / "model.onnx"), "wb").write(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="cannot load"):
+        OnnxEngine(str(tmp_path / "cut"))
+    os.remove(str(tmp_path / "cut" / "model.json"))
+    with pytest.raises(ModelFileError, match="no model.json"):
+        OnnxEngine(str(tmp_path / "cut"))
+    engine = OnnxEngine(folder)
+    state = engine.empty_state()
+    state.tensors["state.0.z"] = np.zeros((1, 4, 5), np.float32)
+    with pytest.raises(ValueError, match="state.0.z"):
+        engine.check_state(state)
+    with pytest.raises(ExportError, match="linearized"):
+        export_onnx(tiny_model(), smol_tokenizer, str(tmp_path / "x"))
+
+
+def test_failed_export_keeps_the_old_folder(tmp_path, smol_tokenizer, monkeypatch):
+    model = linearize(tiny_model(), window_size=8, feature_dim=8)
+    out = str(tmp_path / "o")
+    export_onnx(model, smol_tokenizer, out)
+    before = open(os.path.join(out, "model.onnx"), "rb").read()
+    import onnx.checker
+
+    def broken(*args, **kwargs):
+        raise onnx.checker.ValidationError("broken")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    with pytest.raises(onnx.checker.ValidationError):
+        export_onnx(model, smol_tokenizer, out)
+    assert open(os.path.join(out, "model.onnx"), "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_real_smollm2_onnx_parity(tmp_path):
+    """f32 ONNX of a linearized SmolLM2 gives the PyTorch greedy continuation (64 tokens, past the
+    64-token window) with last-token logits within 1e-3 (float32 over 30 layers, see test_real_model)."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "onnx"
+    assert run_cli("linearize", "--base", "smollm2-135m", "--out", str(ckpt), "--delta").returncode == 0
+    r = run_cli("export", str(ckpt), "--format", "onnx", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("verify", str(out), "--against", str(ckpt), "--tokens", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["greedy_tokens_equal"] == 64 and report["max_logit_diff"] < 1e-3
+    r = run_cli("export", str(ckpt), "--format", "onnx", "--dtype", "q8_0", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "--dtype is for GGUF" in r.stderr
