@@ -41,6 +41,10 @@ def _encode(array: np.ndarray, dtype: str, name: str):
         return array.astype(np.float16), _qtype("f16")
     if array.shape[-1] % 32:
         return array.astype(np.float16), _qtype("f16")  # rows that do not split into blocks of 32
+    if dtype == "q4_0" and name in ("token_embd.weight", "output.weight"):
+        # as llama.cpp's own 4-bit mixes do, the vocabulary matrices keep more bits: measured on SmolLM2
+        # (tied embeddings), q4_0 there cost +50% held-out perplexity, q8_0 there costs little
+        dtype = "q8_0"
     return quants.quantize(array.astype(np.float32), _qtype(dtype)), _qtype(dtype)
 
 

@@ -144,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--backward", action="store_true", help="time forward + backward too")
     att.add_argument("--memory-limit-gb", type=float, default=18.0, help="address-space cap per measurement")
     att.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    bex = bsub.add_parser("exports", help="export time, size, memory and quality per format and precision")
+    bex.add_argument("model", metavar="MODEL", help="linearized checkpoint")
+    bex.add_argument("--targets", default="gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8")
+    bex.add_argument("--tokens", type=positive_int, default=2048, help="held-out tokens for quality")
+    bex.add_argument("--seq-len", type=positive_int, default=1024)
+    bex.add_argument("--data", metavar="PATH")
+    bex.add_argument("--out-dir", metavar="DIR", help="keep the exports here (default: a temporary folder)")
+    bex.add_argument("--json", metavar="OUT")
     return p
 
 
@@ -484,8 +492,9 @@ def _compare(args, ref, tokenizer, logits, ref_logits, tokens, ref_tokens) -> di
 def cmd_bench(args):
     if args.bench == "attention":
         from .bench_attention import run
-
-        run(args)
+    else:
+        from .bench_exports import run
+    run(args)
 
 
 COMMANDS = {"info": cmd_info, "linearize": cmd_linearize, "generate": cmd_generate, "eval": cmd_eval,

@@ -1,0 +1,31 @@
+"""The benchmark commands run end to end on small inputs (their figures go to docs/BENCHMARKS.md)."""
+import json
+
+from conftest import run_cli
+from test_train import fake_documents
+
+
+def test_bench_attention_small(tmp_path):
+    r = run_cli("bench", "attention", "--lengths", "64,200", "--heads", "2", "--head-dim", "16", "--feature-dim", "8",
+                "--window-size", "16", "--backward", "--json", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "a.json").read_text())["results"]
+    assert len(results) == 2 * 2 * 2 and all(x["tokens_per_s"] > 0 and x["peak_rss_mb"] > 0 for x in results)
+    assert r.stdout.count("| chunked |") == 4
+
+
+def test_bench_exports_small(tmp_path, tiny_model_dir):
+    base, _ = tiny_model_dir()
+    data = tmp_path / "data"
+    data.mkdir()
+    for d in fake_documents():
+        (data / f"{d.name}.txt").write_text(d.text, encoding="utf-8")
+    ckpt = tmp_path / "ckpt"
+    assert run_cli("linearize", "--base", base, "--out", str(ckpt), "--window-size", "8", "--feature-dim", "8").returncode == 0
+    r = run_cli("bench", "exports", str(ckpt), "--targets", "gguf:f32,gguf:q8_0,onnx:f32", "--tokens", "128",
+                "--seq-len", "64", "--data", str(data), "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    rows = {(x["format"], x["precision"]): x for x in json.loads((tmp_path / "e.json").read_text())["results"]}
+    for key in (("gguf", "f32"), ("onnx", "f32")):  # exact formats reproduce the model
+        assert rows[key]["top1_agreement"] == 1.0 and abs(rows[key]["ppl_change"]) < 1e-4
+    assert rows[("gguf", "q8_0")]["mb"] < rows[("gguf", "f32")]["mb"] / 2
