@@ -7,22 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..gguf_io import ModelFileError
 from ..tokenizer import Tokenizer
-
-
-@dataclass
-class OnnxState:
-    tensors: dict  # name -> np.ndarray [B, ...]
-    position: int
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.tensors.values())
+from .state import State as OnnxState
 
 
 class OnnxEngine:
