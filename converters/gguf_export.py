@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from ..fileio import atomic_file
 from . import gguf_names as names
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -77,11 +77,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         raise ExportError(f"RoPE type {rope.get('rope_type')!r} is not supported")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
 
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         key = lambda k: k.format(arch=arch)  # noqa: E731
         writer.add_name(source or arch)
@@ -134,11 +130,6 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)  # atomic: an existing file is replaced only by a complete one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {"path": path, "architecture": arch, "dtype": dtype, "tensors": len(state), "bytes": os.path.getsize(path)}
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 
 import torch
 import torch.nn as nn
+
+from ..fileio import atomic_folder
 
 STATE_PARTS = ("kv", "z", "k_window", "v_window")
 FORMAT_VERSION = 1
@@ -119,10 +119,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         dynamic[n] = {0: "batch"}
 
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
+    with atomic_folder(out_dir) as tmp:
         path = os.path.join(tmp, "model.onnx")
         with torch.no_grad(), warnings.catch_warnings():
             # head counts and sizes are constants of the model, which is what the tracer warns about
@@ -164,16 +161,6 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         }
         with open(os.path.join(tmp, "model.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        if os.path.isdir(out_dir):
-            old = out_dir + ".old-" + os.path.basename(tmp)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     return {"path": out_dir, "format": "onnx", "weights": meta["weights"], "bytes": size}
 

@@ -69,7 +69,7 @@ def run(args):
     results = []
     print(f"hybrid attention, B=1 H={args.heads} D={args.head_dim} F={args.feature_dim} W={args.window_size}, "
           f"float32, {platform.machine()} CPU, torch threads default", file=sys.stderr)
-    header = f"| form | N | pass | time (s) | tokens/s | peak RSS (MB) | RSS above inputs (MB) |"
+    header = "| form | N | pass | time (s) | tokens/s | peak RSS (MB) | RSS above inputs (MB) |"
     print(header)
     print("|---|---|---|---|---|---|---|")
     for n in args.lengths:

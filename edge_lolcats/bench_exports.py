@@ -79,7 +79,7 @@ def run(args):
         r = rows[-1]
         print(f"{fmt}:{precision}: {r['mb']:.0f} MiB, export {r['export_s']:.1f} s, peak RSS {r['export_peak_rss_mb']:.0f} MB, "
               f"ppl {ppl:.3f} ({100 * r['ppl_change']:+.2f}%), top-1 {100 * agree:.2f}%", file=sys.stderr)
-    print(f"| format | precision | size (MiB) | export (s) | export peak RSS (MB) | held-out ppl | ppl change | top-1 vs PyTorch f32 |")
+    print("| format | precision | size (MiB) | export (s) | export peak RSS (MB) | held-out ppl | ppl change | top-1 vs PyTorch f32 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["format"] == "pytorch":

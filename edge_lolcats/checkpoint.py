@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .fileio import atomic_folder
 from .gguf_io import ModelFileError
 from .model import linearize
 from .tokenizer import Tokenizer
@@ -51,25 +50,12 @@ def save_checkpoint(model, tokenizer: Tokenizer, out_dir: str, *, base: str | No
     config["lolcats"] = lolcats
 
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
-    try:
+    with atomic_folder(out_dir) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(tmp, WEIGHTS),
                   metadata={"format": "pt", "edge_lolcats": lolcats["layout"]})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, default=str)
         tokenizer.save(tmp)
-        if os.path.isdir(out_dir):  # replace an old checkpoint only once the new one is complete
-            old = out_dir + ".old-" + os.path.basename(tmp)
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

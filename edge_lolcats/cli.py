@@ -256,7 +256,7 @@ def _train(args, model, tokenizer, base):
         raise SystemExit(130)
     summary = {"base": base, "data": args.data or "default corpus", "data_fingerprint": corpus.fingerprint(),
                "stage1_tokens": progress.tokens["1"], "stage2_tokens": progress.tokens["2"],
-               "train_seconds": round(progress.train_seconds, 1),
+               "train_seconds": round(progress.train_seconds, 1), "cpu_seconds": round(progress.cpu_seconds, 1),
                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()}}
     return summary, work_dir
 
@@ -302,13 +302,15 @@ def cmd_generate(args):
         printed = [0]
         tokens = []
 
-        def stream(token_id):  # print the new text once it decodes to whole characters
+        def print_new_text(token_id):  # print the new text once it decodes to whole characters
             tokens.append(token_id)
             text_so_far = tok.decode(tokens)
             if not text_so_far.endswith("\ufffd"):
                 sys.stdout.write(text_so_far[printed[0]:])
                 sys.stdout.flush()
                 printed[0] = len(text_so_far)
+
+        stream = print_new_text
 
     result = generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                       stop_token_ids=tok.eos_token_ids, prefill_chunk_size=args.prefill_chunk, on_token=stream)

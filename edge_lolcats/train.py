@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .fileio import atomic_folder
 from .lora import DEFAULT_TARGETS, apply_lora, lora_modules
 from .model import HybridAttention, forward, softmax_attention, teacher_mode
 
@@ -77,7 +77,8 @@ class TrainConfig:
 class Progress:
     stage: int = 1
     step: int = 0  # steps completed in this stage
-    train_seconds: float = 0.0  # summed over every session of the run
+    train_seconds: float = 0.0  # wall-clock seconds of training steps, summed over every session of the run
+    cpu_seconds: float = 0.0  # process CPU time of those steps (all threads), likewise
     tokens: dict = field(default_factory=lambda: {"1": 0, "2": 0})
 
 
@@ -191,20 +192,13 @@ def save_training_state(work_dir: str, model, optimizer, progress: Progress, met
             tensors[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.torch"] = torch.get_rng_state()
     name = f"s{progress.stage}-{progress.step:07d}"
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_root)
-    try:
+    final = os.path.join(ckpt_root, name)
+    with atomic_folder(final) as tmp:  # a checkpoint folder is complete or absent
         save_file(tensors, os.path.join(tmp, "state.safetensors"))
         info = {"progress": asdict(progress), "param_groups": opt_state["param_groups"], "meta": meta,
                 "sha256": _sha256(os.path.join(tmp, "state.safetensors"))}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump(info, f, indent=1)
-        final = os.path.join(ckpt_root, name)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(tmp, final)  # atomic: a checkpoint folder is complete or absent
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(work_dir)[keep:]:
         shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
     return final
@@ -395,7 +389,7 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
                 idx = batch_indices(len(train_data), stage, progress.step, config.batch_size, config.seed)
                 idx = idx.reshape(world, -1)[rank]  # this process's share of the batch
                 batch = train_data[torch.from_numpy(idx)].to(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
                     if stage == 1:
@@ -412,10 +406,11 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
                 dt = time.perf_counter() - t0
                 progress.step += 1
                 progress.train_seconds += dt
+                progress.cpu_seconds += time.process_time() - c0
                 progress.tokens[str(stage)] += tokens_per_step
                 record = {"stage": stage, "step": progress.step, "tokens": progress.tokens[str(stage)], **parts,
                           "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                          "train_seconds": progress.train_seconds}
+                          "train_seconds": progress.train_seconds, "cpu_seconds": progress.cpu_seconds}
                 if rank == 0:
                     _log(log_path, record)
                 bar.update(1)

@@ -1,5 +1,4 @@
 """Packaging: one import namespace, and the torch-free parts import without torch."""
-import importlib.util
 import os
 import subprocess
 import sys
