@@ -99,7 +99,7 @@ def _cli(*args):
 
 
 def _run_args(base, out, data):
-    return ["linearize", "--base", base, "--out", out, "--data", data, "--stage1-tokens", str(64 * 150),
+    return ["linearize", "--base", base, "--out", out, "--data", data, "--stage1-tokens", str(64 * 300),
             "--stage2-tokens", str(64 * 40), "--seq-len", "64", "--window-size", "8", "--feature-dim", "8",
             "--lora-rank", "4", "--save-every", "7", "--no-progress"]
 
