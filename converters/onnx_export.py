@@ -35,14 +35,11 @@ def state_names(n_layers: int) -> list[str]:
 
 
 def state_shapes(model, batch="batch") -> dict:
-    from ..model import attention_dims
+    from ..model import empty_layer_state
 
-    heads, _, head_dim = attention_dims(model.config)
-    lol = model.config.lolcats
-    f2, w = 2 * lol["feature_dim"], lol["window_size"]
-    shapes = {"kv": [batch, heads, f2, head_dim], "z": [batch, heads, f2], "k_window": [batch, heads, w, head_dim],
-              "v_window": [batch, heads, w, head_dim]}
-    return {f"state.{i}.{p}": shapes[p] for i in range(model.config.num_hidden_layers) for p in STATE_PARTS}
+    layer = empty_layer_state(model, device="meta")
+    return {f"state.{i}.{p}": [batch, *getattr(layer, p).shape[1:]]
+            for i in range(model.config.num_hidden_layers) for p in STATE_PARTS}
 
 
 class BlockStepGraph(nn.Module):

@@ -21,6 +21,7 @@ from .hybrid_attention import (
     WINDOW_FACTOR_INIT,
     FORMS,
     HybridState,
+    empty_state,
     hybrid_attention_step,
     repeat_kv_heads,
 )
@@ -242,10 +243,14 @@ def state_bytes(model, batch: int = 1) -> int | None:
     cfg = lolcats_config(model)
     if not cfg or not is_linearized(model):
         return None
+    return len(model.model.layers) * empty_layer_state(model, batch, device="meta").nbytes
+
+
+def empty_layer_state(model, batch: int = 1, device=None) -> HybridState:
+    """One layer's state before any token (shapes from the model's config; "meta": shapes only)."""
     heads, _, head_dim = attention_dims(model.config)
-    f, w = cfg["feature_dim"], cfg["window_size"]
-    per_layer = heads * (2 * f * head_dim + 2 * f + 2 * w * head_dim) * 4  # float32
-    return batch * per_layer * len(model.model.layers)
+    cfg = lolcats_config(model)
+    return empty_state(batch, heads, head_dim, cfg["feature_dim"], cfg["window_size"], device=device)
 
 
 # --- forward with state -------------------------------------------------------------------------
