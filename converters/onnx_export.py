@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import warnings
 
@@ -84,12 +85,9 @@ class BlockStepGraph(nn.Module):
 
 
 def example_inputs(model, batch: int = 2, tokens: int = 3, position: int = 5):
-    shapes = state_shapes(model, batch)
-    states = [torch.randn(*shape) if name.endswith(("kv", "z")) else torch.randn(*shape)
-              for name, shape in shapes.items()]
-    for i, name in enumerate(shapes):  # kv and z are sums of positive features: keep them positive
-        if name.endswith((".kv", ".z")):
-            states[i] = states[i].abs()
+    # kv and z are sums of positive features: keep them positive
+    states = [torch.randn(*shape).abs() if name.endswith((".kv", ".z")) else torch.randn(*shape)
+              for name, shape in state_shapes(model, batch).items()]
     return (torch.randint(0, model.config.vocab_size, (batch, tokens)), torch.tensor(position, dtype=torch.int64),
             *states)
 
@@ -151,7 +149,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             "window_size": lol["window_size"], "feature_dim": lol["feature_dim"], "feature_map": "hedgehog",
             "max_position_embeddings": model.config.max_position_embeddings,
             "state": {n: {"shape": s, "dtype": "float32"} for n, s in state_shapes(model).items()},
-            "state_bytes_per_sequence": 4 * sum(_prod(s[1:]) for s in state_shapes(model).values()),
+            "state_bytes_per_sequence": 4 * sum(math.prod(s[1:]) for s in state_shapes(model).values()),
             "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
             "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": tokenizer.eos_token_ids,
             "chat_template": tokenizer.chat_template,
@@ -161,9 +159,3 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     return {"path": out_dir, "format": "onnx", "weights": meta["weights"], "bytes": size}
 
-
-def _prod(xs):
-    out = 1
-    for x in xs:
-        out *= x
-    return out

@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import is_delta_param
 from .fileio import atomic_folder
 from .lora import DEFAULT_TARGETS, apply_lora, lora_modules
-from .model import HybridAttention, forward, softmax_attention, teacher_mode
+from .model import forward, softmax_attention, teacher_mode
 
 CHECKPOINT_RE = re.compile(r"^s([12])-(\d{7})$")
 
@@ -152,8 +153,8 @@ def set_trainable(model, stage: int) -> list:
         p.requires_grad_(False)
     params = []
     for name, p in model.named_parameters():
-        is_feature = ".feature_map_" in name or name.endswith(".window_factor")
-        if (stage == 1 and is_feature) or (stage == 2 and "lora_" in name):
+        is_lora = "lora_" in name
+        if (stage == 1 and is_delta_param(name) and not is_lora) or (stage == 2 and is_lora):
             p.requires_grad_(True)
             params.append(p)
     if not params:
@@ -167,8 +168,7 @@ def make_optimizer(params, config: TrainConfig, stage: int):
 
 
 def delta_tensors(model) -> dict:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-            if ".feature_map_" in n or n.endswith(".window_factor") or "lora_" in n}
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if is_delta_param(n)}
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -428,6 +428,3 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
         p.requires_grad_(False)
     return progress
 
-
-def linearized_attention_layers(model):
-    return [layer.self_attn for layer in model.model.layers if isinstance(layer.self_attn, HybridAttention)]
