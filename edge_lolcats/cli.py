@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--backward", action="store_true", help="time forward + backward too")
     att.add_argument("--memory-limit-gb", type=float, default=18.0, help="address-space cap per measurement")
     att.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    bk = bsub.add_parser("kernels", help="Triton kernels vs PyTorch chunked, SDPA flash and the reference (GPU)")
+    bk.add_argument("--lengths", type=int_list, default=[1024, 2048, 4096, 8192, 16384, 32768])
+    bk.add_argument("--shapes", default="smollm2-135m,llama-3-8b", help="head shapes: smollm2-135m, llama-3-8b")
+    bk.add_argument("--impls", default="triton,chunked,sdpa-flash,reference")
+    bk.add_argument("--reference-max", type=positive_int, default=8192, help="longest N for the quadratic reference")
+    bk.add_argument("--json", metavar="OUT")
     bex = bsub.add_parser("exports", help="export time, size, memory and quality per format and precision")
     bex.add_argument("model", metavar="MODEL", help="linearized checkpoint")
     bex.add_argument("--targets", default="gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8")
@@ -494,6 +500,8 @@ def _compare(args, ref, tokenizer, logits, ref_logits, tokens, ref_tokens) -> di
 def cmd_bench(args):
     if args.bench == "attention":
         from .bench_attention import run
+    elif args.bench == "kernels":
+        from .kernels.bench import run
     else:
         from .bench_exports import run
     run(args)

@@ -27,8 +27,10 @@ from .hybrid_attention import (
 )
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
-# Forces one form everywhere (for debugging): reference, chunked or recurrent.
+# Forces one form everywhere (for debugging): reference, chunked, recurrent or triton.
 ATTENTION_FORM_ENV = "EDGE_LOLCATS_ATTENTION"
+# PyTorch forms; "triton" (kernels/) is imported on first use, so CPU-only code never loads Triton.
+ATTENTION_FORMS = (*FORMS, "triton")
 
 
 class FeatureMap(nn.Module):
@@ -74,11 +76,28 @@ class HybridAttention(nn.Module):
         if self.form in FIXED_MEMORY_BASELINES or self.form == "softmax":  # teacher and baselines, no state
             return softmax_attention(q, k, v, self.baseline_mask(q.shape[2], q.device)), None
         weights = (self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor)
+        name = self.resolved_form(q)
         if state is not None and q.shape[2] == 1:
+            if name == "triton":
+                from .kernels.hybrid_attention import hybrid_attention_step_triton
+                return hybrid_attention_step_triton(q, k, v, *weights, state)
             return hybrid_attention_step(q, k, v, *weights, state)
-        form = FORMS[os.environ.get(ATTENTION_FORM_ENV) or self.form]
+        if name == "triton":
+            from .kernels.hybrid_attention import hybrid_attention_triton as form
+        else:
+            form = FORMS[name]
         return form(q, k, v, *weights, window_size=self.window_size, chunk_size=self.chunk_size,
                     initial_state=state, output_final_state=output_state)
+
+    def resolved_form(self, q) -> str:
+        """The form that runs: the environment override, else this layer's; chunked on CUDA runs
+        on the Triton kernels (same math, fused), chunked on the CPU on PyTorch."""
+        name = os.environ.get(ATTENTION_FORM_ENV) or self.form
+        if name not in ATTENTION_FORMS:
+            raise ValueError(f"{ATTENTION_FORM_ENV}={name!r}: choose from {', '.join(ATTENTION_FORMS)}")
+        if name == "chunked" and q.is_cuda:
+            return "triton"
+        return name
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, state=None, output_state=False,
                 **kwargs):

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Without a GPU the Triton kernels run on the CPU in Triton's interpreter. It is chosen when a
+# kernel is decorated, so this must be set before anything imports edge_lolcats.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
