@@ -68,6 +68,22 @@ def _dot(a, b, DT: tl.constexpr):
 
 
 @triton.jit
+def _rows(ptr, bh, rows, N, X, offs_x):
+    """Rows ``rows`` of program bh's [N, X] slab of a contiguous [B*H, N, X] tensor; 0 past N or X."""
+    return tl.load(ptr + bh * N * X + rows[:, None] * X + offs_x[None, :],
+                   mask=(rows[:, None] < N) & (offs_x[None, :] < X), other=0.0)
+
+
+@triton.jit
+def _masks(offs_m, offs_n, N, W: tl.constexpr):
+    """[queries, keys]: keys in each query's window (softmax part), and older keys (linear part)."""
+    n_ok = offs_n[None, :] < N
+    in_window = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - W) & n_ok
+    older = (offs_n[None, :] <= offs_m[:, None] - W) & n_ok
+    return in_window, older
+
+
+@triton.jit
 def _chunk_sums(phi_k, v, sums, z_sums, N, NC, D, NF, C: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_F: tl.constexpr, DT: tl.constexpr):
     """sums[bh, c + 1] = phi_k[block c]^T v[block c]; a cumulative sum over c then gives the states."""
@@ -115,16 +131,10 @@ def _hybrid_fwd(q, k, v, phi_q, phi_k, factor, states, z_states, out, m_out, idx
     kb_start = tl.maximum(qb - LOOKBACK, 0)
     for kb in range(kb_start, qb + 1):
         offs_n = kb * C + tl.arange(0, C)
-        n_ok = offs_n < N
-        kt = tl.load(k + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
-                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        vt = tl.load(v + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
-                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        pk = tl.load(phi_k + bh * N * NF + offs_n[:, None] * NF + offs_f[None, :],
-                     mask=n_ok[:, None] & (offs_f[None, :] < NF), other=0.0)
-        in_window = ((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - W)
-                     & n_ok[None, :])
-        older = (offs_n[None, :] <= offs_m[:, None] - W) & n_ok[None, :]
+        kt = _rows(k, bh, offs_n, N, D, offs_d)
+        vt = _rows(v, bh, offs_n, N, D, offs_d)
+        pk = _rows(phi_k, bh, offs_n, N, NF, offs_f)
+        in_window, older = _masks(offs_m, offs_n, N, W)
 
         s = _dot(qt, tl.trans(kt), DT) * scale
         s = tl.where(in_window, s, float("-inf"))
@@ -194,16 +204,10 @@ def _hybrid_bwd_dq(q, k, v, phi_q, phi_k, factor, states, z_states, out, dout, m
     kb_start = tl.maximum(qb - LOOKBACK, 0)
     for kb in range(kb_start, qb + 1):
         offs_n = kb * C + tl.arange(0, C)
-        n_ok = offs_n < N
-        kt = tl.load(k + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
-                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        vt = tl.load(v + bh * N * D + offs_n[:, None] * D + offs_d[None, :],
-                     mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        pk = tl.load(phi_k + bh * N * NF + offs_n[:, None] * NF + offs_f[None, :],
-                     mask=n_ok[:, None] & (offs_f[None, :] < NF), other=0.0)
-        in_window = ((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - W)
-                     & n_ok[None, :])
-        older = (offs_n[None, :] <= offs_m[:, None] - W) & n_ok[None, :]
+        kt = _rows(k, bh, offs_n, N, D, offs_d)
+        vt = _rows(v, bh, offs_n, N, D, offs_d)
+        pk = _rows(phi_k, bh, offs_n, N, NF, offs_f)
+        in_window, older = _masks(offs_m, offs_n, N, W)
 
         s = _dot(qt, tl.trans(kt), DT) * scale
         p = tl.where(in_window, tl.exp(s - m_i[:, None]), 0.0)
@@ -274,9 +278,7 @@ def _hybrid_bwd_dkv(q, k, v, phi_q, phi_k, factor, dout, m_in, idx_in, den_in, d
         dm = tl.load(dm_in + bh * N + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_in + bh * N + offs_m, mask=m_ok, other=0.0)
         gn = g / den[:, None]
-        in_window = ((offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] > offs_m[:, None] - W)
-                     & n_ok[None, :])
-        older = (offs_n[None, :] <= offs_m[:, None] - W) & n_ok[None, :]
+        in_window, older = _masks(offs_m, offs_n, N, W)
 
         s = _dot(qt, tl.trans(kt), DT) * scale
         p = tl.where(in_window, tl.exp(s - m_i[:, None]), 0.0)
