@@ -92,10 +92,8 @@ def _chunk_sums(phi_k, v, sums, z_sums, N, NC, D, NF, C: tl.constexpr, BLOCK_D: 
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
     rows = c * C + tl.arange(0, C)
-    phi = tl.load(phi_k + bh * N * NF + rows[:, None] * NF + offs_f[None, :],
-                  mask=(rows[:, None] < N) & (offs_f[None, :] < NF), other=0.0)
-    vb = tl.load(v + bh * N * D + rows[:, None] * D + offs_d[None, :],
-                 mask=(rows[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+    phi = _rows(phi_k, bh, rows, N, NF, offs_f)
+    vb = _rows(v, bh, rows, N, D, offs_d)
     s = _dot(tl.trans(phi), vb, DT)
     z = tl.sum(phi.to(tl.float32), axis=0)
     at = bh * (NC + 1) + c + 1
@@ -116,10 +114,8 @@ def _hybrid_fwd(q, k, v, phi_q, phi_k, factor, states, z_states, out, m_out, idx
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
     m_ok = offs_m < N
-    qt = tl.load(q + bh * N * D + offs_m[:, None] * D + offs_d[None, :],
-                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    pq = tl.load(phi_q + bh * N * NF + offs_m[:, None] * NF + offs_f[None, :],
-                 mask=m_ok[:, None] & (offs_f[None, :] < NF), other=0.0)
+    qt = _rows(q, bh, offs_m, N, D, offs_d)
+    pq = _rows(phi_q, bh, offs_m, N, NF, offs_f)
 
     m_i = tl.full([C], float("-inf"), dtype=tl.float32)
     idx = tl.zeros([C], dtype=tl.int32)
@@ -186,11 +182,10 @@ def _hybrid_bwd_dq(q, k, v, phi_q, phi_k, factor, states, z_states, out, dout, m
     offs_f = tl.arange(0, BLOCK_F)
     m_ok = offs_m < N
     md_mask = m_ok[:, None] & (offs_d[None, :] < D)
-    qt = tl.load(q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
-    pq = tl.load(phi_q + bh * N * NF + offs_m[:, None] * NF + offs_f[None, :],
-                 mask=m_ok[:, None] & (offs_f[None, :] < NF), other=0.0)
-    g = tl.load(dout + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0).to(tl.float32)
-    o = tl.load(out + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0).to(tl.float32)
+    qt = _rows(q, bh, offs_m, N, D, offs_d)
+    pq = _rows(phi_q, bh, offs_m, N, NF, offs_f)
+    g = _rows(dout, bh, offs_m, N, D, offs_d).to(tl.float32)
+    o = _rows(out, bh, offs_m, N, D, offs_d).to(tl.float32)
     m_i = tl.load(m_in + bh * N + offs_m, mask=m_ok, other=0.0)
     idx = tl.load(idx_in + bh * N + offs_m, mask=m_ok, other=-1)
     den = tl.load(den_in + bh * N + offs_m, mask=m_ok, other=1.0)
@@ -254,10 +249,9 @@ def _hybrid_bwd_dkv(q, k, v, phi_q, phi_k, factor, dout, m_in, idx_in, den_in, d
     offs_f = tl.arange(0, BLOCK_F)
     n_ok = offs_n < N
     nd_mask = n_ok[:, None] & (offs_d[None, :] < D)
-    kt = tl.load(k + bh * N * D + offs_n[:, None] * D + offs_d[None, :], mask=nd_mask, other=0.0)
-    vt = tl.load(v + bh * N * D + offs_n[:, None] * D + offs_d[None, :], mask=nd_mask, other=0.0)
-    pk = tl.load(phi_k + bh * N * NF + offs_n[:, None] * NF + offs_f[None, :],
-                 mask=n_ok[:, None] & (offs_f[None, :] < NF), other=0.0)
+    kt = _rows(k, bh, offs_n, N, D, offs_d)
+    vt = _rows(v, bh, offs_n, N, D, offs_d)
+    pk = _rows(phi_k, bh, offs_n, N, NF, offs_f)
 
     acc_dk = tl.zeros([C, BLOCK_D], dtype=tl.float32)
     acc_dv = tl.zeros([C, BLOCK_D], dtype=tl.float32)
@@ -266,12 +260,9 @@ def _hybrid_bwd_dkv(q, k, v, phi_q, phi_k, factor, dout, m_in, idx_in, den_in, d
     for qb in range(kb, qb_end + 1):
         offs_m = qb * C + tl.arange(0, C)
         m_ok = offs_m < N
-        md_mask = m_ok[:, None] & (offs_d[None, :] < D)
-        qt = tl.load(q + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask, other=0.0)
-        pq = tl.load(phi_q + bh * N * NF + offs_m[:, None] * NF + offs_f[None, :],
-                     mask=m_ok[:, None] & (offs_f[None, :] < NF), other=0.0)
-        g = tl.load(dout + bh * N * D + offs_m[:, None] * D + offs_d[None, :], mask=md_mask,
-                    other=0.0).to(tl.float32)
+        qt = _rows(q, bh, offs_m, N, D, offs_d)
+        pq = _rows(phi_q, bh, offs_m, N, NF, offs_f)
+        g = _rows(dout, bh, offs_m, N, D, offs_d).to(tl.float32)
         m_i = tl.load(m_in + bh * N + offs_m, mask=m_ok, other=0.0)
         idx = tl.load(idx_in + bh * N + offs_m, mask=m_ok, other=-1)
         den = tl.load(den_in + bh * N + offs_m, mask=m_ok, other=1.0)
