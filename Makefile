@@ -4,7 +4,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/edge-lolcats
 STAMP  := $(VENV)/.installed
-DEMO   := out/smollm2-135m-linear
 CORPUS := $(VENV)/share/edge-lolcats/corpus
 
 .PHONY: install test demo bench-attention clean
@@ -30,12 +29,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(CLI) linearize --base smollm2-135m --out $(DEMO) --delta
 	@echo "--- softmax teacher:"
 	$(CLI) generate smollm2-135m --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
-	@echo "--- linearized (untrained feature maps; training comes with the training issue):"
-	$(CLI) generate $(DEMO) --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
-	$(CLI) info $(DEMO)
+	@echo "--- the shipped linearization (trained delta in edge_lolcats/models/):"
+	$(CLI) generate smollm2-135m-lolcats --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
+	$(CLI) info smollm2-135m-lolcats
 
 bench-attention: $(STAMP)
 	$(CLI) bench attention --lengths 1024,4096,16384 --backward

