@@ -24,6 +24,23 @@ class ExportError(ValueError):
     pass
 
 
+def model_fingerprint(model) -> str:
+    """sha256 (16 hex) over a model's weights as float32, names sorted; LoRA merged by the caller.
+    Both exporters record it, so a runtime state saved on one export loads on the other."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _qtype(dtype: str):
     from gguf import GGMLQuantizationType as T
 
@@ -101,6 +118,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
             writer.add_bool(key(names.KEY_QK_PERMUTED), False)
             writer.add_uint32(key(names.KEY_FORMAT_VERSION), names.FORMAT_VERSION)
             writer.add_string(key(names.KEY_SOURCE), json.dumps({"model": source, "lolcats": lol}, default=str))
+            writer.add_string(key(names.KEY_MODEL_FINGERPRINT), model_fingerprint(model))
         file_type = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[dtype]
         writer.add_file_type(file_type)
         for k, v in tokenizer.gguf_metadata().items():

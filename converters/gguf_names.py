@@ -34,6 +34,9 @@ KEY_FEATURE_MAP = "{arch}.attention.feature_map"  # "hedgehog"
 KEY_QK_PERMUTED = "{arch}.rope.qk_permuted"
 KEY_FORMAT_VERSION = "{arch}.format_version"
 KEY_SOURCE = "{arch}.source"  # what the file was exported from (model name and checkpoint config)
+# sha256 (16 hex) of the exported float32 weights, the same in the GGUF and ONNX exports of one
+# model: the runtime's state files carry it and refuse a state from another model
+KEY_MODEL_FINGERPRINT = "{arch}.model_fingerprint"
 
 # tensors: transformers name -> GGUF name, per layer with {n}
 GLOBAL_TENSORS = {

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..fileio import atomic_folder
+from .gguf_export import model_fingerprint
 
 STATE_PARTS = ("kv", "z", "k_window", "v_window")
 FORMAT_VERSION = 1
@@ -141,6 +142,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         lol = model.config.lolcats
         meta = {
             "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": opset,
+            "model_fingerprint": model_fingerprint(model),
             "weights": "int8" if quantize else "f32",
             "graph": "model.onnx", "inputs": ["input_ids", "position", *names], "outputs": out_names,
             "logits": "last token only, [batch, vocab]",

@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random seed for sampling")
     gen.add_argument("--prefill-chunk", type=positive_int, default=1024, help="prompt tokens per prefill chunk")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    rt = gen.add_argument_group("on an export (lolcats .gguf file or ONNX folder: the torch-free runtime)")
+    rt.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
+    rt.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    rt.add_argument("--save-state", metavar="FILE", help="save the session's state here at the end (a few MB)")
+    rt.add_argument("--load-state", metavar="FILE", help="resume a saved session; the prompt continues it")
+    rt.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
 
     ev = sub.add_parser("eval", help="a linearized model against its teacher and fixed-memory baselines")
     ev.add_argument("model", metavar="MODEL", help="linearized checkpoint")
@@ -285,7 +291,23 @@ def _read_prompt(args) -> str:
     return text
 
 
+def _is_export(path: str) -> bool:
+    """A lolcats GGUF file or an ONNX export folder: what the torch-free runtime runs."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "model.json"))
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from .gguf_io import read_gguf_architecture
+
+        return read_gguf_architecture(path) == "lolcats"
+    return False
+
+
 def cmd_generate(args):
+    if _is_export(args.model):
+        return _generate_on_runtime(args)
+    if args.save_state or args.load_state or args.stop or args.repetition_penalty != 1.0:
+        raise CLIError("--save-state, --load-state, --stop and --repetition-penalty need an export "
+                       "(a lolcats .gguf file or an ONNX folder: edge-lolcats export)")
     from .generate import SamplingConfig, generate, peak_rss_mb
     from .loading import load_model
     from .model import state_bytes
@@ -344,6 +366,49 @@ def cmd_generate(args):
     print(f"[prefill {len(prompt_ids)} tok at {rate(stats['prefill_tokens_per_s'])}, "
           f"decode {len(result.token_ids)} tok at {rate(stats['decode_tokens_per_s'])}, {memory}, "
           f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr)
+
+
+def _generate_on_runtime(args):
+    """``generate`` on an export, through the runtime's Python API (no torch)."""
+    from .runtime import load
+
+    text = _read_prompt(args)
+    temperature = 0.0 if args.temperature is None else args.temperature
+    if args.temperature is not None and not args.temperature > 0:
+        raise CLIError(f"--temperature must be > 0; got {args.temperature}")
+    options = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    from .runtime.sampling import Sampling
+
+    Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)  # bad values fail before loading
+    model = load(args.model, threads=args.threads)
+    tok = model.tokenizer
+    session = model.restore(args.load_state) if args.load_state else model.session()
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    session.feed(text, chunk_size=args.prefill_chunk, progress=not args.json)
+    prefill = session.stats
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    out = session.generate(args.max_new_tokens, on_text=stream, **options)
+    stats = session.stats.as_dict()
+    stats.update(prompt_tokens=prefill.prompt_tokens, prefill_seconds=prefill.prefill_seconds,
+                 prefill_tokens_per_s=prefill.prefill_tokens_per_s, kv_cache_bytes=None,
+                 engine=model.engine.format, weights=model.engine.weights)
+    if args.save_state:
+        stats["state_file_bytes"] = session.save(args.save_state)
+    if args.json:
+        print(json.dumps({"text": out, "token_ids": session.last_token_ids, **stats}))
+        return
+    sys.stdout.write("\n")
+
+    def rate(x):
+        return f"{x:.1f} tok/s" if x else "n/a"
+
+    print(f"[{stats['engine']} {stats['weights']}: prefill {stats['prompt_tokens']} tok at "
+          f"{rate(stats['prefill_tokens_per_s'])}, decode {stats['new_tokens']} tok at {rate(stats['decode_tokens_per_s'])}, "
+          f"context {stats['context_tokens']} tok, state {stats['state_bytes'] / 2**20:.2f} MiB (fixed), "
+          f"peak RSS {stats['peak_rss_mb']:.0f} MB" + (f", state saved to {args.save_state}" if args.save_state else "")
+          + "]", file=sys.stderr)
 
 
 def cmd_eval(args):
@@ -453,10 +518,12 @@ def cmd_verify(args):
         prompt = engine.tokenizer.encode(prompt_text)
         if args.against:
             ref = load_model(args.against)
-            logits, _ = engine.prefill(prompt)
+            from .runtime.generation import greedy_tokens
+
+            logits, _ = engine.run(prompt, engine.empty_state())
             with torch.no_grad():
                 b, _ = forward(ref.model, torch.tensor([prompt]), with_state=False)
-            ga = engine.greedy(prompt, args.tokens)
+            ga = greedy_tokens(engine, prompt, args.tokens)
             gb = generate(ref.model, prompt, max_new_tokens=args.tokens).token_ids
             report.update(_compare(args, ref, engine.tokenizer, torch.from_numpy(logits[0]), b[0, -1], ga, gb))
     elif args.file.endswith(".gguf"):

@@ -47,6 +47,28 @@ def tensor_to_float32(tensor) -> np.ndarray:
     return array.reshape(shape)
 
 
+def read_gguf_architecture(path: str) -> str | None:
+    """``general.architecture`` of a GGUF file, or None if it is not one; reads only the header."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if len(head) < 24 or head[:4] != b"GGUF":
+                return None
+            # version (u32), tensor count (u64), kv count (u64); the first key is general.architecture
+            key_len = struct.unpack("<Q", f.read(8))[0]
+            if key_len > 256 or f.read(key_len) != b"general.architecture":
+                return None
+            value_type, = struct.unpack("<I", f.read(4))
+            if value_type != 8:  # string
+                return None
+            n = struct.unpack("<Q", f.read(8))[0]
+            return f.read(min(n, 256)).decode("utf-8", "replace")
+    except (OSError, struct.error):
+        return None
+
+
 def read_gguf(path: str) -> GGUFFile:
     """Open a GGUF file (memory-mapped) and read all of its metadata."""
     import gguf

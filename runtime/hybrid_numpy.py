@@ -57,3 +57,32 @@ def block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_
     z = z + phi_leave.sum(2)
     slot_to_ext = t + (np.arange(w) - position - t) % w
     return out, kv.astype(np.float32), z.astype(np.float32), k_ext[:, :, slot_to_ext], v_ext[:, :, slot_to_ext]
+
+
+def decode_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window, position: int):
+    """One new token (T = 1) on the fixed state, updating the state arrays in place.
+
+    The same math as :func:`block_step` at T = 1, arranged for decode speed: the key at position
+    ``position - W`` (ring slot ``position % W``) leaves the window, so it is folded into the linear
+    state and its slot takes the new key; then the window is the whole ring (the slots filled so
+    far). q [B, H, 1, D], k and v [B, Hkv, 1, D]; returns out [B, H, 1, D]. The ring holds all H
+    heads (kv heads repeated), as in :func:`block_step`.
+    """
+    b, h, _, d = q.shape
+    w = k_window.shape[2]
+    slot = position % w
+    if position >= w:
+        phi_old = feature_map(k_window[:, :, slot : slot + 1], fk_weight)[:, :, 0]  # [B, H, 2F]
+        kv += phi_old[..., :, None] * v_window[:, :, slot, None, :]
+        z += phi_old
+    k_window[:, :, slot] = repeat_kv_heads(k, h)[:, :, 0]
+    v_window[:, :, slot] = repeat_kv_heads(v, h)[:, :, 0]
+    filled = min(position + 1, w)
+    keys, values = k_window[:, :, :filled], v_window[:, :, :filled]  # slot order: the sum needs no sorting
+    scores = np.matmul(q, keys.transpose(0, 1, 3, 2)) / np.sqrt(d)  # [B, H, 1, filled]
+    a_win = np.exp(scores - scores.max(-1, keepdims=True))
+    phi_q = feature_map(q, fq_weight)  # [B, H, 1, 2F]
+    factor = (1 / (1 + np.exp(-window_factor)))[None, :, None, None]
+    num = factor * np.matmul(a_win, values) + np.matmul(phi_q, kv)
+    den = factor * a_win.sum(-1, keepdims=True) + np.matmul(phi_q, z[..., None])
+    return (num / den).astype(np.float32)

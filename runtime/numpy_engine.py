@@ -11,8 +11,8 @@ import numpy as np
 from ..converters import gguf_names as names
 from ..gguf_io import ModelFileError, read_gguf
 from ..tokenizer import Tokenizer
-from .hybrid_numpy import block_step
-from .state import State, empty_state
+from .hybrid_numpy import block_step, decode_step
+from .state import STATE_PARTS, State, empty_state
 
 
 class GGUFEngine:
@@ -39,65 +39,96 @@ class GGUFEngine:
         self.inv_freq = 1.0 / theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         self.path = path
+        self.fingerprint = gguf.arch_key("model_fingerprint")
+        self.max_position_embeddings = int(key("context_length", 0)) or None
         t = gguf.tensor
         self.embed = t("token_embd.weight")
         self.output = t("output.weight") if "output.weight" in gguf.tensors else self.embed
+        self.weights = _file_type(gguf)
         self.norm = t("output_norm.weight")
         self.blocks = []
+        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i in range(self.layers):
             p = f"blk.{i}."
             block = {n: t(p + n + ".weight") for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v",
                                                       "attn_output", "ffn_gate", "ffn_up", "ffn_down",
                                                       "attn_fmap_q", "attn_fmap_k", "attn_window_factor")}
-            for n in ("attn_q", "attn_k", "attn_v"):
-                block[n + ".bias"] = t(p + n + ".bias") if p + n + ".bias" in gguf.tensors else None
-            expect = {"attn_q": (self.heads * self.head_dim, self.hidden),
-                      "attn_k": (self.kv_heads * self.head_dim, self.hidden),
+            expect = {"attn_q": (q_rows, self.hidden), "attn_k": (kv_rows, self.hidden),
+                      "attn_v": (kv_rows, self.hidden), "attn_output": (self.hidden, q_rows),
                       "attn_fmap_q": (self.heads, self.head_dim, self.feature_dim),
+                      "attn_fmap_k": (self.heads, self.head_dim, self.feature_dim),
                       "attn_window_factor": (self.heads,)}
             for n, shape in expect.items():
                 if block[n].shape != shape:
                     raise ModelFileError(f"{path}: {p}{n} has shape {block[n].shape}, expected {shape}")
+            # one matrix for q, k, v and one for gate, up: fewer, larger products per token
+            block["qkv"] = np.ascontiguousarray(np.concatenate([block.pop(n) for n in ("attn_q", "attn_k", "attn_v")]).T)
+            block["gate_up"] = np.ascontiguousarray(np.concatenate([block.pop("ffn_gate"), block.pop("ffn_up")]).T)
+            block["attn_output"] = np.ascontiguousarray(block["attn_output"].T)
+            block["ffn_down"] = np.ascontiguousarray(block["ffn_down"].T)
+            biases = [p + n + ".bias" for n in ("attn_q", "attn_k", "attn_v")]
+            block["qkv_bias"] = (np.concatenate([t(b) for b in biases]) if biases[0] in gguf.tensors else None)
             self.blocks.append(block)
+        self.intermediate = self.blocks[0]["ffn_down"].shape[0] if self.blocks else 0
+        self.output_t = np.ascontiguousarray(self.output.T)
+        del self.output
+
+    format = "gguf"
 
     def empty_state(self, batch: int = 1) -> State:
         return empty_state(self.layers, self.heads, self.head_dim, self.feature_dim, self.window_size, batch)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.empty_state().nbytes
 
     def _rms(self, x, weight):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * weight
 
     def run(self, tokens, state: State):
-        """Feed ``tokens`` ([T] or [B, T]) after ``state``: (logits [B, V] of the last token, new state)."""
+        """Feed ``tokens`` ([T] or [B, T]) after ``state``, which is updated in place and returned
+        with the logits of the last token [B, V]. T = 1 takes the decode path (same math)."""
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
         b, t = ids.shape
+        if t == 0:
+            raise ValueError("no tokens to run")
         x = self.embed[ids]  # [B, T, hidden]
         angles = (state.position + np.arange(t))[:, None] * self.inv_freq[None, :]
         emb = np.concatenate([angles, angles], -1)
         cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)  # [T, D]
         half = self.head_dim // 2
+        q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
 
         def rope(a):  # [B, H, T, D], half-split layout
             rotated = np.concatenate([-a[..., half:], a[..., :half]], -1)
             return a * cos + rotated * sin
 
-        new = {}
+        tensors = state.tensors
         for i, blk in enumerate(self.blocks):
             h = self._rms(x, blk["attn_norm"])
-            q, k, v = h @ blk["attn_q"].T, h @ blk["attn_k"].T, h @ blk["attn_v"].T
-            if blk["attn_q.bias"] is not None:
-                q, k, v = q + blk["attn_q.bias"], k + blk["attn_k.bias"], v + blk["attn_v.bias"]
-            q = rope(q.reshape(b, t, self.heads, self.head_dim).transpose(0, 2, 1, 3))
-            k = rope(k.reshape(b, t, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3))
-            v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-            s = [state.tensors[f"state.{i}.{p}"] for p in ("kv", "z", "k_window", "v_window")]
-            out, *s = block_step(q, k, v, blk["attn_fmap_q"], blk["attn_fmap_k"], blk["attn_window_factor"], *s,
-                                 state.position)
-            new.update({f"state.{i}.{p}": a for p, a in zip(("kv", "z", "k_window", "v_window"), s)})
-            x = x + out.transpose(0, 2, 1, 3).reshape(b, t, -1) @ blk["attn_output"].T
-            h = self._rms(x, blk["ffn_norm"])
-            gate = h @ blk["ffn_gate"].T
-            x = x + ((gate / (1 + np.exp(-gate))) * (h @ blk["ffn_up"].T)) @ blk["ffn_down"].T
-        logits = self._rms(x[:, -1], self.norm) @ self.output.T
-        return logits, State(new, state.position + t)
+            qkv = h @ blk["qkv"]
+            if blk["qkv_bias"] is not None:
+                qkv += blk["qkv_bias"]
+            q = rope(qkv[..., :q_end].reshape(b, t, self.heads, self.head_dim).transpose(0, 2, 1, 3))
+            k = rope(qkv[..., q_end:k_end].reshape(b, t, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3))
+            v = qkv[..., k_end:].reshape(b, t, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+            s = [tensors[f"state.{i}.{p}"] for p in STATE_PARTS]
+            args = (q, k, v, blk["attn_fmap_q"], blk["attn_fmap_k"], blk["attn_window_factor"])
+            if t == 1:
+                out = decode_step(*args, *s, state.position)
+            else:
+                out, *s = block_step(*args, *s, state.position)
+                tensors.update({f"state.{i}.{p}": a for p, a in zip(STATE_PARTS, s)})
+            x = x + out.transpose(0, 2, 1, 3).reshape(b, t, -1) @ blk["attn_output"]
+            gate, up = np.split(self._rms(x, blk["ffn_norm"]) @ blk["gate_up"], 2, axis=-1)
+            x = x + ((gate / (1 + np.exp(-gate))) * up) @ blk["ffn_down"]
+        logits = self._rms(x[:, -1], self.norm) @ self.output_t
+        state.position += t
+        return logits, state
+
+
+def _file_type(gguf) -> str:
+    """The weight precision the file was written at (general.file_type), as our --dtype names it."""
+    return {0: "f32", 1: "f16", 7: "q8_0", 2: "q4_0", 3: "q4_1"}.get(gguf.metadata.get("general.file_type"), "?")

@@ -44,6 +44,24 @@ class OnnxEngine:
                 raise ModelFileError(f"{folder}: state {name} is {shape} in the graph, {spec['shape']} in model.json")
         self.tokenizer = Tokenizer.from_folder(folder, eos_token_ids=self.meta.get("eos_token_ids"))
 
+    format = "onnx"
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.meta.get("model_fingerprint")
+
+    @property
+    def weights(self) -> str:
+        return self.meta.get("weights", "?")
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        return self.meta.get("max_position_embeddings")
+
+    @property
+    def state_bytes(self) -> int:
+        return int(self.meta["state_bytes_per_sequence"])
+
     def empty_state(self, batch: int = 1) -> OnnxState:
         return OnnxState({n: np.zeros([batch] + s["shape"][1:], np.float32) for n, s in self.meta["state"].items()}, 0)
 
@@ -55,28 +73,15 @@ class OnnxEngine:
                                  f", got {None if a is None else (a.dtype.name, list(a.shape))}")
 
     def run(self, tokens, state: OnnxState) -> tuple[np.ndarray, OnnxState]:
-        """Feed ``tokens`` ([T] or [B, T]) after ``state``: (logits [B, V] of the last token, new state)."""
+        """Feed ``tokens`` ([T] or [B, T]) after ``state``: (logits [B, V] of the last token, state).
+        The graph is a pure function; its new state replaces the state's arrays (same object)."""
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
+        if ids.shape[1] == 0:
+            raise ValueError("no tokens to run")
         feeds = {"input_ids": ids, "position": np.array(state.position, np.int64), **state.tensors}
         out = self.session.run(None, feeds)
-        return out[0], OnnxState(dict(zip(self.state_names, out[1:])), state.position + ids.shape[1])
-
-    def prefill(self, tokens, state: OnnxState | None = None, block: int = 512, progress=None):
-        state = state or self.empty_state()
-        logits = None
-        for start in range(0, len(tokens), block):
-            logits, state = self.run(tokens[start : start + block], state)
-            if progress is not None:
-                progress(min(block, len(tokens) - start))
-        return logits, state
-
-    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        logits, state = self.prefill(prompt)
-        out = []
-        for _ in range(max_new_tokens):
-            token = int(logits[0].argmax())
-            out.append(token)
-            logits, state = self.run([token], state)
-        return out
+        state.tensors = dict(zip(self.state_names, out[1:]))
+        state.position += ids.shape[1]
+        return out[0], state

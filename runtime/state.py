@@ -27,3 +27,63 @@ def empty_state(layers: int, heads: int, head_dim: int, feature_dim: int, window
               "k_window": (heads, window_size, head_dim), "v_window": (heads, window_size, head_dim)}
     return State({f"state.{i}.{p}": np.zeros((batch,) + shapes[p], np.float32)
                   for i in range(layers) for p in STATE_PARTS}, 0)
+
+
+# --- state files: a session saved to disk and resumed later -------------------------------------
+
+STATE_FILE_FORMAT = "edge-lolcats-state"
+STATE_FILE_VERSION = 1
+
+
+class StateFileError(ValueError):
+    pass
+
+
+def save_state_file(path: str, state: State, meta: dict, arrays: dict | None = None) -> int:
+    """Write ``state`` (its arrays, position) with ``meta`` (JSON: model identity, pending tokens,
+    sampler) and extra ``arrays`` to one ``.npz`` file, atomically. Returns the file size."""
+    import json
+    import os
+
+    from ..fileio import atomic_file
+
+    header = {"format": STATE_FILE_FORMAT, "version": STATE_FILE_VERSION, "position": state.position, **meta}
+    payload = {"__header__": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+               **{f"extra.{k}": v for k, v in (arrays or {}).items()}, **state.tensors}
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(f, **payload)
+    return os.path.getsize(path)
+
+
+def load_state_file(path: str, expected: State) -> tuple[State, dict, dict]:
+    """(state, header, extra arrays) from a state file; every array must match ``expected``'s
+    names, shapes and dtype. Refusing the wrong model is the caller's job (it knows the identity)."""
+    import json
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: no such state file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise StateFileError(f"{path}: not a readable state file ({type(e).__name__})") from None
+    try:
+        header = json.loads(files.pop("__header__").tobytes().decode())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise StateFileError(f"{path}: not an edge-lolcats state file (no header)") from None
+    if header.get("format") != STATE_FILE_FORMAT:
+        raise StateFileError(f"{path}: not an edge-lolcats state file")
+    if header.get("version") != STATE_FILE_VERSION:
+        raise StateFileError(f"{path}: state file version {header.get('version')}; this runtime reads {STATE_FILE_VERSION}")
+    extra = {k[len("extra."):]: files.pop(k) for k in list(files) if k.startswith("extra.")}
+    if set(files) != set(expected.tensors):
+        raise StateFileError(f"{path}: state tensors do not match this model's layout "
+                             f"({len(files)} in the file, {len(expected.tensors)} expected)")
+    for name, a in files.items():
+        e = expected.tensors[name]
+        if a.shape[1:] != e.shape[1:] or a.dtype != e.dtype:
+            raise StateFileError(f"{path}: state {name} is {a.dtype}{list(a.shape)}, this model needs {e.dtype}[batch, "
+                                 f"{', '.join(map(str, e.shape[1:]))}]")
+    return State(files, int(header["position"])), header, extra

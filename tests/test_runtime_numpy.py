@@ -11,7 +11,7 @@ from test_hybrid_attention import TOL, assert_close, make_inputs
 from edge_lolcats.converters.gguf_export import export_gguf
 from edge_lolcats.hybrid_attention import hybrid_attention_reference
 from edge_lolcats.model import forward, linearize
-from edge_lolcats.runtime.hybrid_numpy import block_step
+from edge_lolcats.runtime.hybrid_numpy import block_step, decode_step
 from edge_lolcats.runtime.numpy_engine import GGUFEngine
 
 
@@ -34,6 +34,22 @@ def test_numpy_block_step_matches_reference(dtype):
     assert_close(torch.from_numpy(np.concatenate(outs, 2)), ref, f"numpy block steps (seed {seed})", **tol)
     assert_close(torch.from_numpy(kv), ref_state.kv, f"numpy kv (seed {seed})", **tol)
     assert_close(torch.from_numpy(kw), ref_state.k_window, f"numpy k_window (seed {seed})", **tol)
+
+
+def test_numpy_decode_step_matches_reference_across_the_window():
+    """Token by token through 40 positions with W = 16 (the ring wraps twice), float64, grouped heads."""
+    seed = torch.seed() % 2**31
+    args = make_inputs(1, 6, 2, 40, 16, 8, torch.float64, seed=seed)
+    ref, ref_state = hybrid_attention_reference(*args, window_size=16, output_final_state=True)
+    q, k, v, fq, fk, wf = (a.numpy() for a in args)
+    kv, z = np.zeros((1, 6, 16, 16)), np.zeros((1, 6, 16))
+    kw, vw = np.zeros((1, 6, 16, 16)), np.zeros((1, 6, 16, 16))
+    outs = [decode_step(q[:, :, p : p + 1], k[:, :, p : p + 1], v[:, :, p : p + 1], fq, fk, wf, kv, z, kw, vw, p)
+            for p in range(40)]
+    tol = TOL[torch.float32]  # outputs come back as float32
+    assert_close(torch.from_numpy(np.concatenate(outs, 2)), ref, f"numpy decode steps (seed {seed})", **tol)
+    assert_close(torch.from_numpy(kv), ref_state.kv, f"numpy kv (seed {seed})", **TOL[torch.float64])
+    assert_close(torch.from_numpy(z), ref_state.z, f"numpy z (seed {seed})", **TOL[torch.float64])
 
 
 def test_gguf_engine_matches_pytorch(tmp_path, smol_tokenizer):
