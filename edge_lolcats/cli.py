@@ -156,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--impls", default="triton,chunked,sdpa-flash,reference")
     bk.add_argument("--reference-max", type=positive_int, default=8192, help="longest N for the quadratic reference")
     bk.add_argument("--json", metavar="OUT")
+    bm = bsub.add_parser("memory", help="peak RSS and speed against context: our runtime vs llama.cpp")
+    bm.add_argument("model", metavar="MODEL", help="linearized model (name, checkpoint), a lolcats .gguf or an ONNX folder")
+    bm.add_argument("--contexts", type=int_list, default=[1024, 4096, 16384, 65536, 131072])
+    bm.add_argument("--engines", default="gguf,onnx", help="our engines to measure: gguf, onnx")
+    bm.add_argument("--baseline", choices=["llama.cpp"], help="also run llama.cpp on the softmax teacher")
+    bm.add_argument("--baseline-max", type=positive_int, help="longest context to run the baseline at")
+    bm.add_argument("--dtype", default="q8_0", help="GGUF weight precision, ours and the teacher's (default q8_0)")
+    bm.add_argument("--onnx-weights", choices=["f32", "int8"], default="int8")
+    bm.add_argument("--onnx", metavar="DIR", help="an ONNX export to measure (default: exported into --work-dir)")
+    bm.add_argument("--teacher-gguf", metavar="FILE", help="the llama.cpp baseline's file (default: exported)")
+    bm.add_argument("--work-dir", default="out/bench-memory", help="exports are made and kept here")
+    bm.add_argument("--decode-tokens", type=positive_int, default=64)
+    bm.add_argument("--threads", type=positive_int, help="threads per engine (default: all cores)")
+    bm.add_argument("--text", metavar="FILE", help="UTF-8 text to build contexts from (default: the corpus)")
+    bm.add_argument("--out", metavar="REPORT.md")
+    bm.add_argument("--plot", metavar="PNG")
+    bm.add_argument("--json", metavar="OUT")
     bex = bsub.add_parser("exports", help="export time, size, memory and quality per format and precision")
     bex.add_argument("model", metavar="MODEL", help="linearized checkpoint")
     bex.add_argument("--targets", default="gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8")
@@ -569,6 +586,8 @@ def cmd_bench(args):
         from .bench_attention import run
     elif args.bench == "kernels":
         from .kernels.bench import run
+    elif args.bench == "memory":
+        from .bench_memory import run
     else:
         from .bench_exports import run
     run(args)

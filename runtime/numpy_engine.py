@@ -70,7 +70,7 @@ class GGUFEngine:
             block["qkv_bias"] = (np.concatenate([t(b) for b in biases]) if biases[0] in gguf.tensors else None)
             self.blocks.append(block)
         self.intermediate = self.blocks[0]["ffn_down"].shape[0] if self.blocks else 0
-        self.output_t = np.ascontiguousarray(self.output.T)
+        self.output_t = self.output.T  # a view: BLAS reads it transposed, no second vocabulary matrix
         del self.output
 
     format = "gguf"

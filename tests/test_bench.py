@@ -29,3 +29,26 @@ def test_bench_exports_small(tmp_path, tiny_model_dir):
     for key in (("gguf", "f32"), ("onnx", "f32")):  # exact formats reproduce the model
         assert rows[key]["top1_agreement"] == 1.0 and abs(rows[key]["ppl_change"]) < 1e-4
     assert rows[("gguf", "q8_0")]["mb"] < rows[("gguf", "f32")]["mb"] / 2
+
+
+def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
+    """Both engines and llama.cpp, each measurement in its own process; ours keep one state size."""
+    base, _ = tiny_model_dir()
+    ckpt = tmp_path / "ckpt"
+    assert run_cli("linearize", "--base", base, "--out", str(ckpt), "--window-size", "8", "--feature-dim", "8").returncode == 0
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    r = run_cli("bench", "memory", str(ckpt), "--contexts", "64,512", "--baseline", "llama.cpp", "--dtype", "f32",
+                "--onnx-weights", "f32", "--work-dir", str(tmp_path / "work"), "--decode-tokens", "8",
+                "--text", str(text), "--threads", "1", "--json", str(tmp_path / "m.json"),
+                "--plot", str(tmp_path / "m.png"), "--out", str(tmp_path / "m.md"))
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "m.json").read_text())["results"]
+    by = {(x["engine"], x["context"]): x for x in results}
+    assert set(by) == {(e, c) for e in ("gguf", "onnx", "llama.cpp") for c in (64, 512)}
+    for x in results:
+        assert x["peak_rss_mb"] > 0 and x["prefill_tokens_per_s"] > 0 and x["decode_tokens_per_s"] > 0
+    for engine in ("gguf", "onnx"):  # fixed state
+        assert by[(engine, 64)]["state_bytes"] == by[(engine, 512)]["state_bytes"] == 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+    assert by[("llama.cpp", 512)]["state_bytes"] > 4 * by[("llama.cpp", 64)]["state_bytes"]  # KV cache grows
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| llama.cpp |" in (tmp_path / "m.md").read_text()

@@ -1,0 +1,97 @@
+"""``edge-lolcats bench memory``: peak RSS, state size, prefill and decode speed against context
+length for our runtime (GGUF / numpy and ONNX / onnxruntime engines) and, with ``--baseline
+llama.cpp``, llama.cpp on the softmax teacher at the same weight precision. The measurements
+themselves are in :mod:`edge_lolcats.runtime.bench` (torch-free, one fresh process each); this
+module makes the exports a model name needs (that part uses torch) and writes the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .runtime import bench
+
+
+def _ensure_exports(args) -> dict:
+    """{engine: path} to measure; exports the model (and its teacher) into --work-dir when needed."""
+    from .fileio import atomic_file  # noqa: F401 - exports below are atomic themselves
+
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ("gguf", "onnx")]
+    if bad:
+        raise ValueError(f"unknown engine {bad[0]!r}; choose from gguf, onnx")
+    if args.baseline not in (None, "llama.cpp"):
+        raise ValueError(f"unknown baseline {args.baseline!r}; the baseline is llama.cpp")
+    paths = {}
+    model = args.model
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        paths = {"gguf": model} if "gguf" in engines else {}
+        if "onnx" in engines and not args.onnx:
+            raise ValueError("a .gguf MODEL measures the gguf engine; give --onnx DIR for the other one")
+    elif os.path.isdir(model) and os.path.isfile(os.path.join(model, "model.json")):
+        paths = {"onnx": model} if "onnx" in engines else {}
+        if "gguf" in engines:
+            raise ValueError("an ONNX MODEL measures the onnx engine; use --engines onnx (or pass the .gguf file)")
+    if args.onnx:
+        paths["onnx"] = args.onnx
+    work = args.work_dir
+    for engine in engines:
+        if engine in paths:
+            continue
+        target = os.path.join(work, f"model.{args.dtype}.gguf" if engine == "gguf" else f"onnx-{args.onnx_weights}")
+        if not os.path.exists(target):
+            _export(model, engine, target, args)
+        paths[engine] = target
+    if args.baseline == "llama.cpp":
+        teacher = args.teacher_gguf or os.path.join(work, f"teacher.{args.dtype}.gguf")
+        if not os.path.exists(teacher):
+            if os.path.isfile(model) or os.path.isfile(os.path.join(model, "model.json")):
+                raise ValueError("the llama.cpp baseline needs --teacher-gguf FILE (edge-lolcats export BASE "
+                                 "--format gguf --dtype ... --softmax-teacher) when MODEL is an export")
+            _export(model, "teacher", teacher, args)
+        paths["llama.cpp"] = teacher
+    return paths
+
+
+def _export(model_name, kind, path, args):
+    from .converters.gguf_export import export_gguf
+    from .converters.onnx_export import export_onnx
+    from .loading import load_model
+
+    print(f"exporting {model_name} ({kind}) to {path} ...", file=sys.stderr)
+    loaded = load_model(model_name)
+    if kind == "onnx":
+        export_onnx(loaded.model, loaded.tokenizer, path, quantize=None if args.onnx_weights == "f32" else "int8",
+                    source=model_name)
+    else:
+        export_gguf(loaded.model, loaded.tokenizer, path, dtype=args.dtype, source=model_name,
+                    as_softmax=kind == "teacher")
+
+
+def run(args):
+    paths = _ensure_exports(args)
+    results = []
+    for context in args.contexts:
+        for engine, path in paths.items():
+            if engine == "llama.cpp" and args.baseline_max and context > args.baseline_max:
+                print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
+                continue
+            r = bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads)
+            results.append(r)
+            print(f"{engine:9s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} MiB, "
+                  f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",
+                  file=sys.stderr)
+    table = bench.markdown(results)
+    print(table)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(f"# bench memory: {args.model}\n\n{table}\n")
+    if args.plot:
+        bench.plot(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "decode_tokens": args.decode_tokens, "paths": paths,
+                       "results": [{k: r[k] for k in (*bench.FIELDS, "weights")} for r in results]}, f, indent=2)
+    return results

@@ -1,0 +1,178 @@
+"""Long-context memory and speed: our runtime (both engines) against llama.cpp on the softmax teacher.
+
+Every measurement runs in a fresh process (``python -m edge_lolcats.runtime.bench --worker ...``),
+so peak RSS is that of one model at one context length and nothing else. A measurement: tokenize
+real text (the default corpus, or ``--text``) to exactly ``context`` tokens, prefill them (timed),
+then decode ``decode_tokens`` greedy tokens after them (timed), then report the process's peak RSS.
+No torch here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ENGINES = ("gguf", "onnx", "llama.cpp")
+FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
+_TEXT_CACHE = {}
+
+
+def context_text(min_chars: int, text_file: str | None = None) -> str:
+    """Real prose of at least ``min_chars`` characters (repeated if the source is shorter)."""
+    if text_file:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        from ..data import default_corpus_documents
+
+        text = "\n\n".join(d.text for d in default_corpus_documents())
+    if not text.strip():
+        raise ValueError("no text to build the context from")
+    return text * (min_chars // len(text) + 1)
+
+
+def context_ids(tokenize, context: int, text_file: str | None = None) -> list[int]:
+    text = context_text(context * 6, text_file)  # ~4 characters per token in English: ample
+    ids = tokenize(text[: context * 6])
+    if len(ids) < context:
+        raise ValueError(f"could not build {context} tokens of context")
+    return ids[:context]
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=512) -> dict:
+    from .api import load
+
+    model = load(path, threads=threads)
+    ids = context_ids(lambda t: model.tokenizer.encode(t, add_special_tokens=False), context, text_file)
+    session = model.session()
+    session.feed(ids, chunk_size=chunk_size)
+    prefill = session.stats
+    session.generate(decode_tokens + 1, stop_at_eos=False)  # the first new token comes from the prefill
+    return {"engine": model.engine.format, "context": context, "weights": model.engine.weights,
+            "peak_rss_mb": peak_rss_mb(), "state_bytes": model.engine.state_bytes,
+            "prefill_tokens_per_s": prefill.prefill_tokens_per_s,
+            "decode_tokens_per_s": session.stats.decode_tokens_per_s}
+
+
+def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=None, threads=None,
+                      chunk_size=512) -> dict:
+    from llama_cpp import Llama
+
+    n_ctx = context + decode_tokens + 8
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=chunk_size, n_threads=threads or os.cpu_count(),
+                logits_all=False, verbose=False)
+    ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), context, text_file)
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    token = llm.sample(top_k=1, temp=0.0)
+    t2 = time.perf_counter()
+    for _ in range(decode_tokens):
+        llm.eval([token])
+        token = llm.sample(top_k=1, temp=0.0)
+    t3 = time.perf_counter()
+    # the f16 KV cache llama.cpp allocates for n_ctx (2 x layers x kv heads x head size x 2 bytes per token)
+    kv_per_token = 2 * int(llm.metadata["llama.block_count"]) * _kv_width(llm) * 2
+    return {"engine": "llama.cpp", "context": context, "weights": _file_type(llm), "peak_rss_mb": peak_rss_mb(),
+            "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
+            "decode_tokens_per_s": decode_tokens / (t3 - t2)}
+
+
+def _kv_width(llm) -> int:
+    md = llm.metadata
+    heads = int(md["llama.attention.head_count"])
+    kv_heads = int(md.get("llama.attention.head_count_kv", heads))
+    return kv_heads * (int(md["llama.embedding_length"]) // heads)
+
+
+def _file_type(llm) -> str:
+    return {"0": "f32", "1": "f16", "7": "q8_0", "2": "q4_0", "3": "q4_1"}.get(llm.metadata.get("general.file_type"), "?")
+
+
+def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
+            timeout: float | None = None) -> dict:
+    """One measurement in a fresh Python process."""
+    cmd = [sys.executable, "-m", "edge_lolcats.runtime.bench", "--worker", engine, path, str(context),
+           str(decode_tokens)]
+    if text_file:
+        cmd += ["--text", text_file]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{engine} at {context} tokens failed: {last}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| engine | weights | context | peak RSS (MB) | state / KV cache (MiB) | prefill tok/s | decode tok/s |",
+            "|---|---|---|---|---|---|---|"]
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for r in results:
+        rows.append(f"| {r['engine']} | {r.get('weights', '?')} | {r['context']} | {r['peak_rss_mb']:.0f} | "
+                    f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
+                    f"{num(r['decode_tokens_per_s'], '.1f')} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: str):
+    """Peak RSS and decode speed against context length (log x), one line per engine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for engine in dict.fromkeys(r["engine"] for r in results):
+        rs = sorted((r for r in results if r["engine"] == engine), key=lambda r: r["context"])
+        xs = [r["context"] for r in rs]
+        ax1.plot(xs, [r["peak_rss_mb"] for r in rs], marker="o", label=engine)
+        ax2.plot(xs, [r["decode_tokens_per_s"] or 0 for r in rs], marker="o", label=engine)
+    for ax, title in ((ax1, "peak RSS (MB)"), (ax2, "decode tokens/s after the context")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _worker(argv):
+    p = argparse.ArgumentParser(prog="edge_lolcats.runtime.bench --worker")
+    p.add_argument("engine", choices=ENGINES)
+    p.add_argument("path")
+    p.add_argument("context", type=int)
+    p.add_argument("decode_tokens", type=int)
+    p.add_argument("--text")
+    p.add_argument("--threads", type=int)
+    a = p.parse_args(argv)
+    if a.engine == "llama.cpp":
+        result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads)
+    else:
+        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads)
+        if result["engine"] != a.engine:
+            raise SystemExit(f"{a.path} is a {result['engine']} model, not {a.engine}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"]:
+        raise SystemExit("usage: python -m edge_lolcats.runtime.bench --worker ENGINE PATH CONTEXT DECODE "
+                         "(the benchmark itself is `edge-lolcats bench memory`)")
+    _worker(sys.argv[2:])
