@@ -30,12 +30,24 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+DEMO := out/demo
+
 demo: $(STAMP)
-	@echo "--- softmax teacher:"
+	@echo "--- softmax teacher vs the shipped linearization (trained delta in edge_lolcats/models/), PyTorch:"
 	$(CLI) generate smollm2-135m --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
-	@echo "--- the shipped linearization (trained delta in edge_lolcats/models/):"
 	$(CLI) generate smollm2-135m-lolcats --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
-	$(CLI) info smollm2-135m-lolcats
+	@echo "--- export it for laptops (one GGUF file, q8_0), and the teacher at the same precision for llama.cpp:"
+	test -f $(DEMO)/lolcats.q8_0.gguf || $(CLI) export smollm2-135m-lolcats --format gguf --dtype q8_0 --out $(DEMO)/lolcats.q8_0.gguf
+	test -f $(DEMO)/teacher.q8_0.gguf || $(CLI) export smollm2-135m --format gguf --dtype q8_0 --out $(DEMO)/teacher.q8_0.gguf
+	$(PY) -c "from edge_lolcats.data import default_corpus_documents as d; \
+	  open('$(DEMO)/long.txt', 'w').write(next(x.text for x in d() if x.name == 'shakespeare/as_you_like_it')[:32000])"
+	@echo "--- the torch-free runtime reads 8K tokens of As You Like It and answers (memory printed as it reads):"
+	$(PY) examples/long_document_qa.py $(DEMO)/lolcats.q8_0.gguf $(DEMO)/long.txt "Who is Rosalind?" --max-new-tokens 48
+	@echo "--- the same context lengths on our runtime and on llama.cpp (softmax teacher, q8_0): memory and speed"
+	$(CLI) bench memory $(DEMO)/lolcats.q8_0.gguf --engines gguf --baseline llama.cpp \
+	  --teacher-gguf $(DEMO)/teacher.q8_0.gguf --contexts 1024,8192 --decode-tokens 32 --text $(DEMO)/long.txt \
+	  --plot $(DEMO)/memory.png
+	@echo "plot: $(DEMO)/memory.png"
 
 bench-attention: $(STAMP)
 	$(CLI) bench attention --lengths 1024,4096,16384 --backward
