@@ -8,6 +8,12 @@ import tempfile
 from contextlib import contextmanager
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_folder(out_dir: str):
     """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``."""
@@ -17,6 +23,7 @@ def atomic_folder(out_dir: str):
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if os.path.isdir(out_dir):  # swap only once the new folder is complete
             old = out_dir + ".old-" + os.path.basename(tmp)
             os.rename(out_dir, old)
@@ -38,6 +45,7 @@ def atomic_file(path: str):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

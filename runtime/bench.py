@@ -153,6 +153,36 @@ def plot(results: list[dict], path: str):
     plt.close(fig)
 
 
+def quantized_matvec(rows: int = 1536, cols: int = 576, repeats: int = 50) -> dict:
+    """ms per matrix-vector product of one SmolLM2 MLP matrix, float32 vs using q8_0 / f16 weights
+    as stored: why the numpy engine expands weights to float32 at load."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T, quants
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    x = rng.standard_normal((1, cols), dtype=np.float32)
+    q = quants.quantize(w, T.Q8_0)
+    w_t = np.ascontiguousarray(w.T)
+    w16_t = w_t.astype(np.float16)
+    blocks = q.view(np.uint8).reshape(rows, -1, 34)  # q8_0 block: f16 scale + 32 int8
+    scale = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., 2:].view(np.int8)
+    xb = x.reshape(-1, 32)
+
+    def ms(f):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            f()
+        return 1e3 * (time.perf_counter() - t0) / repeats
+
+    return {"float32": ms(lambda: x @ w_t),
+            "q8_0 dequantize per call (gguf-py)": ms(lambda: x @ quants.dequantize(q, T.Q8_0).T),
+            "q8_0 int8 blocks (einsum)": ms(lambda: (np.einsum("rbk,bk->rb", qs, xb) * scale).sum(1)),
+            "f16 upcast per call": ms(lambda: x @ w16_t.astype(np.float32))}
+
+
 def _worker(argv):
     p = argparse.ArgumentParser(prog="edge_lolcats.runtime.bench --worker")
     p.add_argument("engine", choices=ENGINES)
@@ -172,6 +202,10 @@ def _worker(argv):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--quantized-matvec"]:
+        for name, value in quantized_matvec().items():
+            print(f"{name:38s} {value:.3f} ms")
+        raise SystemExit(0)
     if sys.argv[1:2] != ["--worker"]:
         raise SystemExit("usage: python -m edge_lolcats.runtime.bench --worker ENGINE PATH CONTEXT DECODE "
                          "(the benchmark itself is `edge-lolcats bench memory`)")
