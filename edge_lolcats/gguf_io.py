@@ -26,6 +26,19 @@ class GGUFFile:
         """``{arch}.{key}`` from the metadata."""
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
+    def release_pages(self):
+        """Drop the file's pages from this process's resident memory (they stay in the page cache
+        and come back on the next access): a loader that copies every tensor out of the mapping
+        calls this as it goes, so its peak RSS is not the copies plus the whole mapped file."""
+        import mmap
+
+        tensor = next(iter(self.tensors.values()), None)
+        mapping = getattr(getattr(tensor, "data", None), "base", None)
+        while mapping is not None and not isinstance(mapping, mmap.mmap):
+            mapping = getattr(mapping, "base", None) or getattr(mapping, "_mmap", None)
+        if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` as float32 in row-major order (ggml's reversed shape put back)."""
         if name not in self.tensors:

@@ -41,7 +41,10 @@ class GGUFEngine:
         self.path = path
         self.fingerprint = gguf.arch_key("model_fingerprint")
         self.max_position_embeddings = int(key("context_length", 0)) or None
-        t = gguf.tensor
+        def t(name):  # an owned float32 copy, so the mapped file's pages can be let go
+            array = gguf.tensor(name)
+            return array if array.flags.writeable else np.array(array)  # read-only: a view of the file
+
         self.embed = t("token_embd.weight")
         self.output = t("output.weight") if "output.weight" in gguf.tensors else self.embed
         self.weights = _file_type(gguf)
@@ -69,6 +72,7 @@ class GGUFEngine:
             biases = [p + n + ".bias" for n in ("attn_q", "attn_k", "attn_v")]
             block["qkv_bias"] = (np.concatenate([t(b) for b in biases]) if biases[0] in gguf.tensors else None)
             self.blocks.append(block)
+            gguf.release_pages()  # peak RSS: the float32 weights, not those plus the whole file
         self.intermediate = self.blocks[0]["ffn_down"].shape[0] if self.blocks else 0
         self.output_t = self.output.T  # a view: BLAS reads it transposed, no second vocabulary matrix
         del self.output
