@@ -72,9 +72,40 @@ def measure(tokens=(1,), heads: int = 9, dk: int = 128, dv: int = 65, repeats: i
     return rows
 
 
+def decode_graph_vs_dynamic(model_name: str = "smollm2-135m-lolcats", steps: int = 64) -> dict:
+    """ms per decode step of the one dynamic-T graph against a graph exported for T = 1 only
+    (float32, same model): does one graph serve decode as fast as a dedicated one?"""
+    import tempfile
+
+    from edge_lolcats.converters.onnx_export import export_onnx
+    from edge_lolcats.loading import load_model
+    from edge_lolcats.runtime.onnx_engine import OnnxEngine
+
+    loaded = load_model(model_name)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tokens in (("dynamic T", None), ("T = 1 only", 1)):
+            folder = f"{tmp}/{tokens}"
+            export_onnx(loaded.model, loaded.tokenizer, folder, tokens=tokens)
+            engine = OnnxEngine(folder)
+            state = engine.empty_state()
+            for t in range(8):  # warm up
+                engine.run([t + 100], state)
+            t0 = time.perf_counter()
+            for t in range(steps):
+                engine.run([t + 200], state)
+            out[name] = 1e3 * (time.perf_counter() - t0) / steps
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,64,512")
+    p.add_argument("--decode-graph", action="store_true", help="dynamic-T graph vs a T = 1 graph on SmolLM2")
     a = p.parse_args()
+    if a.decode_graph:
+        for name, ms in decode_graph_vs_dynamic().items():
+            print(f"{name:12s} {ms:.1f} ms per decode step")
+        raise SystemExit(0)
     for r in measure(tuple(int(x) for x in a.tokens.split(","))):
         print(r if "agree" in r else f"{r['impl']:28s} T={r['tokens']:<4d} {r['ms']:.3f} ms")

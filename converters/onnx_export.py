@@ -94,8 +94,9 @@ def example_inputs(model, batch: int = 2, tokens: int = 3, position: int = 5):
 
 
 def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "",
-                opset: int = 18) -> dict:
-    """Write ``model.onnx`` + ``model.json`` + tokenizer files to ``out_dir`` (atomically)."""
+                opset: int = 18, tokens: int | None = None) -> dict:
+    """Write ``model.onnx`` + ``model.json`` + tokenizer files to ``out_dir`` (atomically).
+    ``tokens`` fixes the graph's token count (1: a decode-only graph); by default it is dynamic."""
     from ..lora import lora_modules, merge_lora
     from ..model import attention_dims, is_linearized
 
@@ -110,7 +111,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
     n_layers = model.config.num_hidden_layers
     names = state_names(n_layers)
     out_names = ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
-    dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}}
+    dynamic = {"input_ids": {0: "batch", 1: "tokens"} if tokens is None else {0: "batch"}, "logits": {0: "batch"}}
     for n in names + out_names[1:]:
         dynamic[n] = {0: "batch"}
 
@@ -120,7 +121,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         with torch.no_grad(), warnings.catch_warnings():
             # head counts and sizes are constants of the model, which is what the tracer warns about
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(graph, example_inputs(model), path, input_names=["input_ids", "position", *names],
+            torch.onnx.export(graph, example_inputs(model, tokens=tokens or 3), path, input_names=["input_ids", "position", *names],
                               output_names=out_names, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
         import onnx
 
@@ -145,7 +146,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             "model_fingerprint": model_fingerprint(model),
             "weights": "int8" if quantize else "f32",
             "graph": "model.onnx", "inputs": ["input_ids", "position", *names], "outputs": out_names,
-            "logits": "last token only, [batch, vocab]",
+            "logits": "last token only, [batch, vocab]", "tokens_per_call": tokens,
             "layers": n_layers, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "window_size": lol["window_size"], "feature_dim": lol["feature_dim"], "feature_map": "hedgehog",

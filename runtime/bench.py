@@ -183,6 +183,29 @@ def quantized_matvec(rows: int = 1536, cols: int = 576, repeats: int = 50) -> di
             "f16 upcast per call": ms(lambda: x @ w16_t.astype(np.float32))}
 
 
+def context_drift(path: str, context: int, decode_tokens: int = 64) -> list[tuple[str, int, float]]:
+    """Decode speed in one process after 1K and after ``context`` tokens, a fresh 1K session, and
+    the long session with its position set back: separates a context-dependent cost from noise."""
+    from .api import load
+
+    model = load(path)
+    ids = context_ids(lambda t: model.tokenizer.encode(t, add_special_tokens=False), context)
+    rows = []
+
+    def decode(session, label):
+        session.generate(decode_tokens + 1, stop_at_eos=False)
+        rows.append((label, session.position, session.stats.decode_tokens_per_s))
+
+    long = model.session().feed(ids[:1024])
+    decode(long, "after 1K")
+    long.feed(ids[1024:])
+    decode(long, f"after {context}")
+    decode(model.session().feed(ids[:1024]), "fresh session, after 1K")
+    long.state.position = 1100
+    decode(long, "long session, position set to 1100")
+    return rows
+
+
 def _worker(argv):
     p = argparse.ArgumentParser(prog="edge_lolcats.runtime.bench --worker")
     p.add_argument("engine", choices=ENGINES)
@@ -205,6 +228,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--quantized-matvec"]:
         for name, value in quantized_matvec().items():
             print(f"{name:38s} {value:.3f} ms")
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["--context-drift"]:
+        for label, position, rate in context_drift(sys.argv[2], int(sys.argv[3])):
+            print(f"{label:38s} position {position:>7d}  decode {rate:.1f} tok/s")
         raise SystemExit(0)
     if sys.argv[1:2] != ["--worker"]:
         raise SystemExit("usage: python -m edge_lolcats.runtime.bench --worker ENGINE PATH CONTEXT DECODE "
