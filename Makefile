@@ -41,9 +41,12 @@ demo: $(STAMP)
 	test -f $(DEMO)/teacher.q8_0.gguf || $(CLI) export smollm2-135m --format gguf --dtype q8_0 --out $(DEMO)/teacher.q8_0.gguf
 	$(PY) -c "from edge_lolcats.data import default_corpus_documents as d; \
 	  open('$(DEMO)/long.txt', 'w').write(next(x.text for x in d() if x.name == 'shakespeare/as_you_like_it')[:32000])"
-	@echo "--- the torch-free runtime reads 8K tokens of As You Like It and answers (memory printed as it reads):"
-	$(PY) examples/long_document_qa.py $(DEMO)/lolcats.q8_0.gguf $(DEMO)/long.txt "Who is Rosalind?" --max-new-tokens 48
-	@echo "--- the same context lengths on our runtime and on llama.cpp (softmax teacher, q8_0): memory and speed"
+	@echo "--- the torch-free runtime reads the first act of As You Like It and answers, memory printed as it reads"
+	@echo "    (the shipped model was trained on 1K-token sequences and degrades past ~1.5K tokens: see its model card)"
+	head -c 4000 $(DEMO)/long.txt > $(DEMO)/scene.txt
+	$(PY) examples/long_document_qa.py $(DEMO)/lolcats.q8_0.gguf $(DEMO)/scene.txt "Who is Orlando's brother?" \
+	  --piece-chars 1000 --max-new-tokens 48
+	@echo "--- memory and speed at 1K and 8K tokens of context: our runtime vs llama.cpp (softmax teacher, q8_0)"
 	$(CLI) bench memory $(DEMO)/lolcats.q8_0.gguf --engines gguf --baseline llama.cpp \
 	  --teacher-gguf $(DEMO)/teacher.q8_0.gguf --contexts 1024,8192 --decode-tokens 32 --text $(DEMO)/long.txt \
 	  --plot $(DEMO)/memory.png
