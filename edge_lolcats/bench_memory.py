@@ -15,8 +15,6 @@ from .runtime import bench
 
 def _ensure_exports(args) -> dict:
     """{engine: path} to measure; exports the model (and its teacher) into --work-dir when needed."""
-    from .fileio import atomic_file  # noqa: F401 - exports below are atomic themselves
-
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ("gguf", "onnx")]
     if bad:

@@ -308,6 +308,10 @@ def _read_prompt(args) -> str:
     return text
 
 
+def _rate(tokens_per_s) -> str:
+    return f"{tokens_per_s:.1f} tok/s" if tokens_per_s else "n/a"
+
+
 def _is_export(path: str) -> bool:
     """A lolcats GGUF file or an ONNX export folder: what the torch-free runtime runs."""
     if os.path.isdir(path):
@@ -344,16 +348,13 @@ def cmd_generate(args):
 
     stream = None
     if not args.json:
-        printed = [0]
-        tokens = []
+        from .runtime.generation import TextStream
 
-        def print_new_text(token_id):  # print the new text once it decodes to whole characters
-            tokens.append(token_id)
-            text_so_far = tok.decode(tokens)
-            if not text_so_far.endswith("\ufffd"):
-                sys.stdout.write(text_so_far[printed[0]:])
-                sys.stdout.flush()
-                printed[0] = len(text_so_far)
+        text_stream = TextStream(tok)  # the runtime's: new text once it decodes to whole characters
+
+        def print_new_text(token_id):
+            sys.stdout.write(text_stream.push(token_id))
+            sys.stdout.flush()
 
         stream = print_new_text
 
@@ -373,15 +374,11 @@ def cmd_generate(args):
     if args.json:
         print(json.dumps({"text": out_text, "token_ids": result.token_ids, **stats}))
         return
-    sys.stdout.write("\n")
-
-    def rate(x):
-        return f"{x:.1f} tok/s" if x else "n/a"
-
+    sys.stdout.write(text_stream.flush() + "\n")
     memory = (f"state {stats['state_bytes'] / 2**20:.2f} MiB (fixed)" if stats["state_bytes"] is not None
               else f"KV cache {stats['kv_cache_bytes'] / 2**20:.2f} MiB (grows with context)")
-    print(f"[prefill {len(prompt_ids)} tok at {rate(stats['prefill_tokens_per_s'])}, "
-          f"decode {len(result.token_ids)} tok at {rate(stats['decode_tokens_per_s'])}, {memory}, "
+    print(f"[prefill {len(prompt_ids)} tok at {_rate(stats['prefill_tokens_per_s'])}, "
+          f"decode {len(result.token_ids)} tok at {_rate(stats['decode_tokens_per_s'])}, {memory}, "
           f"peak RSS {stats['peak_rss_mb']:.0f} MB]", file=sys.stderr)
 
 
@@ -417,12 +414,8 @@ def _generate_on_runtime(args):
         print(json.dumps({"text": out, "token_ids": session.last_token_ids, **stats}))
         return
     sys.stdout.write("\n")
-
-    def rate(x):
-        return f"{x:.1f} tok/s" if x else "n/a"
-
     print(f"[{stats['engine']} {stats['weights']}: prefill {stats['prompt_tokens']} tok at "
-          f"{rate(stats['prefill_tokens_per_s'])}, decode {stats['new_tokens']} tok at {rate(stats['decode_tokens_per_s'])}, "
+          f"{_rate(stats['prefill_tokens_per_s'])}, decode {stats['new_tokens']} tok at {_rate(stats['decode_tokens_per_s'])}, "
           f"context {stats['context_tokens']} tok, state {stats['state_bytes'] / 2**20:.2f} MiB (fixed), "
           f"peak RSS {stats['peak_rss_mb']:.0f} MB" + (f", state saved to {args.save_state}" if args.save_state else "")
           + "]", file=sys.stderr)

@@ -3,4 +3,4 @@
 Never import torch here, directly or through another module: a test imports this package in an
 interpreter where torch cannot be imported.
 """
-from .api import Model, Session, load  # noqa: E402,F401
+from .api import Model, Session, load  # noqa: E402,F401 - the public API

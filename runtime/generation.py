@@ -5,7 +5,6 @@ text, timings and memory. An engine is anything with ``empty_state()`` and
 from __future__ import annotations
 
 import resource
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
