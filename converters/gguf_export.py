@@ -119,8 +119,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
             writer.add_uint32(key(names.KEY_FORMAT_VERSION), names.FORMAT_VERSION)
             writer.add_string(key(names.KEY_SOURCE), json.dumps({"model": source, "lolcats": lol}, default=str))
             writer.add_string(key(names.KEY_MODEL_FINGERPRINT), model_fingerprint(model))
-        file_type = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2}[dtype]
-        writer.add_file_type(file_type)
+        writer.add_file_type(names.FILE_TYPES[dtype])
         for k, v in tokenizer.gguf_metadata().items():
             _add_value(writer, k, v)
 

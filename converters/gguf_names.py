@@ -37,6 +37,16 @@ KEY_SOURCE = "{arch}.source"  # what the file was exported from (model name and 
 # sha256 (16 hex) of the exported float32 weights, the same in the GGUF and ONNX exports of one
 # model: the runtime's state files carry it and refuse a state from another model
 KEY_MODEL_FINGERPRINT = "{arch}.model_fingerprint"
+# general.file_type (llama.cpp's LLAMA_FTYPE) of the weight precisions we name with --dtype
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
+
+
+def file_type_name(value) -> str:
+    """Our --dtype name of a general.file_type value (int, or a string as llama-cpp-python gives it)."""
+    try:
+        return {v: k for k, v in FILE_TYPES.items()}.get(int(value), "?")
+    except (TypeError, ValueError):
+        return "?"
 
 # tensors: transformers name -> GGUF name, per layer with {n}
 GLOBAL_TENSORS = {

@@ -329,7 +329,8 @@ def cmd_generate(args):
     if args.save_state or args.load_state or args.stop or args.repetition_penalty != 1.0:
         raise CLIError("--save-state, --load-state, --stop and --repetition-penalty need an export "
                        "(a lolcats .gguf file or an ONNX folder: edge-lolcats export)")
-    from .generate import SamplingConfig, generate, peak_rss_mb
+    from .generate import SamplingConfig, generate
+    from .runtime.generation import peak_rss_mb
     from .loading import load_model
     from .model import state_bytes
 

@@ -5,7 +5,6 @@ tokens; for a softmax model the same loop keeps a growing KV cache.
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -69,10 +68,6 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ not), chat with the model's template, save and restore the state. No torch.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from ..gguf_io import ModelFileError
 from .generation import Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
 from .sampling import Sampler, Sampling
 from .state import StateFileError, load_state_file, save_state_file
+
+
+HISTORY_TOKENS = 4096  # recent ids a session keeps (and saves) for the repetition penalty
 
 
 def open_engine(path: str, threads: int | None = None):
@@ -105,12 +109,10 @@ class Session:
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
         ids = self.pending + ids
-        import time
-
         t0 = time.perf_counter()
         self.logits = prefill(self.engine, ids, self.state, chunk_size, progress)
         self.pending = []
-        self.history = (self.history + ids)[-4096:]
+        self.history = (self.history + ids)[-HISTORY_TOKENS:]
         self.stats = Stats(prompt_tokens=len(ids), prefill_seconds=time.perf_counter() - t0,
                            context_tokens=self.position, state_bytes=self.engine.state_bytes,
                            peak_rss_mb=peak_rss_mb())
@@ -122,8 +124,6 @@ class Session:
         """Sample up to ``max_new_tokens`` after the context; returns the new text (without the stop
         string or end-of-sequence token). ``temperature`` 0 is greedy. ``stop``: strings that end the
         generation. ``on_text(piece)`` gets the text as it is produced."""
-        import time
-
         if self.logits is None and not self.pending:
             raise ValueError("nothing to continue: feed a prompt first")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -133,15 +133,11 @@ class Session:
             sampler.rng.bit_generator.state = self.rng_state
         prompt_tokens, prefill_seconds = self.stats.prompt_tokens, self.stats.prefill_seconds
         t0 = time.perf_counter()
-        logits = self.logits
-        if self.pending:  # a token sampled by the last call: feed it first
-            logits, self.state = self.engine.run(self.pending, self.state)
-            logits, self.pending = logits[0], []
         stop_ids = self.model.tokenizer.eos_token_ids if stop_at_eos else ()
         tokens, text, reason, self.pending, self.logits = decode_loop(
-            self.engine, self.state, logits, tokenizer=self.model.tokenizer, max_new_tokens=max_new_tokens,
+            self.engine, self.state, self.logits, pending=self.pending, tokenizer=self.model.tokenizer, max_new_tokens=max_new_tokens,
             sampler=sampler, history=self.history, stop_strings=list(stop), stop_token_ids=stop_ids, on_text=on_text)
-        self.history = self.history[-4096:]
+        self.history = self.history[-HISTORY_TOKENS:]
         self.rng_state = sampler.rng.bit_generator.state
         self.stats = Stats(prompt_tokens=prompt_tokens, prefill_seconds=prefill_seconds, new_tokens=len(tokens),
                            decode_seconds=time.perf_counter() - t0, context_tokens=self.position,

@@ -15,6 +15,9 @@ import subprocess
 import sys
 import time
 
+from ..converters.gguf_names import file_type_name
+from .generation import peak_rss_mb
+
 ENGINES = ("gguf", "onnx", "llama.cpp")
 FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
 _TEXT_CACHE = {}
@@ -40,12 +43,6 @@ def context_ids(tokenize, context: int, text_file: str | None = None) -> list[in
     if len(ids) < context:
         raise ValueError(f"could not build {context} tokens of context")
     return ids[:context]
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=512) -> dict:
@@ -82,7 +79,7 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     t3 = time.perf_counter()
     # the f16 KV cache llama.cpp allocates for n_ctx (2 x layers x kv heads x head size x 2 bytes per token)
     kv_per_token = 2 * int(llm.metadata["llama.block_count"]) * _kv_width(llm) * 2
-    return {"engine": "llama.cpp", "context": context, "weights": _file_type(llm), "peak_rss_mb": peak_rss_mb(),
+    return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get("general.file_type")), "peak_rss_mb": peak_rss_mb(),
             "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
             "decode_tokens_per_s": decode_tokens / (t3 - t2)}
 
@@ -92,10 +89,6 @@ def _kv_width(llm) -> int:
     heads = int(md["llama.attention.head_count"])
     kv_heads = int(md.get("llama.attention.head_count_kv", heads))
     return kv_heads * (int(md["llama.embedding_length"]) // heads)
-
-
-def _file_type(llm) -> str:
-    return {"0": "f32", "1": "f16", "7": "q8_0", "2": "q4_0", "3": "q4_1"}.get(llm.metadata.get("general.file_type"), "?")
 
 
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,

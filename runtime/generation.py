@@ -127,14 +127,15 @@ def prefill(engine, tokens, state, chunk_size: int = 512, progress: bool = False
     return logits[0]
 
 
-def decode_loop(engine, state, logits, *, tokenizer, max_new_tokens: int, sampler: Sampler, history: list,
+def decode_loop(engine, state, logits, *, pending=(), tokenizer, max_new_tokens: int, sampler: Sampler, history: list,
                 stop_strings=(), stop_token_ids=(), on_text=None, penalty_window: int = 1024):
     """Sample up to ``max_new_tokens`` from ``logits`` on; returns (token ids, text, stop reason,
     pending token ids not yet fed to the state, last logits). ``history`` (ids so far) is extended.
-    The last sampled token is left pending, so a later call can continue exactly."""
+    ``pending``: tokens sampled by an earlier call and not yet fed; they go in first. The last
+    sampled token is left pending, so a later call can continue exactly."""
     stream, stops = TextStream(tokenizer), StopStrings(stop_strings)
     eos = set(stop_token_ids)
-    tokens, pending, reason = [], [], "length"
+    tokens, pending, reason = [], list(pending), "length"
     for _ in range(max_new_tokens):
         if pending:
             logits, state = engine.run(pending, state)

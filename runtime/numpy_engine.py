@@ -47,7 +47,7 @@ class GGUFEngine:
 
         self.embed = t("token_embd.weight")
         self.output = t("output.weight") if "output.weight" in gguf.tensors else self.embed
-        self.weights = _file_type(gguf)
+        self.weights = names.file_type_name(gguf.metadata.get("general.file_type"))
         self.norm = t("output_norm.weight")
         self.blocks = []
         q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -132,7 +132,3 @@ class GGUFEngine:
         state.position += t
         return logits, state
 
-
-def _file_type(gguf) -> str:
-    """The weight precision the file was written at (general.file_type), as our --dtype names it."""
-    return {0: "f32", 1: "f16", 7: "q8_0", 2: "q4_0", 3: "q4_1"}.get(gguf.metadata.get("general.file_type"), "?")
