@@ -1,14 +1,21 @@
 """Export a linearized model to ONNX with its recurrent state as explicit inputs and outputs.
 
-One graph, ``model.onnx``, is a pure function
+Two graphs over one weights file, each a pure function
 
-    (input_ids [B, T], position [] int64, state.{i}.kv, state.{i}.z, state.{i}.k_window,
-     state.{i}.v_window for every layer i) -> (logits [B, V] of the last token, the new states)
+    (input_ids, position [] int64, state.{i}.kv, state.{i}.z, state.{i}.k_window, state.{i}.v_window
+     for every layer i) -> (logits [B, V] of the last token, the new states)
 
-with T dynamic: the runtime feeds prompts in blocks (prefill) and single tokens (decode) through
-the same graph. Each layer computes :func:`edge_lolcats.hybrid_attention.hybrid_attention_block_step`,
-the form of the hybrid math with no data-dependent control flow. ``model.json`` beside it records
-dimensions, the state layout, the tokenizer files and the chat template.
+- ``model.onnx``: any batch and any number of tokens T per call (prefill in blocks, batches); each
+  layer computes :func:`edge_lolcats.hybrid_attention.hybrid_attention_block_step`.
+- ``decode.onnx``: one sequence, one token (input_ids [1, 1]); each layer computes
+  :func:`edge_lolcats.hybrid_attention.hybrid_attention_decode_step`. Static shapes let
+  onnxruntime fold every shape computation away, and the step does T = 1's work only: 1.7x faster
+  per token than the dynamic graph on SmolLM2 (docs/BENCHMARKS.md).
+
+Both share the state layout, so a session moves between them freely. Their weights live once in
+``weights.bin`` (ONNX external data; both graphs point at the same offsets), which the runtime
+maps into memory and hands to both sessions. ``model.json`` beside them records dimensions, the
+state layout, the tokenizer files and the chat template.
 """
 from __future__ import annotations
 
@@ -25,7 +32,10 @@ from ..fileio import atomic_folder
 from .gguf_export import model_fingerprint
 
 STATE_PARTS = ("kv", "z", "k_window", "v_window")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+WEIGHTS_FILE = "weights.bin"
+# initializers this small stay inside the graph (shape constants, scales): not worth an offset
+INLINE_BYTES = 4096
 
 
 class ExportError(ValueError):
@@ -44,43 +54,86 @@ def state_shapes(model, batch="batch") -> dict:
             for i in range(model.config.num_hidden_layers) for p in STATE_PARTS}
 
 
-class BlockStepGraph(nn.Module):
-    """The whole decoder as one pure step over a block of tokens (see the module docstring)."""
+def _fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One Linear computing ``linears`` side by side (outputs concatenated)."""
+    bias = linears[0].bias is not None
+    fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=bias)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if bias:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused
 
-    def __init__(self, model):
+
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of one position as a [D, D] matrix R, ``apply_rope``'s
+    ``x * cos + rotate_half(x) * sin == x @ R``: one MatMul per tensor in the decode graph instead
+    of seven small nodes, built once per step and shared by every layer. cos, sin [D]."""
+    d = cos.shape[-1]
+    half = torch.arange(d // 2)
+    rotate_half = torch.zeros(d, d, dtype=cos.dtype)  # x @ rotate_half == cat(-x2, x1)
+    rotate_half[half + d // 2, half] = -1.0
+    rotate_half[half, half + d // 2] = 1.0
+    return torch.eye(d, dtype=cos.dtype) * cos[None, :] + rotate_half * sin[None, :]
+
+
+class StepGraph(nn.Module):
+    """The whole decoder as one pure step (see the module docstring): over a block of tokens, or
+    (``decode=True``) over one token of one sequence with static shapes.
+
+    The q, k, v projections run as one MatMul and the MLP's gate and up as another (weights
+    concatenated here; the math is the model's): a graph pays per node, and one wider int8 MatMul
+    is cheaper than two narrow ones at decode."""
+
+    def __init__(self, model, decode: bool = False):
         super().__init__()
         from ..model import attention_dims
 
         self.model = model
+        self.decode = decode
         self.heads, self.kv_heads, self.head_dim = attention_dims(model.config)
         self.register_buffer("inv_freq", model.model.rotary_emb.inv_freq.detach().clone().float(), persistent=False)
         self.attention_scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
+        self.qkv = nn.ModuleList(_fused_linear(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
+                                 for l in model.model.layers)
+        self.gate_up = nn.ModuleList(_fused_linear(l.mlp.gate_proj, l.mlp.up_proj) for l in model.model.layers)
 
     def forward(self, input_ids, position, *states):
-        from ..hybrid_attention import hybrid_attention_block_step
+        from ..hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
         from ..model import apply_rope
 
+        attention = hybrid_attention_decode_step if self.decode else hybrid_attention_block_step
         inner = self.model.model
-        b, t = input_ids.shape
+        b, t = (1, 1) if self.decode else input_ids.shape
         x = inner.embed_tokens(input_ids)
         positions = (position + torch.arange(t, dtype=torch.int64)).float()  # [T]
         freqs = positions[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)[None]  # [1, T, D]
         cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        if self.decode:
+            rotation = rope_matrix(cos[0, 0], sin[0, 0])
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         new_states = []
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, k, cos, sin)
-            out, *state = hybrid_attention_block_step(
-                q, k, v, attn.feature_map_q.weight, attn.feature_map_k.weight, attn.window_factor,
-                *states[4 * i : 4 * i + 4], position)
+            q, k, v = self.qkv[i](layer.input_layernorm(x)).split([q_size, kv_size, kv_size], dim=-1)
+            if self.decode:  # one token: [1, 1, H * D] is [1, H, 1, D] in memory, no transpose needed
+                q = q.view(1, self.heads, 1, self.head_dim) @ rotation
+                k = k.view(1, self.kv_heads, 1, self.head_dim) @ rotation
+                v = v.view(1, self.kv_heads, 1, self.head_dim)
+            else:
+                q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+                k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+                q, k = apply_rope(q, k, cos, sin)
+            out, *state = attention(q, k, v, attn.feature_map_q.weight, attn.feature_map_k.weight, attn.window_factor,
+                                    *states[4 * i : 4 * i + 4], position)
             new_states += state
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            out = out.reshape(1, 1, q_size) if self.decode else out.transpose(1, 2).reshape(b, t, q_size)
+            x = x + attn.o_proj(out)
+            mlp = layer.mlp
+            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         logits = self.model.lm_head(inner.norm(x[:, -1]))
         return (logits, *new_states)
 
@@ -93,10 +146,102 @@ def example_inputs(model, batch: int = 2, tokens: int = 3, position: int = 5):
             *states)
 
 
-def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "",
-                opset: int = 18, tokens: int | None = None) -> dict:
-    """Write ``model.onnx`` + ``model.json`` + tokenizer files to ``out_dir`` (atomically).
-    ``tokens`` fixes the graph's token count (1: a decode-only graph); by default it is dynamic."""
+def _export_graph(graph: nn.Module, model, path: str, decode: bool):
+    n_layers = model.config.num_hidden_layers
+    names = state_names(n_layers)
+    out_names = ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
+    dynamic = None
+    if not decode:
+        dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}}
+        for n in names + out_names[1:]:
+            dynamic[n] = {0: "batch"}
+    inputs = example_inputs(model, batch=1 if decode else 2, tokens=1 if decode else 3)
+    with torch.no_grad(), warnings.catch_warnings():
+        # head counts and sizes are constants of the model, which is what the tracer warns about
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(graph, inputs, path, input_names=["input_ids", "position", *names], output_names=out_names,
+                          dynamic_axes=dynamic, opset_version=18, dynamo=False)
+
+
+def _quantize_int8(path: str, decode: bool):
+    """int8 weights for the linear layers: onnxruntime's dynamic quantization, one scale per matrix
+    (its per-channel mode came out 4x less accurate on a plain MatMul in onnxruntime 1.32). Only
+    MatMuls by a 2-D weight are linear layers; the feature maps' per-head [H, D, F] weights stay
+    float32 (small, and the softmax after them is sensitive).
+
+    The vocabulary projection: one scale for the whole matrix cost +38% held-out perplexity
+    (docs/BENCHMARKS.md), so the block graph (which projects one token per block) keeps it float32,
+    and the decode graph, where its 113 MB of float32 are a sixth of the time per token, gets
+    ``MatMulNBits`` with 8 bits in blocks of 32 and int8 activations (llama.cpp's q8_0 scheme)."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    m = onnx.load(path, load_external_data=False)
+    rank = {i.name: len(i.dims) for i in m.graph.initializer}
+    logits = [n.name for n in m.graph.node if "logits" in n.output]
+    keep = [n.name for n in m.graph.node if n.op_type == "MatMul" and rank.get(n.input[1], 2) != 2] + logits
+    del m
+    qpath = path + ".int8"
+    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_exclude=keep)
+    os.replace(qpath, path)
+    if decode:
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
+        try:
+            q = MatMulNBitsQuantizer(path, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_include=logits)
+            q.process()
+            q.model.save_model_to_file(qpath)
+        finally:
+            logging.getLogger().setLevel(level)
+        os.replace(qpath, path)
+
+
+def _share_weights(paths: list[str], weights_path: str) -> dict:
+    """Move the graphs' initializers into one external-data file, each distinct tensor once:
+    the block and decode graphs are traced from the same module, so their weights coincide
+    (under different names), and the file (and the runtime's memory) holds them once.
+    Returns, per graph file, {initializer: {offset, length, dtype, shape}} for ``model.json``, so
+    the runtime maps them without parsing protobuf (it does not depend on the onnx package)."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    offsets: dict[bytes, tuple[int, int]] = {}
+    table: dict[str, dict] = {}
+    with open(weights_path, "wb") as out:
+        for path in paths:
+            m = onnx.load(path)
+            entries = table[os.path.basename(path)] = {}
+            for t in m.graph.initializer:
+                raw = t.raw_data or onnx.numpy_helper.to_array(t).tobytes()
+                if len(raw) < INLINE_BYTES:
+                    continue
+                key = hashlib.sha256(raw + str((t.data_type, tuple(t.dims))).encode()).digest()
+                if key not in offsets:
+                    out.seek(-out.tell() % 64, 1)  # 64-byte aligned: arrays mapped from the file stay aligned
+                    offsets[key] = (out.tell(), len(raw))
+                    out.write(raw)
+                offset, length = offsets[key]
+                entries[t.name] = {"offset": offset, "length": length, "shape": list(t.dims),
+                                   "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name}
+                for field in ("float_data", "int32_data", "int64_data", "double_data"):
+                    t.ClearField(field)
+                t.raw_data = b"x"  # set_external_data wants a raw_data field (then drops it)
+                set_external_data(t, os.path.basename(weights_path), offset=offset, length=length)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(m, path)
+    return table
+
+
+def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "") -> dict:
+    """Write ``model.onnx`` + ``decode.onnx`` + ``weights.bin`` + ``model.json`` + tokenizer files to
+    ``out_dir`` (atomically)."""
     from ..lora import lora_modules, merge_lora
     from ..model import attention_dims, is_linearized
 
@@ -107,46 +252,35 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
     model = copy.deepcopy(model).float().eval()
     if lora_modules(model):
         merge_lora(model)
-    graph = BlockStepGraph(model).eval()
     n_layers = model.config.num_hidden_layers
     names = state_names(n_layers)
     out_names = ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
-    dynamic = {"input_ids": {0: "batch", 1: "tokens"} if tokens is None else {0: "batch"}, "logits": {0: "batch"}}
-    for n in names + out_names[1:]:
-        dynamic[n] = {0: "batch"}
 
     out_dir = os.path.abspath(out_dir)
     with atomic_folder(out_dir) as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        with torch.no_grad(), warnings.catch_warnings():
-            # head counts and sizes are constants of the model, which is what the tracer warns about
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(graph, example_inputs(model, tokens=tokens or 3), path, input_names=["input_ids", "position", *names],
-                              output_names=out_names, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
         import onnx
 
-        onnx.checker.check_model(path)
-        if quantize == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            qpath = os.path.join(tmp, "model.int8.onnx")
-            # the vocabulary projection stays float32: quantizing it (tied to the embeddings on
-            # SmolLM2) cost +38% held-out perplexity, the rest of the MatMuls little (docs/BENCHMARKS.md)
-            graph_nodes = onnx.load(path, load_external_data=False).graph.node
-            keep = [n.name for n in graph_nodes if "logits" in n.output]
-            quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             nodes_to_exclude=keep)
-            os.replace(qpath, path)
+        graphs = {"model.onnx": False, "decode.onnx": True}
+        for file, decode in graphs.items():
+            path = os.path.join(tmp, file)
+            _export_graph(StepGraph(model, decode=decode).eval(), model, path, decode)
+            onnx.checker.check_model(path)
+            if quantize == "int8":
+                _quantize_int8(path, decode)
+        paths = [os.path.join(tmp, f) for f in graphs]
+        external = _share_weights(paths, os.path.join(tmp, WEIGHTS_FILE))
+        for path in paths:
             onnx.checker.check_model(path)
         tokenizer.save(tmp)
         heads, kv_heads, head_dim = attention_dims(model.config)
         lol = model.config.lolcats
         meta = {
-            "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": opset,
+            "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": 18,
             "model_fingerprint": model_fingerprint(model),
             "weights": "int8" if quantize else "f32",
-            "graph": "model.onnx", "inputs": ["input_ids", "position", *names], "outputs": out_names,
-            "logits": "last token only, [batch, vocab]", "tokens_per_call": tokens,
+            "graph": "model.onnx", "decode_graph": "decode.onnx", "weights_file": WEIGHTS_FILE,
+            "inputs": ["input_ids", "position", *names], "outputs": out_names,
+            "logits": "last token only, [batch, vocab]",
             "layers": n_layers, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
             "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "window_size": lol["window_size"], "feature_dim": lol["feature_dim"], "feature_map": "hedgehog",
@@ -156,6 +290,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
             "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": tokenizer.eos_token_ids,
             "chat_template": tokenizer.chat_template,
+            "external_initializers": external,
         }
         with open(os.path.join(tmp, "model.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
     gen.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k best (0: off)")
     gen.add_argument("--seed", type=int, help="random seed for sampling")
-    gen.add_argument("--prefill-chunk", type=positive_int, default=1024, help="prompt tokens per prefill chunk")
+    gen.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per prefill chunk (default: 1024 in PyTorch, 128 on the runtime)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     rt = gen.add_argument_group("on an export (lolcats .gguf file or ONNX folder: the torch-free runtime)")
     rt.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
@@ -360,7 +360,7 @@ def cmd_generate(args):
         stream = print_new_text
 
     result = generate(loaded.model, prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                      stop_token_ids=tok.eos_token_ids, prefill_chunk_size=args.prefill_chunk, on_token=stream)
+                      stop_token_ids=tok.eos_token_ids, prefill_chunk_size=args.prefill_chunk or 1024, on_token=stream)
     out_text = tok.decode(result.token_ids)
     stats = {
         "prompt_tokens": len(prompt_ids),
@@ -393,6 +393,7 @@ def _generate_on_runtime(args):
         raise CLIError(f"--temperature must be > 0; got {args.temperature}")
     options = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    from .runtime.generation import PREFILL_CHUNK
     from .runtime.sampling import Sampling
 
     Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)  # bad values fail before loading
@@ -401,7 +402,7 @@ def _generate_on_runtime(args):
     session = model.restore(args.load_state) if args.load_state else model.session()
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    session.feed(text, chunk_size=args.prefill_chunk, progress=not args.json)
+    session.feed(text, chunk_size=args.prefill_chunk or PREFILL_CHUNK, progress=not args.json)
     prefill = session.stats
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     out = session.generate(args.max_new_tokens, on_text=stream, **options)

@@ -84,7 +84,7 @@ def empty_state(batch: int, heads: int, head_dim: int, feature_dim: int, window_
 
 def feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Hedgehog feature map. x [B, H, N, D], weight [H, D, F] -> [B, H, N, 2F], positive."""
-    proj = torch.einsum("bhnd,hdf->bhnf", x, weight.to(x.dtype))
+    proj = x @ weight.to(x.dtype)  # [B, H, N, D] @ [H, D, F] (a MatMul in exported graphs, not an Einsum)
     return torch.cat([proj.softmax(-1), (-proj).softmax(-1)], dim=-1).clamp(min=FEATURE_MAP_EPS)
 
 
@@ -383,6 +383,46 @@ def hybrid_attention_block_step(q, k, v, fq_weight, fk_weight, window_factor, kv
     v_window = v_ext.index_select(2, slot_to_ext)
     return out, kv, z, k_window, v_window
 
+
+
+def hybrid_attention_decode_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window,
+                                 position):
+    """One new token on the fixed state, as a pure tensor function: the decode graph's form.
+
+    :func:`hybrid_attention_step` with the state as separate tensors and ``position`` a 0-d int64
+    tensor, so no Python control flow depends on the data (exports trace it into a static graph).
+    It does T = 1's work only: the key at ``position - W`` (ring slot ``position % W``) is folded
+    into the linear state, the new key takes its slot, and the query reads the ring's filled slots
+    (slot order: the sums need no sorting). The block step at T = 1 computes the same, but pays for
+    re-ordering the ring and re-featurising all W + 1 keys every token.
+
+    q [B, H, 1, D]; k, v [B, Hkv, 1, D]; state as in :func:`hybrid_attention_block_step`.
+    Returns (out [B, H, 1, D], kv, z, k_window, v_window).
+    """
+    out_dtype = v.dtype
+    ct = kv.dtype
+    d, w = q.shape[-1], k_window.shape[2]
+    q = q.to(ct)
+    k, v = repeat_kv_heads(k.to(ct), q.shape[1]), repeat_kv_heads(v.to(ct), q.shape[1])
+    position = position.to(torch.int64)
+    slot = (torch.arange(w, device=q.device) == position % w)[None, None, :, None]  # [1, 1, W, 1]
+    k_leave = (k_window * slot).sum(2, keepdim=True)  # [B, H, 1, D]
+    v_leave = (v_window * slot).sum(2, keepdim=True)
+    phi_leave = feature_map(k_leave, fk_weight) * (position >= w).to(ct)  # nothing leaves before W tokens
+    kv = kv + phi_leave.transpose(-1, -2) @ v_leave
+    z = z + phi_leave[:, :, 0]
+    k_window = torch.where(slot, k, k_window)
+    v_window = torch.where(slot, v, v_window)
+
+    filled = torch.arange(w, device=q.device) <= position
+    scores = (q @ k_window.transpose(-1, -2)) / math.sqrt(d)  # [B, H, 1, W]
+    scores = scores.masked_fill(~filled, float("-inf"))
+    a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
+    phi_q = feature_map(q, fq_weight)
+    factor = torch.sigmoid(window_factor.to(ct))[None, :, None, None]
+    num = factor * (a_win @ v_window) + phi_q @ kv
+    den = factor * a_win.sum(-1, keepdim=True) + phi_q @ z.unsqueeze(-1)
+    return (num / den).to(out_dtype), kv, z, k_window, v_window
 
 FORMS = {
     "reference": hybrid_attention_reference,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
@@ -69,6 +71,21 @@ class Tokenizer:
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def encode_long(self, text: str, add_special_tokens: bool = True, piece_chars: int = 1 << 15) -> np.ndarray:
+        """:meth:`encode` for a text of any length in bounded memory, as an int32 array.
+
+        A whole-text encoding holds offsets and token strings for every token (tens of MB at 128K
+        tokens, which showed as RSS growing with the context); here the text is encoded in pieces
+        of about ``piece_chars``, cut before a single space between two non-space characters.
+        Every pre-tokenizer above starts a new pre-token there (no pattern continues a match from
+        a non-space character into a space), so the ids are those of :meth:`encode` (tested)."""
+        parts, start = [], 0
+        while start < len(text):
+            end = _piece_end(text, start + piece_chars)
+            parts.append(np.asarray(self.encode(text[start:end], add_special_tokens and start == 0), np.int32))
+            start = end
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -198,3 +215,16 @@ class Tokenizer:
         }
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def _piece_end(text: str, i: int) -> int:
+    """The first j >= i with a single space at text[j] between two non-space characters; else len(text)."""
+    n = len(text)
+    while i < n - 1:
+        j = text.find(" ", max(i, 1))
+        if j < 0 or j >= n - 1:
+            break
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j
+        i = j + 1
+    return n

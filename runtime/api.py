@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from ..gguf_io import ModelFileError
-from .generation import Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
+from .generation import PREFILL_CHUNK, Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
 from .sampling import Sampler, Sampling
 from .state import StateFileError, load_state_file, save_state_file
 
@@ -95,24 +95,27 @@ class Session:
         """Tokens in the context so far (including a pending one)."""
         return self.state.position + len(self.pending)
 
-    def feed(self, text_or_ids, *, chunk_size: int = 512, progress: bool = False) -> "Session":
+    def feed(self, text_or_ids, *, chunk_size: int = PREFILL_CHUNK, progress: bool = False) -> "Session":
         """Add text (or token ids) to the context: chunked prefill, no length limit."""
         if isinstance(text_or_ids, str):
             if not text_or_ids:
                 raise ValueError("empty prompt")
-            ids = self.model.tokenizer.encode(text_or_ids, add_special_tokens=self.position == 0)
+            # in pieces, as int32: memory stays flat however long the text (see encode_long)
+            ids = self.model.tokenizer.encode_long(text_or_ids, add_special_tokens=self.position == 0)
         else:
-            ids = [int(i) for i in text_or_ids]
-        if not ids:
+            ids = np.asarray(text_or_ids)
+            if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+                raise ValueError("token ids must be a flat sequence of integers")
+        if not ids.size:
             raise ValueError("empty prompt")
         vocab = self.model.tokenizer.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
+        if ids.min() < 0 or ids.max() >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
-        ids = self.pending + ids
+        ids = np.concatenate([np.asarray(self.pending, np.int64), ids.astype(np.int64)])
         t0 = time.perf_counter()
         self.logits = prefill(self.engine, ids, self.state, chunk_size, progress)
         self.pending = []
-        self.history = (self.history + ids)[-HISTORY_TOKENS:]
+        self.history = (self.history + ids[-HISTORY_TOKENS:].tolist())[-HISTORY_TOKENS:]
         self.stats = Stats(prompt_tokens=len(ids), prefill_seconds=time.perf_counter() - t0,
                            context_tokens=self.position, state_bytes=self.engine.state_bytes,
                            peak_rss_mb=peak_rss_mb())

@@ -16,7 +16,7 @@ import sys
 import time
 
 from ..converters.gguf_names import file_type_name
-from .generation import peak_rss_mb
+from .generation import PREFILL_CHUNK, peak_rss_mb
 
 ENGINES = ("gguf", "onnx", "llama.cpp")
 FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
@@ -37,7 +37,7 @@ def context_text(min_chars: int, text_file: str | None = None) -> str:
     return text * (min_chars // len(text) + 1)
 
 
-def context_ids(tokenize, context: int, text_file: str | None = None) -> list[int]:
+def context_ids(tokenize, context: int, text_file: str | None = None):
     text = context_text(context * 6, text_file)  # ~4 characters per token in English: ample
     ids = tokenize(text[: context * 6])
     if len(ids) < context:
@@ -45,11 +45,11 @@ def context_ids(tokenize, context: int, text_file: str | None = None) -> list[in
     return ids[:context]
 
 
-def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=512) -> dict:
+def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK) -> dict:
     from .api import load
 
     model = load(path, threads=threads)
-    ids = context_ids(lambda t: model.tokenizer.encode(t, add_special_tokens=False), context, text_file)
+    ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context, text_file)
     session = model.session()
     session.feed(ids, chunk_size=chunk_size)
     prefill = session.stats
@@ -182,7 +182,7 @@ def context_drift(path: str, context: int, decode_tokens: int = 64) -> list[tupl
     from .api import load
 
     model = load(path)
-    ids = context_ids(lambda t: model.tokenizer.encode(t, add_special_tokens=False), context)
+    ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context)
     rows = []
 
     def decode(session, label):

@@ -105,7 +105,12 @@ class StopStrings:
         return piece
 
 
-def prefill(engine, tokens, state, chunk_size: int = 512, progress: bool = False):
+# tokens per prefill block: the block step costs O(T (W + T)), and on 2 cores both engines were
+# fastest at 128 (ONNX 541 vs 421 tok/s at 512, numpy 230 vs 171; docs/BENCHMARKS.md), with less memory
+PREFILL_CHUNK = 128
+
+
+def prefill(engine, tokens, state, chunk_size: int = PREFILL_CHUNK, progress: bool = False):
     """Feed ``tokens`` in chunks (a progress bar on long inputs); returns the last logits [V]."""
     if chunk_size < 1:
         raise ValueError(f"prefill chunk size must be >= 1; got {chunk_size}")

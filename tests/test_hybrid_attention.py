@@ -217,3 +217,25 @@ def test_block_step_matches_reference_for_any_block_sizes(dtype):
     assert_close(torch.cat(outs, 2), ref, f"block steps vs reference (seed {seed})", **TOL[dtype])
     for name, got in (("kv", kv), ("z", z), ("k_window", kw), ("v_window", vw)):
         assert_close(got, getattr(ref_state, name), f"block steps state.{name} (seed {seed})", **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_step_matches_reference_token_by_token(dtype):
+    """The decode graph's form: 40 single tokens through a window of 16 (filling, wrapping twice),
+    mixed with blocks of the block step (they share the state layout), equal the reference."""
+    from edge_lolcats.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
+
+    seed = torch.seed() % 2**31
+    args = make_inputs(2, 6, 3, 50, 16, 8, dtype, seed=seed)
+    q, k, v, fq, fk, wf = args
+    ref, ref_state = hybrid_attention_reference(*args, window_size=16, output_final_state=True)
+    st = empty_state(2, 6, 16, 8, 16, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    kv, z, kw, vw, outs = st.kv, st.z, st.k_window, st.v_window, []
+    for pos in range(50):
+        sl = slice(pos, pos + 1)
+        step = hybrid_attention_block_step if 20 <= pos < 25 else hybrid_attention_decode_step
+        o, kv, z, kw, vw = step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq, fk, wf, kv, z, kw, vw, torch.tensor(pos))
+        outs.append(o)
+    assert_close(torch.cat(outs, 2), ref, f"decode steps vs reference (seed {seed})", **TOL[dtype])
+    for name, got in (("kv", kv), ("z", z), ("k_window", kw), ("v_window", vw)):
+        assert_close(got, getattr(ref_state, name), f"decode steps state.{name} (seed {seed})", **TOL[dtype])

@@ -1,4 +1,5 @@
 """Our tokenizer, built from the GGUF metadata, against ids from the reference tokenizer."""
+import numpy as np
 import pytest
 
 from edge_lolcats.tokenizer import Tokenizer, TokenizerError
@@ -46,3 +47,23 @@ def test_unsupported_tokenizers_are_refused(smollm2_gguf):
         Tokenizer.from_gguf_metadata({**smollm2_gguf.metadata, "tokenizer.ggml.pre": "mystery"})
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         Tokenizer.from_folder("/nonexistent")
+
+
+def test_long_texts_encode_in_pieces_to_the_same_ids(smol_tokenizer, tmp_path):
+    """encode_long cuts the text before single spaces: with pieces of ~300 characters over real
+    prose plus awkward spacing (runs of spaces, newlines, digits, tabs, a special token), hundreds
+    of cuts, the ids equal the whole-text encoding."""
+    from edge_lolcats.data import default_corpus_documents
+
+    prose = next(iter(default_corpus_documents())).text[:60_000]
+    odd = "a  b   c\n\n d 12 345 6789\t x <|im_start|> y ( z ) 'll 's   \n"
+    text = (odd * 20) + prose + (odd * 20)
+    whole = smol_tokenizer.encode(text)
+    pieces = smol_tokenizer.encode_long(text, piece_chars=300)
+    assert pieces.dtype == np.int32 and pieces.tolist() == whole
+    assert smol_tokenizer.encode_long(text, add_special_tokens=False, piece_chars=300).tolist() == \
+        smol_tokenizer.encode(text, add_special_tokens=False)
+    smol_tokenizer.save(str(tmp_path))  # the ONNX export's tokenizer.json path
+    assert Tokenizer.from_folder(str(tmp_path)).encode_long(text, piece_chars=300).tolist() == whole
+    assert smol_tokenizer.encode_long("").size == 0
+    assert smol_tokenizer.encode_long("x" * 1000, piece_chars=10).tolist() == smol_tokenizer.encode("x" * 1000)
