@@ -8,7 +8,6 @@ k = phi(k_{t-W}), v = [v_{t-W}, 1]; for prefill, feeding keys and values shifted
 Add (what our exported graph does) on SmolLM2's shapes, and checks they agree.
 
     python -m edge_lolcats.converters.linear_attention_op [--tokens 1,64,512]
-    python -m edge_lolcats.converters.linear_attention_op --decode-graph ONNX_DIR  # the two graphs at T = 1
 """
 from __future__ import annotations
 
@@ -73,37 +72,9 @@ def measure(tokens=(1,), heads: int = 9, dk: int = 128, dv: int = 65, repeats: i
     return rows
 
 
-def decode_graph_vs_block_graph(folder: str, steps: int = 64, threads: int | None = None) -> dict:
-    """ms per decode step (one token, one sequence) of an ONNX export's two graphs on the same
-    states: the static decode graph against the dynamic block graph at T = 1."""
-    from edge_lolcats.runtime.onnx_engine import OnnxEngine
-
-    engine = OnnxEngine(folder, threads=threads)
-    out = {}
-    for name, session in (("block graph, T = 1", engine.session), ("decode graph", engine.decode_session)):
-        state = engine.empty_state()
-        logits, state = engine.run(np.arange(100, 612) % 40000, state)  # 512 tokens of context first
-        engine.decode_session, saved = session, engine.decode_session  # route T = 1 through this graph
-        try:
-            for t in range(8):  # warm up
-                engine.run([t + 100], state)
-            t0 = time.perf_counter()
-            for t in range(steps):
-                engine.run([t + 200], state)
-            out[name] = 1e3 * (time.perf_counter() - t0) / steps
-        finally:
-            engine.decode_session = saved
-    return out
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,64,512")
-    p.add_argument("--decode-graph", metavar="ONNX_DIR", help="an export's decode graph vs its block graph at T = 1")
     a = p.parse_args()
-    if a.decode_graph:
-        for name, ms in decode_graph_vs_block_graph(a.decode_graph).items():
-            print(f"{name:12s} {ms:.1f} ms per decode step")
-        raise SystemExit(0)
     for r in measure(tuple(int(x) for x in a.tokens.split(","))):
         print(r if "agree" in r else f"{r['impl']:28s} T={r['tokens']:<4d} {r['ms']:.3f} ms")

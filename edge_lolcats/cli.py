@@ -398,10 +398,9 @@ def _generate_on_runtime(args):
 
     Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)  # bad values fail before loading
     model = load(args.model, threads=args.threads)
-    tok = model.tokenizer
     session = model.restore(args.load_state) if args.load_state else model.session()
-    if args.chat:
-        text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    if args.chat:  # a resumed chat continues its conversation with only the new turn
+        text = session.turn_text(text)
     session.feed(text, chunk_size=args.prefill_chunk or PREFILL_CHUNK, progress=not args.json)
     prefill = session.stats
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))

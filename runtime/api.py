@@ -148,6 +148,31 @@ class Session:
         self.last_token_ids = tokens
         return text
 
+    def chat(self, content: str, max_new_tokens: int = 256, *, on_text=None, **options) -> str:
+        """One user turn of a conversation this session holds (resumed from a state file, too):
+        feeds :meth:`turn_text` and answers; stops at the end-of-turn token."""
+        self.feed(self.turn_text(content))
+        return self.generate(max_new_tokens, on_text=on_text, **options)
+
+    def turn_text(self, content: str) -> str:
+        """The chat template's text for a new user turn here. First turn: the whole template (its
+        system prompt included). Later: only what the template puts after the previous answer, so
+        the context reads as the template would render the whole conversation."""
+        tok = self.model.tokenizer
+        user = {"role": "user", "content": content}
+        if self.position == 0:
+            return tok.apply_chat_template([user], add_generation_prompt=True)
+        # a stand-in conversation shows what the template writes between an answer and the next turn
+        answer = "\x00answer\x00"
+        text = tok.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}, user],
+                                       add_generation_prompt=True)
+        after = text[text.index(answer) + len(answer):]
+        if self.pending and self.pending[-1] in tok.eos_token_ids:  # the answer's end-of-turn is already in
+            eos_text = tok.decode([self.pending[-1]], skip_special_tokens=False)
+            if after.startswith(eos_text):
+                after = after[len(eos_text):]
+        return after
+
     # --- saving and restoring -----------------------------------------------------------------
 
     def identity(self) -> dict:

@@ -199,6 +199,68 @@ def context_drift(path: str, context: int, decode_tokens: int = 64) -> list[tupl
     return rows
 
 
+def onnx_decode_paths(folder: str, steps: int = 64, repeats: int = 3) -> dict:
+    """ms per decode step (one token, one sequence, after 512 tokens) of an ONNX export along three
+    paths on the same states: the block graph at T = 1, the decode graph through ``run`` (new
+    output arrays each step, what the engine does) and the decode graph with IOBinding into
+    preallocated state buffers swapped each step. Best of ``repeats`` (this VM is noisy)."""
+    import numpy as np
+
+    from .onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(folder)
+    start = engine.empty_state()
+    engine.run(np.arange(100, 612) % engine.meta["vocab_size"], start)
+    names = engine.state_names
+
+    def via_run(session):
+        def step(state, token):
+            out = session.run(None, {"input_ids": np.array([[token]], np.int64),
+                                     "position": np.array(state.position, np.int64), **state.tensors})
+            state.tensors = dict(zip(names, out[1:]))
+        return step
+
+    spare = {n: np.empty_like(a) for n, a in start.tensors.items()}
+    logits = np.empty((1, engine.meta["vocab_size"]), np.float32)
+
+    def via_binding(state, token):
+        nonlocal spare
+        binding = engine.decode_session.io_binding()
+        binding.bind_cpu_input("input_ids", np.array([[token]], np.int64))
+        binding.bind_cpu_input("position", np.array(state.position, np.int64))
+        for n in names:
+            binding.bind_cpu_input(n, state.tensors[n])
+            out = spare[n]
+            binding.bind_output(n.replace("state.", "new_state.", 1), "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        engine.decode_session.run_with_iobinding(binding)
+        state.tensors, spare = spare, state.tensors
+
+    paths = {"block graph, T = 1": via_run(engine.session), "decode graph": via_run(engine.decode_session),
+             "decode graph + IOBinding": via_binding}
+    best, final = {name: float("inf") for name in paths}, {}
+    for _ in range(repeats):
+        for name, step in paths.items():
+            state = copy_state(start)
+            t0 = time.perf_counter()
+            for t in range(steps):
+                step(state, 200 + t)
+                state.position += 1
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - t0) / steps)
+            final[name] = state
+    # the paths must compute the same thing: IOBinding exactly the decode graph's numbers
+    a, b = final["decode graph"], final["decode graph + IOBinding"]
+    if any(not np.array_equal(a.tensors[n], b.tensors[n]) for n in names):
+        raise AssertionError("IOBinding changed the decode graph's state")
+    return best
+
+
+def copy_state(state):
+    from .state import State
+
+    return State({n: a.copy() for n, a in state.tensors.items()}, state.position)
+
+
 def _worker(argv):
     p = argparse.ArgumentParser(prog="edge_lolcats.runtime.bench --worker")
     p.add_argument("engine", choices=ENGINES)
@@ -225,6 +287,10 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--context-drift"]:
         for label, position, rate in context_drift(sys.argv[2], int(sys.argv[3])):
             print(f"{label:38s} position {position:>7d}  decode {rate:.1f} tok/s")
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["--onnx-decode"]:
+        for name, ms in onnx_decode_paths(sys.argv[2]).items():
+            print(f"{name:28s} {ms:.2f} ms per token")
         raise SystemExit(0)
     if sys.argv[1:2] != ["--worker"]:
         raise SystemExit("usage: python -m edge_lolcats.runtime.bench --worker ENGINE PATH CONTEXT DECODE "

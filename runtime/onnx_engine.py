@@ -13,7 +13,9 @@ session does not (at T = 512 packing on the fly costs nothing measurable).
 from __future__ import annotations
 
 import json
+import mmap
 import os
+
 import numpy as np
 
 from ..gguf_io import ModelFileError
@@ -33,6 +35,7 @@ class OnnxEngine:
             raise ModelFileError(f"{meta_path}: unreadable ({e})") from None
         if self.meta.get("format") != "edge-lolcats-onnx":
             raise ModelFileError(f"{meta_path}: not an edge-lolcats ONNX export")
+        self._mapping, self._embedding_pages = None, None
         self._weights = self._map_weights(folder)
         self.session = self._session(folder, self.meta["graph"], threads, prepack=not self._weights)
         decode = self.meta.get("decode_graph")  # exports before format 2 have the block graph only
@@ -57,9 +60,12 @@ class OnnxEngine:
             return {}
         path = os.path.join(folder, self.meta["weights_file"])
         try:
-            data = np.memmap(path, dtype=np.uint8, mode="r")
+            with open(path, "rb") as f:
+                self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:
             raise ModelFileError(f"{path}: cannot map ({e})") from None
+        data = np.frombuffer(self._mapping, dtype=np.uint8)
+        embedding = [self.meta.get("vocab_size"), self.meta.get("hidden_size")]
         values, out = {}, {}
         for graph, entries in table.items():
             out[graph] = {}
@@ -70,8 +76,21 @@ class OnnxEngine:
                         raise ModelFileError(f"{path}: truncated ({data.size} bytes, {name} ends at {e['offset'] + e['length']})")
                     array = data[e["offset"] : e["offset"] + e["length"]].view(e["dtype"]).reshape(e["shape"])
                     values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                    if e["shape"] == embedding:
+                        self._embedding_pages = (e["offset"], e["length"])
                 out[graph][name] = values[key]
         return out
+
+    def _release_embedding_pages(self):
+        """Drop the embedding matrix's mapped pages from resident memory. Each token reads one row
+        of it, so over a long context the rows touched, and the RSS, would grow with the number of
+        distinct tokens seen (up to the whole 113 MB matrix); released, they come back from the
+        page cache on the next read (a minor fault per token)."""
+        if self._embedding_pages is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        offset, length = self._embedding_pages
+        start = offset - offset % mmap.PAGESIZE
+        self._mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
     def _session(self, folder: str, graph: str, threads: int | None, prepack: bool):
         import onnxruntime as ort
@@ -128,6 +147,7 @@ class OnnxEngine:
         feeds = {"input_ids": ids, "position": np.array(state.position, np.int64), **state.tensors}
         session = self.decode_session if ids.shape == (1, 1) and self.decode_session else self.session
         out = session.run(None, feeds)
+        self._release_embedding_pages()
         state.tensors = dict(zip(self.state_names, out[1:]))
         state.position += ids.shape[1]
         return out[0], state

@@ -175,3 +175,51 @@ def test_decode_graph_equals_the_block_graph(tiny_export):
         for a, b in zip(decode, block):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         state = dict(zip(engine.state_names, decode[1:]))
+
+
+def test_decode_path_diagnostic_runs_the_same_math(tiny_export):
+    """`python -m edge_lolcats.runtime.bench --onnx-decode`: its IOBinding path (preallocated
+    buffers swapped each step) must leave exactly the decode graph's state (it raises otherwise)."""
+    from edge_lolcats.runtime.bench import onnx_decode_paths
+
+    _, folder = tiny_export
+    ms = onnx_decode_paths(folder, steps=3, repeats=1)
+    assert set(ms) == {"block graph, T = 1", "decode graph", "decode graph + IOBinding"}
+    assert all(0 < v < float("inf") for v in ms.values())
+
+
+def _resident_bytes_of(path: str) -> int:
+    """RSS of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_weights_are_mapped_and_embedding_rows_do_not_stay_resident(tiny_export):
+    """The engine maps weights.bin (nothing copied for the block graph) and drops the embedding's
+    pages after each call, so the rows read for a long context do not pile up in RSS."""
+    _, folder = tiny_export
+    path = os.path.realpath(os.path.join(folder, "weights.bin"))
+    tokens = np.random.default_rng(0).permutation(49152)[:3000]  # 3000 distinct rows of 256 bytes
+    resident = {}
+    for release in (True, False):
+        engine = OnnxEngine(folder)
+        offset, length = engine._embedding_pages
+        assert length == 49152 * 64 * 4
+        if not release:
+            engine._embedding_pages = None
+        state = engine.empty_state()
+        for start in range(0, len(tokens), 128):
+            engine.run(tokens[start : start + 128], state)
+        resident[release] = _resident_bytes_of(path)
+        del engine, state
+    size = os.path.getsize(path)
+    assert 0 < resident[True] <= size - length + 2 * 4096  # everything but the embedding, at most
+    assert resident[False] > resident[True] + 2_000_000  # ~3000 touched pages would otherwise stay

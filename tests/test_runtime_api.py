@@ -132,6 +132,33 @@ def test_saved_state_continues_exactly(exports, kind, tmp_path):
     assert a == b
 
 
+def test_chat_turns_continue_the_conversation(exports, tmp_path):
+    """A later turn feeds only what the template writes after the previous answer: the session's
+    text is then the template's rendering of the whole conversation, whether the answer ended at
+    the end-of-turn token (pending, not yet fed) or not, and after a save and restore."""
+    model = load(exports["gguf"])
+    tok = model.tokenizer
+    eos = tok.eos_token_ids[0]
+    user1, answer, user2 = "Hi there", "Hello! How can I help?", "Tell me more."
+    whole = tok.apply_chat_template([{"role": "user", "content": user1}, {"role": "assistant", "content": answer},
+                                     {"role": "user", "content": user2}], add_generation_prompt=True)
+    for ended_at_eos in (True, False):
+        session = model.session()
+        first = session.turn_text(user1)
+        assert first == tok.apply_chat_template([{"role": "user", "content": user1}], add_generation_prompt=True)
+        session.feed(first)
+        session.feed(tok.encode(answer, add_special_tokens=False))
+        if ended_at_eos:  # what generate leaves when it stops at the end-of-turn token
+            session.pending = [eos]
+            session.save(str(tmp_path / "chat.state"))
+            session = model.restore(str(tmp_path / "chat.state"))
+        eos_text = tok.decode([eos], skip_special_tokens=False) if ended_at_eos else ""
+        assert first + answer + eos_text + session.turn_text(user2) == whole
+    assert session.turn_text(user2).startswith(tok.decode([eos], skip_special_tokens=False))
+    reply = session.chat(user2, max_new_tokens=4)
+    assert isinstance(reply, str) and session.stats.new_tokens <= 4
+
+
 def test_state_from_another_model_is_refused(exports, tmp_path):
     path = str(tmp_path / "s.state")
     load(exports["gguf"]).session().feed("Hello").save(path)
