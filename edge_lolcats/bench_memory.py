@@ -67,7 +67,28 @@ def _export(model_name, kind, path, args):
                     as_softmax=kind == "teacher")
 
 
+def merged_results(files: list[str]) -> list[dict]:
+    """The results of several ``--json`` reports, one row per (engine, context), later files first."""
+    rows = {}
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                results = json.load(f)["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a bench memory --json report ({e})") from None
+        for r in results:
+            rows[(r["engine"], r["context"])] = r
+    order = {e: i for i, e in enumerate(bench.ENGINES)}
+    return sorted(rows.values(), key=lambda r: (r["context"], order.get(r["engine"], len(order))))
+
+
 def run(args):
+    if args.merge:
+        results, paths = merged_results(args.merge), {"merged": args.merge}
+        args.model = args.model or ", ".join(args.merge)
+        return _report(args, results, paths)
+    if not args.model:
+        raise ValueError("give a MODEL to measure (or --merge earlier --json reports)")
     paths = _ensure_exports(args)
     results = []
     for context in args.contexts:
@@ -80,6 +101,10 @@ def run(args):
             print(f"{engine:9s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} MiB, "
                   f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",
                   file=sys.stderr)
+    return _report(args, results, paths)
+
+
+def _report(args, results: list[dict], paths: dict) -> list[dict]:
     table = bench.markdown(results)
     print(table)
     if args.out:

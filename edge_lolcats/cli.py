@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--reference-max", type=positive_int, default=8192, help="longest N for the quadratic reference")
     bk.add_argument("--json", metavar="OUT")
     bm = bsub.add_parser("memory", help="peak RSS and speed against context: our runtime vs llama.cpp")
-    bm.add_argument("model", metavar="MODEL", help="linearized model (name, checkpoint), a lolcats .gguf or an ONNX folder")
+    bm.add_argument("model", metavar="MODEL", nargs="?",
+                    help="linearized model (name, checkpoint), a lolcats .gguf or an ONNX folder")
+    bm.add_argument("--merge", metavar="JSON", nargs="+",
+                    help="measure nothing: one report from earlier --json files (later files win on the same engine and context)")
     bm.add_argument("--contexts", type=int_list, default=[1024, 4096, 16384, 65536, 131072])
     bm.add_argument("--engines", default="gguf,onnx", help="our engines to measure: gguf, onnx")
     bm.add_argument("--baseline", choices=["llama.cpp"], help="also run llama.cpp on the softmax teacher")

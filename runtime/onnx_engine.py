@@ -23,6 +23,9 @@ from ..tokenizer import Tokenizer
 from .state import State as OnnxState
 
 
+RELEASE_EVERY = 128  # embedding rows read between two releases of the embedding's pages
+
+
 class OnnxEngine:
     def __init__(self, folder: str, threads: int | None = None):
         meta_path = os.path.join(folder, "model.json")
@@ -35,7 +38,7 @@ class OnnxEngine:
             raise ModelFileError(f"{meta_path}: unreadable ({e})") from None
         if self.meta.get("format") != "edge-lolcats-onnx":
             raise ModelFileError(f"{meta_path}: not an edge-lolcats ONNX export")
-        self._mapping, self._embedding_pages = None, None
+        self._mapping, self._embedding_pages, self._rows_read = None, None, 0
         self._weights = self._map_weights(folder)
         self.session = self._session(folder, self.meta["graph"], threads, prepack=not self._weights)
         decode = self.meta.get("decode_graph")  # exports before format 2 have the block graph only
@@ -147,7 +150,10 @@ class OnnxEngine:
         feeds = {"input_ids": ids, "position": np.array(state.position, np.int64), **state.tensors}
         session = self.decode_session if ids.shape == (1, 1) and self.decode_session else self.session
         out = session.run(None, feeds)
-        self._release_embedding_pages()
+        self._rows_read += ids.size
+        if self._rows_read >= RELEASE_EVERY:  # at most this many rows stay resident between releases
+            self._release_embedding_pages()
+            self._rows_read = 0
         state.tensors = dict(zip(self.state_names, out[1:]))
         state.position += ids.shape[1]
         return out[0], state

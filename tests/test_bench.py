@@ -52,3 +52,15 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
         assert by[(engine, 64)]["state_bytes"] == by[(engine, 512)]["state_bytes"] == 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
     assert by[("llama.cpp", 512)]["state_bytes"] > 4 * by[("llama.cpp", 64)]["state_bytes"]  # KV cache grows
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| llama.cpp |" in (tmp_path / "m.md").read_text()
+    # --merge: one report from several runs, the later file winning on the same engine and context
+    later = {"results": [dict(by[("onnx", 512)], decode_tokens_per_s=123.0), dict(by[("onnx", 512)], context=4096)]}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    r = run_cli("bench", "memory", "--merge", str(tmp_path / "m.json"), str(tmp_path / "later.json"),
+                "--json", str(tmp_path / "all.json"), "--plot", str(tmp_path / "all.png"))
+    assert r.returncode == 0, r.stderr
+    merged = {(x["engine"], x["context"]): x for x in json.loads((tmp_path / "all.json").read_text())["results"]}
+    assert len(merged) == 7 and merged[("onnx", 512)]["decode_tokens_per_s"] == 123.0
+    assert merged[("gguf", 64)] == {k: by[("gguf", 64)][k] for k in merged[("gguf", 64)]}
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("bench", "memory", "--merge", str(text))
+    assert r.returncode == 2 and "not a bench memory --json report" in r.stderr
