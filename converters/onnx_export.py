@@ -169,8 +169,8 @@ def _quantize_int8(path: str, decode: bool):
     MatMuls by a 2-D weight are linear layers; the feature maps' per-head [H, D, F] weights stay
     float32 (small, and the softmax after them is sensitive).
 
-    The vocabulary projection: one scale for the whole matrix cost +38% held-out perplexity
-    (docs/BENCHMARKS.md), so the block graph (which projects one token per block) keeps it float32,
+    The vocabulary projection: one scale for the whole matrix cost +38% held-out perplexity on the
+    untrained linearization (docs/BENCHMARKS.md), so the block graph (which projects one token per block) keeps it float32,
     and the decode graph, where its 113 MB of float32 are a sixth of the time per token, gets
     ``MatMulNBits`` with 8 bits in blocks of 32 and int8 activations (llama.cpp's q8_0 scheme)."""
     import logging

@@ -68,7 +68,7 @@ def _export(model_name, kind, path, args):
 
 
 def merged_results(files: list[str]) -> list[dict]:
-    """The results of several ``--json`` reports, one row per (engine, context), later files first."""
+    """The results of several ``--json`` reports, one row per (engine, weights, context), later files first."""
     rows = {}
     for path in files:
         try:
@@ -77,7 +77,7 @@ def merged_results(files: list[str]) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a bench memory --json report ({e})") from None
         for r in results:
-            rows[(r["engine"], r["context"])] = r
+            rows[(r["engine"], r.get("weights"), r["context"])] = r
     order = {e: i for i, e in enumerate(bench.ENGINES)}
     return sorted(rows.values(), key=lambda r: (r["context"], order.get(r["engine"], len(order))))
 
@@ -96,7 +96,8 @@ def run(args):
             if engine == "llama.cpp" and args.baseline_max and context > args.baseline_max:
                 print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
                 continue
-            r = bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads)
+            r = bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
+                              gguf_weights=args.gguf_weights)
             results.append(r)
             print(f"{engine:9s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} MiB, "
                   f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",

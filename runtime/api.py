@@ -30,8 +30,9 @@ from .state import StateFileError, load_state_file, save_state_file
 HISTORY_TOKENS = 4096  # recent ids a session keeps (and saves) for the repetition penalty
 
 
-def open_engine(path: str, threads: int | None = None):
-    """The engine for ``path``: a ``.gguf`` file (numpy engine) or an ONNX export folder."""
+def open_engine(path: str, threads: int | None = None, gguf_weights: str = "float32"):
+    """The engine for ``path``: a ``.gguf`` file (numpy engine; ``gguf_weights`` "float32" or
+    "stored", see :mod:`.numpy_engine`) or an ONNX export folder."""
     if os.path.isdir(path):
         from .onnx_engine import OnnxEngine
 
@@ -39,7 +40,7 @@ def open_engine(path: str, threads: int | None = None):
     if os.path.isfile(path):
         from .numpy_engine import GGUFEngine
 
-        return GGUFEngine(path)
+        return GGUFEngine(path, weights=gguf_weights)
     raise ModelFileError(f"{path}: no such file or folder (expected a lolcats .gguf file or an ONNX export folder)")
 
 
@@ -206,9 +207,10 @@ class Session:
         return session
 
 
-def load(path: str, threads: int | None = None) -> Model:
-    """Load a lolcats GGUF file (numpy engine) or an ONNX export folder (onnxruntime)."""
-    return Model(open_engine(path, threads=threads), path)
+def load(path: str, threads: int | None = None, gguf_weights: str = "float32") -> Model:
+    """Load a lolcats GGUF file (numpy engine) or an ONNX export folder (onnxruntime).
+    ``gguf_weights="stored"`` keeps q8_0 weights as stored (less memory, much slower)."""
+    return Model(open_engine(path, threads=threads, gguf_weights=gguf_weights), path)
 
 
 __all__ = ["load", "Model", "Session", "Stats", "current_rss_mb", "ModelFileError", "StateFileError"]

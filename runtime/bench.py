@@ -45,10 +45,11 @@ def context_ids(tokenize, context: int, text_file: str | None = None):
     return ids[:context]
 
 
-def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK) -> dict:
+def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK,
+                    gguf_weights: str = "float32") -> dict:
     from .api import load
 
-    model = load(path, threads=threads)
+    model = load(path, threads=threads, gguf_weights=gguf_weights)
     ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context, text_file)
     session = model.session()
     session.feed(ids, chunk_size=chunk_size)
@@ -92,7 +93,7 @@ def _kv_width(llm) -> int:
 
 
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-            timeout: float | None = None) -> dict:
+            timeout: float | None = None, gguf_weights: str = "float32") -> dict:
     """One measurement in a fresh Python process."""
     cmd = [sys.executable, "-m", "edge_lolcats.runtime.bench", "--worker", engine, path, str(context),
            str(decode_tokens)]
@@ -100,6 +101,8 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
         cmd += ["--text", text_file]
     if threads:
         cmd += ["--threads", str(threads)]
+    if engine == "gguf":
+        cmd += ["--gguf-weights", gguf_weights]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -122,18 +125,21 @@ def markdown(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: str):
-    """Peak RSS and decode speed against context length (log x), one line per engine."""
+    """Peak RSS and decode speed against context length (log x), one line per engine and weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for engine in dict.fromkeys(r["engine"] for r in results):
-        rs = sorted((r for r in results if r["engine"] == engine), key=lambda r: r["context"])
+    def line(r):
+        return f"{r['engine']} ({r['weights']})" if r.get("weights") else r["engine"]
+
+    for label in dict.fromkeys(line(r) for r in results):
+        rs = sorted((r for r in results if line(r) == label), key=lambda r: r["context"])
         xs = [r["context"] for r in rs]
-        ax1.plot(xs, [r["peak_rss_mb"] for r in rs], marker="o", label=engine)
-        ax2.plot(xs, [r["decode_tokens_per_s"] or 0 for r in rs], marker="o", label=engine)
+        ax1.plot(xs, [r["peak_rss_mb"] for r in rs], marker="o", label=label)
+        ax2.plot(xs, [r["decode_tokens_per_s"] or 0 for r in rs], marker="o", label=label)
     for ax, title in ((ax1, "peak RSS (MB)"), (ax2, "decode tokens/s after the context")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
@@ -269,11 +275,12 @@ def _worker(argv):
     p.add_argument("decode_tokens", type=int)
     p.add_argument("--text")
     p.add_argument("--threads", type=int)
+    p.add_argument("--gguf-weights", default="float32")
     a = p.parse_args(argv)
     if a.engine == "llama.cpp":
         result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads)
     else:
-        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads)
+        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads, gguf_weights=a.gguf_weights)
         if result["engine"] != a.engine:
             raise SystemExit(f"{a.path} is a {result['engine']} model, not {a.engine}")
     print(json.dumps(result))

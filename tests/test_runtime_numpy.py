@@ -86,3 +86,25 @@ def test_gguf_engine_runs_without_torch(tmp_path, smol_tokenizer):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(len(smol_tokenizer.encode("Once upon a time")) + 20)
+
+
+def test_stored_q8_0_weights_compute_the_same_logits(tmp_path, smol_tokenizer):
+    """weights="stored" multiplies through the q8_0 blocks: the same weights as the float32 mode
+    (which dequantizes them at load), so the same logits up to float32 summation order, in
+    prefill (dequantized per call) and decode (per-block dot products)."""
+    from edge_lolcats.runtime.numpy_engine import GGUFEngine, Q8Matrix
+
+    path = str(tmp_path / "m.q8_0.gguf")
+    export_gguf(linearize(tiny_model("qwen2"), window_size=8, feature_dim=8), smol_tokenizer, path, dtype="q8_0")
+    full, stored = GGUFEngine(path), GGUFEngine(path, weights="stored")
+    assert isinstance(stored.blocks[0]["qkv"], Q8Matrix) and isinstance(stored.embed, Q8Matrix)
+    assert stored.weights.endswith("as stored") and not full.weights.endswith("as stored")
+    tokens = np.random.default_rng().integers(0, 49152, 20)
+    a, b = full.empty_state(), stored.empty_state()
+    for chunk in (tokens[:12], tokens[12:13], tokens[13:14], tokens[14:]):
+        la, a = full.run(chunk, a)
+        lb, b = stored.run(chunk, b)
+        # logits ~O(1), 64-wide dot products in another order: float32 rounding is ~1e-6
+        np.testing.assert_allclose(lb, la, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        GGUFEngine(path, weights="int4")
