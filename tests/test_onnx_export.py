@@ -227,3 +227,20 @@ def test_weights_are_mapped_and_embedding_rows_do_not_stay_resident(tiny_export)
     assert RELEASE_EVERY == 128
     assert 0 < resident[True] <= size - length + 2 * 4096
     assert resident[False] > resident[True] + 2_000_000  # the rows' pages (and their neighbours) stay
+
+
+def test_rope_matrix_is_apply_rope():
+    """The decode graph's rotary embedding as one matrix equals the model's apply_rope (float64,
+    random positions and head dims)."""
+    from edge_lolcats.converters.onnx_export import rope_matrix
+    from edge_lolcats.model import apply_rope
+
+    for d in (8, 64):
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        angles = torch.randint(0, 100_000, ()).double() * inv_freq
+        cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
+        q, k = torch.randn(1, 3, 1, d, dtype=torch.float64), torch.randn(1, 2, 1, d, dtype=torch.float64)
+        q_ref, k_ref = apply_rope(q, k, cos[None, None], sin[None, None])
+        rotation = rope_matrix(cos, sin)
+        torch.testing.assert_close(q @ rotation, q_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(k @ rotation, k_ref, rtol=1e-12, atol=1e-12)
