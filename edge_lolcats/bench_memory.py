@@ -67,6 +67,18 @@ def _export(model_name, kind, path, args):
                     as_softmax=kind == "teacher")
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One row from repeated fresh-process measurements of one engine at one context: the median
+    of each figure (this VM's fresh processes spread by about 15%), with the number of runs."""
+    import statistics
+
+    row = dict(runs[0], repeats=len(runs))
+    for key in ("peak_rss_mb", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+    return row
+
+
 def merged_results(files: list[str]) -> list[dict]:
     """The results of several ``--json`` reports, one row per (engine, weights, context), later files first."""
     rows = {}
@@ -96,8 +108,8 @@ def run(args):
             if engine == "llama.cpp" and args.baseline_max and context > args.baseline_max:
                 print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
                 continue
-            r = bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
-                              gguf_weights=args.gguf_weights)
+            r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
+                                             gguf_weights=args.gguf_weights) for _ in range(args.repeats)])
             results.append(r)
             print(f"{engine:9s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} MiB, "
                   f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",
@@ -117,5 +129,5 @@ def _report(args, results: list[dict], paths: dict) -> list[dict]:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "decode_tokens": args.decode_tokens, "paths": paths,
-                       "results": [{k: r[k] for k in (*bench.FIELDS, "weights")} for r in results]}, f, indent=2)
+                       "results": [{k: r.get(k) for k in (*bench.FIELDS, "weights", "repeats")} for r in results]}, f, indent=2)
     return results

@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--teacher-gguf", metavar="FILE", help="the llama.cpp baseline's file (default: exported)")
     bm.add_argument("--work-dir", default="out/bench-memory", help="exports are made and kept here")
     bm.add_argument("--decode-tokens", type=positive_int, default=64)
+    bm.add_argument("--repeats", type=positive_int, default=1, help="fresh processes per row; the row is their median")
     bm.add_argument("--threads", type=positive_int, help="threads per engine (default: all cores)")
     bm.add_argument("--text", metavar="FILE", help="UTF-8 text to build contexts from (default: the corpus)")
     bm.add_argument("--out", metavar="REPORT.md")

@@ -64,3 +64,14 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
     r = run_cli("bench", "memory", "--merge", str(text))
     assert r.returncode == 2 and "not a bench memory --json report" in r.stderr
+
+
+def test_repeated_measurements_report_their_median():
+    from edge_lolcats.bench_memory import median_result
+
+    runs = [{"engine": "onnx", "context": 1024, "state_bytes": 7, "peak_rss_mb": m, "prefill_tokens_per_s": p,
+             "decode_tokens_per_s": d} for m, p, d in ((700, 500.0, 50.0), (690, 300.0, 58.0), (710, 520.0, 30.0))]
+    row = median_result(runs)
+    assert (row["peak_rss_mb"], row["prefill_tokens_per_s"], row["decode_tokens_per_s"]) == (700, 500.0, 50.0)
+    assert row["repeats"] == 3 and row["state_bytes"] == 7 and row["engine"] == "onnx"
+    assert median_result(runs[:1]) == dict(runs[0], repeats=1)
