@@ -9,7 +9,7 @@ Two graphs over one weights file, each a pure function
   layer computes :func:`edge_lolcats.hybrid_attention.hybrid_attention_block_step`.
 - ``decode.onnx``: one sequence, one token (input_ids [1, 1]); each layer computes
   :func:`edge_lolcats.hybrid_attention.hybrid_attention_decode_step`. Static shapes let
-  onnxruntime fold every shape computation away, and the step does T = 1's work only: 1.7x faster
+  onnxruntime fold every shape computation away, and the step does T = 1's work only: ~2x faster
   per token than the dynamic graph on SmolLM2 (docs/BENCHMARKS.md).
 
 Both share the state layout, so a session moves between them freely. Their weights live once in
