@@ -132,6 +132,7 @@ def plot(results: list[dict], path: str):
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+
     def line(r):
         return f"{r['engine']} ({r['weights']})" if r.get("weights") else r["engine"]
 
@@ -247,7 +248,7 @@ def onnx_decode_paths(folder: str, steps: int = 64, repeats: int = 3) -> dict:
     best, final = {name: float("inf") for name in paths}, {}
     for _ in range(repeats):
         for name, step in paths.items():
-            state = copy_state(start)
+            state = start.copy()
             t0 = time.perf_counter()
             for t in range(steps):
                 step(state, 200 + t)
@@ -259,12 +260,6 @@ def onnx_decode_paths(folder: str, steps: int = 64, repeats: int = 3) -> dict:
     if any(not np.array_equal(a.tensors[n], b.tensors[n]) for n in names):
         raise AssertionError("IOBinding changed the decode graph's state")
     return best
-
-
-def copy_state(state):
-    from .state import State
-
-    return State({n: a.copy() for n, a in state.tensors.items()}, state.position)
 
 
 def _worker(argv):

@@ -21,6 +21,10 @@ class State:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.tensors.values())
 
+    def copy(self) -> "State":
+        """An independent copy (engines update a state's arrays in place)."""
+        return State({n: a.copy() for n, a in self.tensors.items()}, self.position)
+
 
 def empty_state(layers: int, heads: int, head_dim: int, feature_dim: int, window_size: int, batch: int = 1) -> State:
     shapes = {"kv": (heads, 2 * feature_dim, head_dim), "z": (heads, 2 * feature_dim),
