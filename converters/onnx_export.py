@@ -46,6 +46,11 @@ def state_names(n_layers: int) -> list[str]:
     return [f"state.{i}.{part}" for i in range(n_layers) for part in STATE_PARTS]
 
 
+def output_names(names: list[str]) -> list[str]:
+    """The graphs' outputs: the last token's logits, then each state input's new value."""
+    return ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
+
+
 def state_shapes(model, batch="batch") -> dict:
     from ..model import empty_layer_state
 
@@ -149,7 +154,7 @@ def example_inputs(model, batch: int = 2, tokens: int = 3, position: int = 5):
 def _export_graph(graph: nn.Module, model, path: str, decode: bool):
     n_layers = model.config.num_hidden_layers
     names = state_names(n_layers)
-    out_names = ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
+    out_names = output_names(names)
     dynamic = None
     if not decode:
         dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}}
@@ -170,8 +175,8 @@ def _quantize_int8(path: str, decode: bool):
     float32 (small, and the softmax after them is sensitive).
 
     The vocabulary projection: one scale for the whole matrix cost +38% held-out perplexity on the
-    untrained linearization (docs/BENCHMARKS.md), so the block graph (which projects one token per block) keeps it float32,
-    and the decode graph, where its 113 MB of float32 are a sixth of the time per token, gets
+    untrained linearization (docs/BENCHMARKS.md), so the block graph (which projects one token per
+    block) keeps it float32, and the decode graph, where its 113 MB of float32 are a sixth of the time per token, gets
     ``MatMulNBits`` with 8 bits in blocks of 32 and int8 activations (llama.cpp's q8_0 scheme)."""
     import logging
 
@@ -254,7 +259,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         merge_lora(model)
     n_layers = model.config.num_hidden_layers
     names = state_names(n_layers)
-    out_names = ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
+    out_names = output_names(names)
 
     out_dir = os.path.abspath(out_dir)
     with atomic_folder(out_dir) as tmp:

@@ -66,7 +66,6 @@ class GGUFEngine:
     def __init__(self, path: str, weights: str = "float32"):
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
-        self.weight_mode = weights
         gguf = read_gguf(path)
         if gguf.architecture != names.LOLCATS_ARCH:
             raise ModelFileError(f"{path}: architecture {gguf.architecture!r}; the runtime runs "
