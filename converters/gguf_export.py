@@ -33,7 +33,7 @@ def model_fingerprint(model) -> str:
 
     h = hashlib.sha256()
     state = model.state_dict()
-    if model.config.tie_word_embeddings:
+    if model.args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     for name in sorted(state):
         h.update(name.encode())
@@ -74,42 +74,41 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
     import gguf
     import torch
 
+    from edge_lolcats.arch import FULL
+
     from ..lora import lora_modules, merge_lora
-    from ..model import attention_dims, is_linearized, lolcats_config
+    from ..model import is_linearized, lolcats_config
 
     if dtype not in DTYPES:
         raise ExportError(f"unsupported --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    config = model.config
-    if config.model_type not in ("llama", "mistral", "qwen2"):
-        raise ExportError(f"cannot export a {config.model_type!r} model to GGUF")
+    args = model.args
     if lora_modules(model):
         model = merge_lora(copy.deepcopy(model))
     linear = is_linearized(model) and not as_softmax
     arch = names.LOLCATS_ARCH if linear else names.LLAMA_ARCH
-    if not linear and config.model_type != "llama":
-        raise ExportError(f"a softmax {config.model_type} model has no llama.cpp equivalent here; export llama")
-    heads, kv_heads, head_dim = attention_dims(config)
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ExportError(f"RoPE type {rope.get('rope_type')!r} is not supported")
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    rope = args.rope[FULL]
+    if not linear and (args.family not in ("llama", "mistral") or rope.kind != "default" or args.qkv_bias
+                       or args.window_of(0) is not None):
+        raise ExportError(f"a softmax {args.family} model (RoPE {rope.kind}) has no llama.cpp 'llama' equivalent "
+                          f"here; only plain Llama models export as softmax GGUF")
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         key = lambda k: k.format(arch=arch)  # noqa: E731
         writer.add_name(source or arch)
-        writer.add_uint32(key(names.KEY_CONTEXT_LENGTH), int(config.max_position_embeddings))
-        writer.add_uint32(key(names.KEY_EMBEDDING_LENGTH), int(config.hidden_size))
-        writer.add_uint32(key(names.KEY_BLOCK_COUNT), int(config.num_hidden_layers))
-        writer.add_uint32(key(names.KEY_FEED_FORWARD_LENGTH), int(config.intermediate_size))
+        writer.add_uint32(key(names.KEY_CONTEXT_LENGTH), int(args.max_position_embeddings))
+        writer.add_uint32(key(names.KEY_EMBEDDING_LENGTH), int(args.hidden_size))
+        writer.add_uint32(key(names.KEY_BLOCK_COUNT), int(args.num_layers))
+        writer.add_uint32(key(names.KEY_FEED_FORWARD_LENGTH), int(args.intermediate_size))
         writer.add_uint32(key(names.KEY_HEAD_COUNT), heads)
         writer.add_uint32(key(names.KEY_HEAD_COUNT_KV), kv_heads)
         writer.add_uint32(key(names.KEY_KEY_LENGTH), head_dim)
         writer.add_uint32(key(names.KEY_VALUE_LENGTH), head_dim)
-        writer.add_float32(key(names.KEY_RMS_EPS), float(config.rms_norm_eps))
-        writer.add_float32(key(names.KEY_ROPE_FREQ_BASE), float(theta))
-        writer.add_uint32(key(names.KEY_ROPE_DIMENSION_COUNT), head_dim)
-        writer.add_uint32(key(names.KEY_VOCAB_SIZE), int(config.vocab_size))
+        writer.add_float32(key(names.KEY_RMS_EPS), float(args.norm_eps))
+        writer.add_float32(key(names.KEY_ROPE_FREQ_BASE), float(rope.theta))
+        writer.add_uint32(key(names.KEY_ROPE_DIMENSION_COUNT), rope.dim)
+        writer.add_uint32(key(names.KEY_VOCAB_SIZE), int(args.vocab_size))
         if linear:
             lol = lolcats_config(model)
             writer.add_uint32(key(names.KEY_WINDOW_SIZE), int(lol["window_size"]))
@@ -119,17 +118,18 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
             writer.add_uint32(key(names.KEY_FORMAT_VERSION), names.FORMAT_VERSION)
             writer.add_string(key(names.KEY_SOURCE), json.dumps({"model": source, "lolcats": lol}, default=str))
             writer.add_string(key(names.KEY_MODEL_FINGERPRINT), model_fingerprint(model))
+            writer.add_string(key(names.KEY_MODEL_ARGS), json.dumps(args.to_dict()))
         writer.add_file_type(names.FILE_TYPES[dtype])
         for k, v in tokenizer.gguf_metadata().items():
             _add_value(writer, k, v)
 
         state = model.state_dict()
-        if config.tie_word_embeddings:
+        if args.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         if not linear:
-            state = {k: v for k, v in state.items() if not any(p in names.hf_to_gguf(k) for p in names.LOLCATS_ONLY)}
-        for i, (hf_name, tensor) in enumerate(state.items()):
-            gg_name = names.hf_to_gguf(hf_name)
+            state = {k: v for k, v in state.items() if not any(p in names.to_gguf(k) for p in names.LOLCATS_ONLY)}
+        for i, (our_name, tensor) in enumerate(state.items()):
+            gg_name = names.to_gguf(our_name)
             array = tensor.detach().to(torch.float32).cpu().numpy()
             if not linear and ".attn_q." in gg_name:
                 from ..loading import permute_rope_rows

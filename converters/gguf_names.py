@@ -1,5 +1,6 @@
 """GGUF names shared by our writer (export) and our readers (the torch loader and the numpy
-runtime). Pure data: no torch, no numpy.
+runtime). Pure data: no torch, no numpy. Our side of each name is the parameter layout of
+:mod:`edge_lolcats.arch.block`.
 
 The parts shared with Llama keep llama.cpp's names (``token_embd``, ``blk.N.attn_q``, ...,
 ``{arch}.attention.head_count_kv``, rope keys). The linearized model has its own architecture name,
@@ -12,7 +13,7 @@ expects.
 
 LOLCATS_ARCH = "lolcats"
 LLAMA_ARCH = "llama"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # metadata keys; "{arch}" is filled with the architecture name
 KEY_CONTEXT_LENGTH = "{arch}.context_length"
@@ -37,6 +38,9 @@ KEY_SOURCE = "{arch}.source"  # what the file was exported from (model name and 
 # sha256 (16 hex) of the exported float32 weights, the same in the GGUF and ONNX exports of one
 # model: the runtime's state files carry it and refuse a state from another model
 KEY_MODEL_FINGERPRINT = "{arch}.model_fingerprint"
+# format 2: the whole model description (edge_lolcats.arch.ModelArgs) as JSON; format 1 files are
+# llama-family and described by the llama keys above
+KEY_MODEL_ARGS = "{arch}.model_args"
 # general.file_type (llama.cpp's LLAMA_FTYPE) of the weight precisions we name with --dtype
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
 
@@ -48,19 +52,23 @@ def file_type_name(value) -> str:
     except (TypeError, ValueError):
         return "?"
 
-# tensors: transformers name -> GGUF name, per layer with {n}
+# tensors: our parameter name (edge_lolcats.arch.block) -> GGUF name, per layer with {n}
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
 LAYER_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
+    "attn_norm": "attn_norm",
+    "attn_post_norm": "post_attention_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn_post_norm": "post_ffw_norm",
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -69,34 +77,39 @@ LAYER_TENSORS = {
     "self_attn.feature_map_k": "attn_fmap_k",
 }
 # a bare parameter (no .weight) of the hybrid layer
-WINDOW_FACTOR_HF = "self_attn.window_factor"
+WINDOW_FACTOR = "self_attn.window_factor"
 WINDOW_FACTOR_GGUF = "attn_window_factor"
 LOLCATS_ONLY = ("attn_fmap_q", "attn_fmap_k", WINDOW_FACTOR_GGUF)
+_FROM_GGUF = {v: k for k, v in LAYER_TENSORS.items()}
 
 
-def hf_to_gguf(name: str) -> str:
-    """transformers parameter name -> GGUF tensor name (KeyError if it has none)."""
+def to_gguf(name: str) -> str:
+    """Our parameter name -> GGUF tensor name (KeyError if it has none)."""
     if name in GLOBAL_TENSORS:
         return GLOBAL_TENSORS[name]
     prefix, _, rest = name.partition("model.layers.")
     if prefix or not rest:
         raise KeyError(name)
     n, _, part = rest.partition(".")
-    if part == WINDOW_FACTOR_HF:
+    if part == WINDOW_FACTOR:
         return f"blk.{n}.{WINDOW_FACTOR_GGUF}.weight"
     module, _, suffix = part.rpartition(".")
     return f"blk.{n}.{LAYER_TENSORS[module]}.{suffix}"
 
 
-def gguf_to_hf(name: str) -> str:
-    """GGUF tensor name -> transformers parameter name (KeyError if unknown)."""
-    for hf, gg in GLOBAL_TENSORS.items():
+def from_gguf(name: str) -> str:
+    """GGUF tensor name -> our parameter name (KeyError if unknown)."""
+    for ours, gg in GLOBAL_TENSORS.items():
         if gg == name:
-            return hf
+            return ours
     blk, n, part, suffix = name.split(".", 3)
     if blk != "blk":
         raise KeyError(name)
     if part == WINDOW_FACTOR_GGUF:
-        return f"model.layers.{n}.{WINDOW_FACTOR_HF}"
-    inverse = {v: k for k, v in LAYER_TENSORS.items()}
-    return f"model.layers.{n}.{inverse[part]}.{suffix}"
+        return f"model.layers.{n}.{WINDOW_FACTOR}"
+    return f"model.layers.{n}.{_FROM_GGUF[part]}.{suffix}"
+
+
+def layer_tensor(layer: int, ours: str, suffix: str = "weight") -> str:
+    """The GGUF name of layer ``layer``'s tensor ``ours`` (a key of LAYER_TENSORS)."""
+    return f"blk.{layer}.{LAYER_TENSORS[ours]}.{suffix}"

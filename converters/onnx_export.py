@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import warnings
 
 import torch
 import torch.nn as nn
 
+from edge_lolcats.arch import block
+from edge_lolcats.arch import state as state_layout_names
+from edge_lolcats.arch.ops import TorchOps
+
 from ..fileio import atomic_folder
 from .gguf_export import model_fingerprint
 
-STATE_PARTS = ("kv", "z", "k_window", "v_window")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the model description (ModelArgs) in model.json
 WEIGHTS_FILE = "weights.bin"
 # initializers this small stay inside the graph (shape constants, scales): not worth an offset
 INLINE_BYTES = 4096
@@ -42,21 +44,9 @@ class ExportError(ValueError):
     pass
 
 
-def state_names(n_layers: int) -> list[str]:
-    return [f"state.{i}.{part}" for i in range(n_layers) for part in STATE_PARTS]
-
-
 def output_names(names: list[str]) -> list[str]:
     """The graphs' outputs: the last token's logits, then each state input's new value."""
-    return ["logits"] + [n.replace("state.", "new_state.", 1) for n in names]
-
-
-def state_shapes(model, batch="batch") -> dict:
-    from ..model import empty_layer_state
-
-    layer = empty_layer_state(model, device="meta")
-    return {f"state.{i}.{p}": [batch, *getattr(layer, p).shape[1:]]
-            for i in range(model.config.num_hidden_layers) for p in STATE_PARTS}
+    return ["logits"] + [state_layout_names.output_name(n) for n in names]
 
 
 def _fused_linear(*linears: nn.Linear) -> nn.Linear:
@@ -70,90 +60,119 @@ def _fused_linear(*linears: nn.Linear) -> nn.Linear:
     return fused
 
 
-def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotary embedding of one position as a [D, D] matrix R, ``apply_rope``'s
-    ``x * cos + rotate_half(x) * sin == x @ R``: one MatMul per tensor in the decode graph instead
-    of seven small nodes, built once per step and shared by every layer. cos, sin [D]."""
-    d = cos.shape[-1]
-    half = torch.arange(d // 2)
-    rotate_half = torch.zeros(d, d, dtype=cos.dtype)  # x @ rotate_half == cat(-x2, x1)
-    rotate_half[half + d // 2, half] = -1.0
-    rotate_half[half, half + d // 2] = 1.0
-    return torch.eye(d, dtype=cos.dtype) * cos[None, :] + rotate_half * sin[None, :]
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int | None = None) -> torch.Tensor:
+    """The rotary embedding of one position as a [D, D] matrix R, ``block.apply_rope``'s result
+    ``== x @ R``: one MatMul per tensor in the decode graph instead of seven small nodes, built once
+    per step and layer type. cos, sin [rot]; dimensions past ``rot`` (partial rotary) pass unchanged."""
+    rot = cos.shape[-1]
+    d = head_dim or rot
+    half = torch.arange(rot // 2)
+    rotate_half = torch.zeros(rot, rot, dtype=cos.dtype)  # x @ rotate_half == cat(-x2, x1)
+    rotate_half[half + rot // 2, half] = -1.0
+    rotate_half[half, half + rot // 2] = 1.0
+    r = torch.eye(rot, dtype=cos.dtype) * cos[None, :] + rotate_half * sin[None, :]
+    if d == rot:
+        return r
+    top = torch.cat([r, torch.zeros(rot, d - rot, dtype=cos.dtype)], 1)
+    bottom = torch.cat([torch.zeros(d - rot, rot, dtype=cos.dtype), torch.eye(d - rot, dtype=cos.dtype)], 1)
+    return torch.cat([top, bottom], 0)
+
+
+class _Fused(nn.Module):
+    """A layer's attention or MLP seen through fused projections: ``fused[names] = (Linear, sizes)``
+    (read by ``TorchOps.linears``); every other attribute is the original module's."""
+
+    def __init__(self, module: nn.Module, groups: tuple):
+        super().__init__()
+        self.module = module
+        self.fused_linears = nn.ModuleList(_fused_linear(*(getattr(module, n) for n in names)) for names in groups)
+        self.fused = {names: (f, [getattr(module, n).out_features for n in names])
+                      for names, f in zip(groups, self.fused_linears)}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+
+class _FusedLayer(nn.Module):
+    """A decoder layer whose q/k/v and gate/up projections run as one MatMul each."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.self_attn = _Fused(layer.self_attn, (("q_proj", "k_proj", "v_proj"),))
+        self.mlp = _Fused(layer.mlp, (("gate_proj", "up_proj"),))
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
 
 
 class StepGraph(nn.Module):
     """The whole decoder as one pure step (see the module docstring): over a block of tokens, or
-    (``decode=True``) over one token of one sequence with static shapes.
-
-    The q, k, v projections run as one MatMul and the MLP's gate and up as another (weights
-    concatenated here; the math is the model's): a graph pays per node, and one wider int8 MatMul
-    is cheaper than two narrow ones at decode."""
+    (``decode=True``) over one token of one sequence with static shapes. It runs the model's one
+    definition (:mod:`edge_lolcats.arch.block`); what is the graph's own is only how it computes:
+    q/k/v and gate/up as one MatMul each (a graph pays per node, and one wider int8 MatMul is
+    cheaper than two narrow ones at decode), and at decode RoPE as one [D, D] matrix per layer type."""
 
     def __init__(self, model, decode: bool = False):
         super().__init__()
-        from ..model import attention_dims
-
         self.model = model
         self.decode = decode
-        self.heads, self.kv_heads, self.head_dim = attention_dims(model.config)
-        self.register_buffer("inv_freq", model.model.rotary_emb.inv_freq.detach().clone().float(), persistent=False)
-        self.attention_scaling = float(getattr(model.model.rotary_emb, "attention_scaling", 1.0))
-        self.qkv = nn.ModuleList(_fused_linear(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj)
-                                 for l in model.model.layers)
-        self.gate_up = nn.ModuleList(_fused_linear(l.mlp.gate_proj, l.mlp.up_proj) for l in model.model.layers)
+        self.layers = nn.ModuleList(_FusedLayer(layer) for layer in model.model.layers)
 
     def forward(self, input_ids, position, *states):
         from ..hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
-        from ..model import apply_rope
 
-        attention = hybrid_attention_decode_step if self.decode else hybrid_attention_block_step
-        inner = self.model.model
-        b, t = (1, 1) if self.decode else input_ids.shape
-        x = inner.embed_tokens(input_ids)
-        positions = (position + torch.arange(t, dtype=torch.int64)).float()  # [T]
-        freqs = positions[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)[None]  # [1, T, D]
-        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        step = hybrid_attention_decode_step if self.decode else hybrid_attention_block_step
+        args, inner = self.model.args, self.model.model
+        xp = TorchOps()
+        t = 1 if self.decode else input_ids.shape[1]
+        positions = position + torch.arange(t, dtype=torch.int64)  # [T]
         if self.decode:
-            rotation = rope_matrix(cos[0, 0], sin[0, 0])
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            rotate = {}
+            for kind in set(args.layer_types):
+                cos, sin = block.rope_tables(xp, torch.from_numpy(args.rope[kind].inv_freq()), positions)
+                matrix = rope_matrix(cos[0], sin[0], args.head_dim)
+                rotate[kind] = lambda x, m=matrix: x @ m
+        else:
+            rotate = block.rotations(xp, args, positions)
+        x = block.embed(xp, args, inner.embed_tokens, input_ids)
         new_states = []
-        for i, layer in enumerate(inner.layers):
+        for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self.qkv[i](layer.input_layernorm(x)).split([q_size, kv_size, kv_size], dim=-1)
-            if self.decode:  # one token: [1, 1, H * D] is [1, H, 1, D] in memory, no transpose needed
-                q = q.view(1, self.heads, 1, self.head_dim) @ rotation
-                k = k.view(1, self.kv_heads, 1, self.head_dim) @ rotation
-                v = v.view(1, self.kv_heads, 1, self.head_dim)
-            else:
-                q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-                k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-                v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-                q, k = apply_rope(q, k, cos, sin)
-            out, *state = attention(q, k, v, attn.feature_map_q.weight, attn.feature_map_k.weight, attn.window_factor,
-                                    *states[4 * i : 4 * i + 4], position)
-            new_states += state
-            out = out.reshape(1, 1, q_size) if self.decode else out.transpose(1, 2).reshape(b, t, q_size)
-            x = x + attn.o_proj(out)
-            mlp = layer.mlp
-            gate, up = self.gate_up[i](layer.post_attention_layernorm(x)).chunk(2, dim=-1)
-            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        logits = self.model.lm_head(inner.norm(x[:, -1]))
+
+            def attend(q, k, v, attn=attn, i=i):
+                out, *state = step(q, k, v, *attn.weights, *states[4 * i: 4 * i + 4], position,
+                                   scale=attn.scale, softcap=attn.softcap)
+                new_states.extend(state)
+                return out
+
+            x = block.layer(xp, args, layer, x, rotate[args.layer_types[i]], attend)
+        logits = block.logits(xp, args, inner.norm, self.model.lm_head, x[:, -1])
         return (logits, *new_states)
+
+
+def state_shapes(model, batch="batch") -> dict:
+    from ..model import state_layout
+
+    return state_layout(model).shapes(batch)
 
 
 def example_inputs(model, batch: int = 2, tokens: int = 3, position: int = 5):
     # kv and z are sums of positive features: keep them positive
     states = [torch.randn(*shape).abs() if name.endswith((".kv", ".z")) else torch.randn(*shape)
               for name, shape in state_shapes(model, batch).items()]
-    return (torch.randint(0, model.config.vocab_size, (batch, tokens)), torch.tensor(position, dtype=torch.int64),
+    return (torch.randint(0, model.args.vocab_size, (batch, tokens)), torch.tensor(position, dtype=torch.int64),
             *states)
 
 
 def _export_graph(graph: nn.Module, model, path: str, decode: bool):
-    n_layers = model.config.num_hidden_layers
-    names = state_names(n_layers)
+    names = list(state_shapes(model))
     out_names = output_names(names)
     dynamic = None
     if not decode:
@@ -248,7 +267,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
     """Write ``model.onnx`` + ``decode.onnx`` + ``weights.bin`` + ``model.json`` + tokenizer files to
     ``out_dir`` (atomically)."""
     from ..lora import lora_modules, merge_lora
-    from ..model import attention_dims, is_linearized
+    from ..model import is_linearized, state_layout
 
     if not is_linearized(model):
         raise ExportError("ONNX export needs a linearized model (its state is what the graph carries)")
@@ -257,8 +276,8 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
     model = copy.deepcopy(model).float().eval()
     if lora_modules(model):
         merge_lora(model)
-    n_layers = model.config.num_hidden_layers
-    names = state_names(n_layers)
+    layout = state_layout(model)
+    names = layout.names()
     out_names = output_names(names)
 
     out_dir = os.path.abspath(out_dir)
@@ -277,8 +296,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         for path in paths:
             onnx.checker.check_model(path)
         tokenizer.save(tmp)
-        heads, kv_heads, head_dim = attention_dims(model.config)
-        lol = model.config.lolcats
+        args, lol = model.args, model.lolcats
         meta = {
             "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": 18,
             "model_fingerprint": model_fingerprint(model),
@@ -286,12 +304,13 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             "graph": "model.onnx", "decode_graph": "decode.onnx", "weights_file": WEIGHTS_FILE,
             "inputs": ["input_ids", "position", *names], "outputs": out_names,
             "logits": "last token only, [batch, vocab]",
-            "layers": n_layers, "hidden_size": model.config.hidden_size, "vocab_size": model.config.vocab_size,
-            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "layers": args.num_layers, "hidden_size": args.hidden_size, "vocab_size": args.vocab_size,
+            "heads": args.num_heads, "kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
+            "model_args": args.to_dict(),
             "window_size": lol["window_size"], "feature_dim": lol["feature_dim"], "feature_map": "hedgehog",
-            "max_position_embeddings": model.config.max_position_embeddings,
-            "state": {n: {"shape": s, "dtype": "float32"} for n, s in state_shapes(model).items()},
-            "state_bytes_per_sequence": 4 * sum(math.prod(s[1:]) for s in state_shapes(model).values()),
+            "max_position_embeddings": args.max_position_embeddings,
+            "state": {n: {"shape": s, "dtype": state_layout_names.DTYPE} for n, s in layout.shapes("batch").items()},
+            "state_bytes_per_sequence": layout.bytes_per_sequence,
             "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json",
             "bos_token_id": tokenizer.bos_token_id, "eos_token_ids": tokenizer.eos_token_ids,
             "chat_template": tokenizer.chat_template,

@@ -1,5 +1,6 @@
-"""Linearized checkpoints: an HF-style folder with config.json (plus a ``lolcats`` section),
-model.safetensors and the tokenizer files. Loading never unpickles.
+"""Linearized checkpoints: a folder with config.json (the model description, ``model_args``, and a
+``lolcats`` section), model.safetensors and the tokenizer files. Loading never unpickles.
+Checkpoints of the first format (an HF config.json with ``lolcats``, HF parameter names) still load.
 
 Two layouts:
 - full: every weight; the folder stands alone.
@@ -20,10 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from .fileio import atomic_folder
 from .gguf_io import ModelFileError
+from .arch import ArchitectureError, ModelArgs, args_from_hf, weights_from_hf
 from .model import linearize
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
+CONFIG_FORMAT = 2  # 1: an HF config.json plus "lolcats", HF parameter names
 # Parameter names that linearization (or training) adds on top of the base model.
 DELTA_MARKERS = ("feature_map_q.", "feature_map_k.", "window_factor", "lora_")
 
@@ -34,7 +37,7 @@ def is_delta_param(name: str) -> bool:
 
 def save_checkpoint(model, tokenizer: Tokenizer, out_dir: str, *, base: str | None = None) -> str:
     """Write ``model`` (linearized) to ``out_dir``. With ``base``, write a delta on top of it."""
-    lolcats = dict(getattr(model.config, "lolcats", None) or {})
+    lolcats = dict(getattr(model, "lolcats", None) or {})
     if not lolcats:
         raise ValueError("model is not linearized")
     state = model.state_dict()
@@ -43,11 +46,10 @@ def save_checkpoint(model, tokenizer: Tokenizer, out_dir: str, *, base: str | No
         state = {k: v for k, v in state.items() if is_delta_param(k)}
     else:
         lolcats.pop("base", None)
-        if model.config.tie_word_embeddings:
+        if model.args.tie_word_embeddings:
             state.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
     lolcats["layout"] = "delta" if base is not None else "full"
-    config = model.config.to_dict()
-    config["lolcats"] = lolcats
+    config = {"format": CONFIG_FORMAT, "model_args": model.args.to_dict(), "lolcats": lolcats}
 
     out_dir = os.path.abspath(out_dir)
     with atomic_folder(out_dir) as tmp:
@@ -78,9 +80,20 @@ def read_weights(folder: str) -> dict:
         raise ModelFileError(f"{path}: truncated or corrupt ({e})") from None
 
 
+def checkpoint_args(folder: str, config: dict) -> ModelArgs:
+    """The model description of a checkpoint's config.json (either format)."""
+    try:
+        if "model_args" in config:
+            return ModelArgs.from_dict(config["model_args"])
+        return args_from_hf({k: v for k, v in config.items() if k != "lolcats"})
+    except (ArchitectureError, TypeError, KeyError) as e:
+        raise ModelFileError(f"{folder}: config.json does not describe a model we run ({e})") from None
+
+
 def load_checkpoint(folder: str, dtype=torch.float32):
     """(model, tokenizer) from a checkpoint folder written by :func:`save_checkpoint`."""
-    from .loading import assign_weights, load_model
+    from .loading import load_model
+    from .model import Transformer
 
     config_dict = read_config(folder)
     lolcats = config_dict.get("lolcats")
@@ -106,20 +119,16 @@ def load_checkpoint(folder: str, dtype=torch.float32):
                 raise ModelFileError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         model.load_state_dict(weights, strict=False)
     else:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = {k: v for k, v in config_dict.items() if k != "lolcats"}
-        model_type = cfg.pop("model_type", None)
-        try:
-            config = AutoConfig.for_model(model_type, **cfg)
-        except (ValueError, KeyError) as e:
-            raise ModelFileError(f"{folder}: unknown model type {model_type!r} ({e})") from None
+        args = checkpoint_args(folder, config_dict)
+        if "model_args" not in config_dict:  # format 1: HF parameter names
+            weights = weights_from_hf(args, config_dict.get("model_type"), weights)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            _rebuild(model, dims, lolcats)
+            model = _rebuild(Transformer(args), dims, lolcats)
+        from .loading import assign_weights
+
         model = assign_weights(model, weights, dtype)
-    model.config.lolcats = lolcats
-    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=_eos_list(model.config.eos_token_id))
+    model.lolcats = lolcats
+    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=list(model.args.eos_token_ids) or None)
     return model.eval(), tokenizer
 
 
@@ -133,9 +142,3 @@ def _rebuild(model, dims, lolcats):
         apply_lora(model, rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)),
                    targets=lora.get("targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
     return model
-
-
-def _eos_list(eos):
-    if eos is None:
-        return None
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -195,27 +195,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_info(args):
     from .loading import load_model
-    from .model import attention_dims, is_linearized, lolcats_config, state_bytes
+    from .model import is_linearized, layer_plan, lolcats_config, state_bytes
 
     loaded = load_model(args.model)
-    model, cfg = loaded.model, loaded.model.config
-    heads, kv_heads, head_dim = attention_dims(cfg)
+    model, a = loaded.model, loaded.model.args
+    linear = is_linearized(model)
+    kv_per_token = 2 * a.num_kv_heads * a.head_dim * 4  # float32 keys and values, one layer
+    plan = layer_plan(model)
     info = {
-        "model": args.model, "path": loaded.path, "kind": loaded.kind, "family": cfg.model_type,
-        "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "heads": heads, "kv_heads": kv_heads,
-        "head_dim": head_dim, "vocab_size": cfg.vocab_size,
+        "model": args.model, "path": loaded.path, "kind": loaded.kind, "family": a.family,
+        "layers": a.num_layers, "hidden_size": a.hidden_size, "heads": a.num_heads, "kv_heads": a.num_kv_heads,
+        "head_dim": a.head_dim, "vocab_size": a.vocab_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "linearized": is_linearized(model),
-        "lolcats": lolcats_config(model) if is_linearized(model) else None,
+        "layer_plan": _plan_text(plan),
+        "linearized": linear,
+        "lolcats": lolcats_config(model) if linear else None,
         "state_bytes": state_bytes(model),
-        "kv_cache_bytes_per_token": None if is_linearized(model) else 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4,
+        "kv_cache_bytes_per_token": None if linear else a.num_layers * kv_per_token,
+        # what the attention keeps at each context length: fixed for hybrid layers and base
+        # windows, growing for full softmax layers
+        "state_bytes_at": {n: state_bytes(model) if linear else sum(
+            kv_per_token * (n if a.window_of(i) is None else min(n, a.window_of(i))) for i in range(a.num_layers))
+            for n in (1024, 8192, 32768, 131072)},
         "chat_template": loaded.tokenizer.chat_template is not None,
     }
     if args.json:
+        info["layer_plan"] = plan
         print(json.dumps(info, indent=2))
         return
     for key, value in info.items():
+        if key == "state_bytes_at":
+            value = ", ".join(f"{n // 1024}K: {b / 2**20:.1f} MiB" for n, b in value.items())
         print(f"{key:26s} {value}")
+
+
+def _plan_text(plan: list) -> str:
+    """Runs of equal layer kinds: "hybrid x30" or "softmax-window(4096) x5, softmax x1, ..."."""
+    runs = []
+    for kind in plan:
+        if runs and runs[-1][0] == kind:
+            runs[-1][1] += 1
+        else:
+            runs.append([kind, 1])
+    return ", ".join(f"{k} x{n}" for k, n in runs)
 
 
 def cmd_linearize(args):
@@ -245,7 +267,7 @@ def cmd_linearize(args):
         shutil.copy(os.path.join(work_dir, "metrics.jsonl"), os.path.join(out, "metrics.jsonl"))
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     sb = state_bytes(model)
-    print(f"linearized {args.base}: {model.config.num_hidden_layers} layers, window {args.window_size}, "
+    print(f"linearized {args.base} ({model.args.family}): {model.args.num_layers} layers, window {args.window_size}, "
           f"feature dim {args.feature_dim}")
     print(f"wrote {out} ({size / 2**20:.1f} MiB{', delta on ' + base if args.delta else ''})")
     print(f"decode state: {sb / 2**20:.2f} MiB, fixed at any context length")
@@ -437,7 +459,7 @@ def cmd_eval(args):
     loaded = load_model(args.model)
     if not is_linearized(loaded.model):
         raise CLIError(f"{args.model} is not a linearized checkpoint (linearize it first)")
-    lolcats = loaded.model.config.lolcats
+    lolcats = loaded.model.lolcats
     training = {}
     path = os.path.join(loaded.path, "training.json")
     if os.path.isfile(path):
@@ -550,7 +572,7 @@ def cmd_verify(args):
         model, tokenizer = load_gguf(args.file)  # checks architecture, keys, every tensor's name and shape
         report = {"file": args.file, "format": "gguf", "architecture": gguf.architecture, "tensors": len(gguf.tensors),
                   "types": sorted({t.tensor_type.name for t in gguf.tensors.values()}),
-                  "layers": model.config.num_hidden_layers, "linearized": is_linearized(model),
+                  "layers": model.args.num_layers, "linearized": is_linearized(model),
                   "state_bytes": state_bytes(model), "chat_template": tokenizer.chat_template is not None, "ok": True}
         if args.against:
             ref = load_model(args.against)

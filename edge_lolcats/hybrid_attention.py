@@ -10,9 +10,11 @@ signature and return ``(output, state)``:
 - :func:`hybrid_attention_recurrent` - a loop of :func:`hybrid_attention_step` on a fixed-size
   state. The step is what decode runs.
 
-For query i, with window size W, scale 1/sqrt(D) and a = sigmoid(window_factor[h])::
+For query i, with window size W, a score scale (1/sqrt(D) unless the model says otherwise: Gemma
+uses query_pre_attn_scalar) and a = sigmoid(window_factor[h])::
 
-    window keys j in (i-W, i]:  s_ij = q_i . k_j / sqrt(D),  m_i = max_j s_ij
+    window keys j in (i-W, i]:  s_ij = scale * q_i . k_j   (Gemma 2: cap * tanh(s_ij / cap)),
+                                m_i = max_j s_ij
     older keys  j <= i-W:       l_ij = phi_q(q_i) . phi_k(k_j)
     o_i = (a * sum_win exp(s_ij - m_i) v_j + sum_old l_ij v_j)
           / (a * sum_win exp(s_ij - m_i)     + sum_old l_ij)
@@ -39,6 +41,8 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+from .arch.state import StateLayout
 
 # sigmoid(-2.1972) = 0.1: the window starts with a small weight next to the linear part (LoLCATs).
 WINDOW_FACTOR_INIT = -2.1972
@@ -72,14 +76,10 @@ class HybridState:
 
 def empty_state(batch: int, heads: int, head_dim: int, feature_dim: int, window_size: int,
                 dtype=torch.float32, device=None) -> HybridState:
-    """The state before any token: zero sums and an empty window."""
-    return HybridState(
-        kv=torch.zeros(batch, heads, 2 * feature_dim, head_dim, dtype=dtype, device=device),
-        z=torch.zeros(batch, heads, 2 * feature_dim, dtype=dtype, device=device),
-        k_window=torch.zeros(batch, heads, window_size, head_dim, dtype=dtype, device=device),
-        v_window=torch.zeros(batch, heads, window_size, head_dim, dtype=dtype, device=device),
-        position=0,
-    )
+    """The state before any token: zero sums and an empty window (shapes: arch.state)."""
+    shapes = StateLayout(1, heads, head_dim, feature_dim, window_size).part_shapes()
+    return HybridState(**{p: torch.zeros(batch, *s, dtype=dtype, device=device) for p, s in shapes.items()},
+                       position=0)
 
 
 def feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,6 +96,12 @@ def repeat_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     return x.repeat_interleave(heads // kv_heads, dim=1)
+
+
+def window_scores(q, k, scale: float | None, softcap: float | None):
+    """The window softmax's scores q.k^T * scale (1/sqrt(D) by default), soft-capped if asked."""
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(q.shape[-1]))
+    return s if not softcap else torch.tanh(s / softcap) * softcap
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -175,7 +181,8 @@ def _no_tokens(q, v, fq_weight, window_size, initial_state, output_final_state):
 
 
 def hybrid_attention_reference(q, k, v, fq_weight, fk_weight, window_factor, *, window_size=64,
-                               chunk_size=None, initial_state=None, output_final_state=False):
+                               chunk_size=None, initial_state=None, output_final_state=False, scale=None,
+                               softcap=None):
     """Quadratic form: dense [N, N] score matrices and masks. The specification; tests only.
 
     ``chunk_size`` is accepted for a uniform signature and ignored.
@@ -194,7 +201,7 @@ def hybrid_attention_reference(q, k, v, fq_weight, fk_weight, window_factor, *, 
     in_window = (j <= i) & (j > i - window_size)  # [N, N]
     is_older = j <= i - window_size
 
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # [B, H, N, N]
+    scores = window_scores(q, k, scale, softcap)  # [B, H, N, N]
     scores = scores.masked_fill(~in_window, float("-inf"))
     a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
     a_lin = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~is_older, 0.0)
@@ -211,7 +218,8 @@ def hybrid_attention_reference(q, k, v, fq_weight, fk_weight, window_factor, *, 
 
 
 def hybrid_attention_chunked(q, k, v, fq_weight, fk_weight, window_factor, *, window_size=64,
-                             chunk_size=64, initial_state=None, output_final_state=False):
+                             chunk_size=64, initial_state=None, output_final_state=False, scale=None,
+                             softcap=None):
     """Chunked parallel form: O(N*(C+W)*D + N*F*D) time, O(N*(C+W)) memory for chunk size C.
 
     Queries are cut into chunks of C. Chunk c (positions cC .. cC+C-1) sees, densely, the key block
@@ -254,7 +262,7 @@ def hybrid_attention_chunked(q, k, v, fq_weight, fk_weight, window_factor, *, wi
     in_window = (e >= a) & (e <= a + W - 1) & (key_pos >= 0)  # [nc, C, L]
     is_older = e < a  # [C, L]; padding keys have phi_k = 0
 
-    scores = (qc @ kb.transpose(-1, -2)) / math.sqrt(d)  # [B, H, nc, C, L]
+    scores = window_scores(qc, kb, scale, softcap)  # [B, H, nc, C, L]
     scores = scores.masked_fill(~in_window, float("-inf"))
     a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
     a_lin = (phi_qc @ phi_kb.transpose(-1, -2)).masked_fill(~is_older, 0.0)
@@ -279,7 +287,8 @@ def hybrid_attention_chunked(q, k, v, fq_weight, fk_weight, window_factor, *, wi
     return out.to(out_dtype), state
 
 
-def hybrid_attention_step(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState):
+def hybrid_attention_step(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState, *, scale=None,
+                          softcap=None):
     """One decode step on the fixed state. q [B, H, 1, D], k, v [B, Hkv, 1, D].
 
     Pure: returns (output [B, H, 1, D], new state); the input state is not modified.
@@ -302,7 +311,7 @@ def hybrid_attention_step(q, k, v, fq_weight, fk_weight, window_factor, state: H
     v_window[:, :, slot] = v[:, :, 0]
 
     valid = torch.arange(W, device=q.device) <= t  # slots filled so far (all of them once t >= W-1)
-    scores = (q @ k_window.transpose(-1, -2)) / math.sqrt(d)  # [B, H, 1, W]
+    scores = window_scores(q, k_window, scale, softcap)  # [B, H, 1, W]
     scores = scores.masked_fill(~valid, float("-inf"))
     a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
     phi_q = feature_map(q, fq_weight)  # [B, H, 1, 2F]
@@ -313,7 +322,8 @@ def hybrid_attention_step(q, k, v, fq_weight, fk_weight, window_factor, state: H
 
 
 def hybrid_attention_recurrent(q, k, v, fq_weight, fk_weight, window_factor, *, window_size=64,
-                               chunk_size=None, initial_state=None, output_final_state=False):
+                               chunk_size=None, initial_state=None, output_final_state=False, scale=None,
+                               softcap=None):
     """Recurrent form: token by token with :func:`hybrid_attention_step`. ``chunk_size`` is ignored."""
     _check(q, k, v, fq_weight, fk_weight, window_factor, window_size)
     b, h, n, d = q.shape
@@ -325,14 +335,14 @@ def hybrid_attention_recurrent(q, k, v, fq_weight, fk_weight, window_factor, *, 
     state, outs = initial_state, []
     for i in range(n):
         o, state = hybrid_attention_step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1],
-                                         fq_weight, fk_weight, window_factor, state)
+                                         fq_weight, fk_weight, window_factor, state, scale=scale, softcap=softcap)
         outs.append(o)
     out = torch.cat(outs, dim=2) if outs else q.new_zeros(b, h, 0, d).to(v.dtype)
     return out, (state if output_final_state else None)
 
 
 def hybrid_attention_block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window,
-                                position):
+                                position, *, scale=None, softcap=None):
     """A block of T new tokens (T >= 1) on the fixed state, as a pure tensor function.
 
     The graph-friendly form used by exports (ONNX) and mirrored by the numpy runtime: no Python
@@ -363,7 +373,7 @@ def hybrid_attention_block_step(q, k, v, fq_weight, fk_weight, window_factor, kv
 
     phi_q = feature_map(q, fq_weight)  # [B, H, T, 2F]
     phi_k = feature_map(k_ext, fk_weight)  # [B, H, W + T, 2F]
-    scores = (q @ k_ext.transpose(-1, -2)) / math.sqrt(d)
+    scores = window_scores(q, k_ext, scale, softcap)
     scores = scores.masked_fill(~in_window, float("-inf"))
     a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
     a_lin = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~is_older, 0.0)
@@ -386,7 +396,7 @@ def hybrid_attention_block_step(q, k, v, fq_weight, fk_weight, window_factor, kv
 
 
 def hybrid_attention_decode_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window,
-                                 position):
+                                 position, *, scale=None, softcap=None):
     """One new token on the fixed state, as a pure tensor function: the decode graph's form.
 
     :func:`hybrid_attention_step` with the state as separate tensors and ``position`` a 0-d int64
@@ -415,7 +425,7 @@ def hybrid_attention_decode_step(q, k, v, fq_weight, fk_weight, window_factor, k
     v_window = torch.where(slot, v, v_window)
 
     filled = torch.arange(w, device=q.device) <= position
-    scores = (q @ k_window.transpose(-1, -2)) / math.sqrt(d)  # [B, H, 1, W]
+    scores = window_scores(q, k_window, scale, softcap)  # [B, H, 1, W]
     scores = scores.masked_fill(~filled, float("-inf"))
     a_win = torch.exp(scores - scores.amax(-1, keepdim=True))
     phi_q = feature_map(q, fq_weight)

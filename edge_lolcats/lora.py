@@ -80,9 +80,9 @@ def apply_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, 
                 with torch.no_grad():
                     nn.init.kaiming_uniform_(lora.lora_a.weight, a=math.sqrt(5), generator=generator)
             setattr(attn, name, lora)
-    lolcats = dict(getattr(model.config, "lolcats", None) or {})
+    lolcats = dict(getattr(model, "lolcats", None) or {})
     lolcats["lora"] = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
-    model.config.lolcats = lolcats
+    model.lolcats = lolcats
     return model
 
 
@@ -102,10 +102,10 @@ def merge_lora(model):
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
         setattr(parent, child, linear)
-    lolcats = dict(getattr(model.config, "lolcats", None) or {})
+    lolcats = dict(getattr(model, "lolcats", None) or {})
     if lolcats.pop("lora", None) is not None:
         lolcats["lora_merged"] = True
-        model.config.lolcats = lolcats
+        model.lolcats = lolcats
     return model
 
 

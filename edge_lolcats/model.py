@@ -1,11 +1,10 @@
-"""A transformers causal LM with its attention layers swapped for the hybrid, and a forward pass
-that carries an explicit state.
+"""The PyTorch model: plain modules built from a :class:`~edge_lolcats.arch.ModelArgs`, run by the
+one decoder definition in :mod:`edge_lolcats.arch.block` (gpt-fast style: the state is an explicit
+input and output of :func:`forward`).
 
-The weights live in an ordinary transformers model (Llama, Mistral or Qwen2 family); linearizing
-swaps each layer's ``self_attn`` for :class:`HybridAttention`, which keeps the q/k/v/o projections
-(and biases) and adds the feature maps and window factors. :func:`forward` runs the decoder stack
-itself so that every layer's state is an explicit input and output (as in gpt-fast): a fixed-size
-:class:`HybridState` for hybrid layers, a growing :class:`KVCache` for softmax layers.
+Linearizing swaps each layer's ``self_attn`` for :class:`HybridAttention`, which keeps the
+projections (and QK-norms) and adds the feature maps and window factors. Layer states: a
+fixed-size :class:`HybridState` for hybrid layers, a growing :class:`KVCache` for softmax layers.
 """
 from __future__ import annotations
 
@@ -17,20 +16,118 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hybrid_attention import (
-    WINDOW_FACTOR_INIT,
-    FORMS,
-    HybridState,
-    empty_state,
-    hybrid_attention_step,
-    repeat_kv_heads,
-)
+from .arch import SLIDING, ModelArgs, block
+from .arch.ops import TorchOps
+from .arch.state import StateLayout
+from .hybrid_attention import FORMS, WINDOW_FACTOR_INIT, HybridState, empty_state, hybrid_attention_step, repeat_kv_heads
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 # Forces one form everywhere (for debugging): reference, chunked, recurrent or triton.
 ATTENTION_FORM_ENV = "EDGE_LOLCATS_ATTENTION"
 # PyTorch forms; "triton" (kernels/) is imported on first use, so CPU-only code never loads Triton.
 ATTENTION_FORMS = (*FORMS, "triton")
+# Softmax attention under a fixed key budget, run on the teacher's weights for comparison.
+FIXED_MEMORY_BASELINES = ("window", "sink")
+
+
+# --- the base model -------------------------------------------------------------------------------
+
+
+class Norm(nn.Module):
+    """An RMSNorm's weight; the math is :func:`edge_lolcats.arch.block.rms_norm`."""
+
+    def __init__(self, dim: int, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))  # the identity at init
+
+
+class Attention(nn.Module):
+    """A softmax attention layer's weights (the base model's)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h = args.hidden_size
+        self.q_proj = nn.Linear(h, args.q_size, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(h, args.kv_size, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(h, args.kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.q_size, h, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = Norm(args.head_dim, args.norm_offset)
+            self.k_norm = Norm(args.head_dim, args.norm_offset)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        h, m = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(h, m, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(h, m, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(m, h, bias=args.mlp_bias)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int):
+        super().__init__()
+        self.index = index
+        self.attn_norm = Norm(args.hidden_size, args.norm_offset)
+        self.self_attn = Attention(args)
+        self.ffn_norm = Norm(args.hidden_size, args.norm_offset)
+        self.mlp = MLP(args)
+        if args.sandwich_norms:
+            self.attn_post_norm = Norm(args.hidden_size, args.norm_offset)
+            self.ffn_post_norm = Norm(args.hidden_size, args.norm_offset)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = Norm(args.hidden_size, args.norm_offset)
+
+
+class Transformer(nn.Module):
+    """A decoder-only LM of any supported family. ``lolcats`` is None until :func:`linearize`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lolcats: dict | None = None
+
+    def tie_weights(self):
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+
+def softmax_attention(q, k, v, *, scale: float, softcap: float | None = None, mask: torch.Tensor | None = None):
+    """Softmax attention, causal (``mask`` None, N == T) or under a [N, T] bool mask.
+    q [B, H, N, D], k and v [B, Hkv, T, D]; scores are ``scale * q.k``, soft-capped if asked."""
+    heads = q.shape[1]
+    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], None, q.device)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap) * softcap
+    weights = scores.masked_fill(~mask, float("-inf")).float().softmax(-1).to(v.dtype)
+    return weights @ v
+
+
+def causal_mask(n: int, t: int, window: int | None, device) -> torch.Tensor:
+    """[N, T] bool: query i (absolute position t - n + i) sees key j <= it, and with a ``window``
+    only the ``window`` newest of those (itself included), as transformers' sliding window."""
+    i = torch.arange(t - n, t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    visible = j <= i
+    return visible if window is None else visible & (j > i - window)
 
 
 class FeatureMap(nn.Module):
@@ -47,73 +144,67 @@ class FeatureMap(nn.Module):
 class HybridAttention(nn.Module):
     """Sliding-window softmax + linear attention in place of a softmax attention layer."""
 
-    def __init__(self, base: nn.Module, *, heads: int, kv_heads: int, head_dim: int,
-                 window_size: int = 64, feature_dim: int = 64, chunk_size: int = 64):
+    def __init__(self, base: Attention, args: ModelArgs, layer: int, *, window_size: int = 64,
+                 feature_dim: int = 64, chunk_size: int = 64):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.layer_idx = getattr(base, "layer_idx", None)
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        if args.qk_norm:
+            self.q_norm, self.k_norm = base.q_norm, base.k_norm
+        self.layer_idx = layer
+        self.heads, self.kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.scale, self.softcap = args.attention_scale, args.attn_softcap
+        self.base_window = args.window_of(layer)  # the base layer's own sliding window, if any
         self.window_size, self.feature_dim, self.chunk_size = window_size, feature_dim, chunk_size
         device = self.q_proj.weight.device
-        self.feature_map_q = FeatureMap(heads, head_dim, feature_dim).to(device)
-        self.feature_map_k = FeatureMap(heads, head_dim, feature_dim).to(device)
-        self.window_factor = nn.Parameter(torch.full((heads,), WINDOW_FACTOR_INIT, device=device))
+        self.feature_map_q = FeatureMap(self.heads, self.head_dim, feature_dim).to(device)
+        self.feature_map_k = FeatureMap(self.heads, self.head_dim, feature_dim).to(device)
+        self.window_factor = nn.Parameter(torch.full((self.heads,), WINDOW_FACTOR_INIT, device=device))
         self.form = "chunked"
         self.sink_tokens, self.recent_tokens = 4, None  # for the "sink" baseline form
 
-    def project(self, hidden_states, position_embeddings):
-        """q [B, H, N, D], k and v [B, Hkv, N, D], after RoPE (as the softmax layer computes them)."""
-        b, n, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q, k, cos, sin)
-        return q, k, v
+    @property
+    def weights(self) -> tuple:
+        return self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor
+
+    def teacher(self, q, k, v):
+        """The base layer's softmax attention (its own sliding window, if it has one)."""
+        mask = None if self.base_window is None else causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
+        return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
 
     def attend(self, q, k, v, state: HybridState | None = None, output_state: bool = False):
         """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked."""
-        if self.form in FIXED_MEMORY_BASELINES or self.form == "softmax":  # teacher and baselines, no state
-            return softmax_attention(q, k, v, self.baseline_mask(q.shape[2], q.device)), None
-        weights = (self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor)
+        if self.form == "softmax":
+            return self.teacher(q, k, v), None
+        if self.form in FIXED_MEMORY_BASELINES:  # teacher weights under a fixed key budget, no state
+            mask = self.baseline_mask(q.shape[2], q.device)
+            return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask), None
         name = self.resolved_form(q)
+        options = dict(scale=self.scale, softcap=self.softcap)
         if state is not None and q.shape[2] == 1:
             if name == "triton":
                 from .kernels.hybrid_attention import hybrid_attention_step_triton
-                return hybrid_attention_step_triton(q, k, v, *weights, state)
-            return hybrid_attention_step(q, k, v, *weights, state)
+                return hybrid_attention_step_triton(q, k, v, *self.weights, state, **options)
+            return hybrid_attention_step(q, k, v, *self.weights, state, **options)
         if name == "triton":
             from .kernels.hybrid_attention import hybrid_attention_triton as form
         else:
             form = FORMS[name]
-        return form(q, k, v, *weights, window_size=self.window_size, chunk_size=self.chunk_size,
-                    initial_state=state, output_final_state=output_state)
+        return form(q, k, v, *self.weights, window_size=self.window_size, chunk_size=self.chunk_size,
+                    initial_state=state, output_final_state=output_state, **options)
 
     def resolved_form(self, q) -> str:
         """The form that runs: the environment override, else this layer's; chunked on CUDA runs
-        on the Triton kernels (same math, fused), chunked on the CPU on PyTorch."""
+        on the Triton kernels (same math, fused; not for soft-capped scores), chunked on the CPU
+        on PyTorch."""
         name = os.environ.get(ATTENTION_FORM_ENV) or self.form
         if name not in ATTENTION_FORMS:
             raise ValueError(f"{ATTENTION_FORM_ENV}={name!r}: choose from {', '.join(ATTENTION_FORMS)}")
-        if name == "chunked" and q.is_cuda:
+        if name == "chunked" and q.is_cuda and self.softcap is None:
             return "triton"
         return name
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, state=None, output_state=False,
-                **kwargs):
-        # Also called by transformers' own decoder layers (no state): attention_mask is ignored,
-        # the hybrid is causal by construction and we do not support padded batches.
-        q, k, v = self.project(hidden_states, position_embeddings)
-        out, new_state = self.attend(q, k, v, state, output_state)
-        b, _, n, _ = out.shape
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
-        return self.o_proj(out.to(hidden_states.dtype)), new_state
-
-
-    def baseline_mask(self, n: int, device) -> torch.Tensor | None:
-        """Which keys each query sees under the current softmax form ([N, N] bool; None: causal)."""
-        if self.form == "softmax":
-            return None
+    def baseline_mask(self, n: int, device) -> torch.Tensor:
+        """Which keys each query sees under a fixed-memory baseline form ([N, N] bool)."""
         i = torch.arange(n, device=device)[:, None]
         j = torch.arange(n, device=device)[None, :]
         if self.form == "window":  # the same window as the hybrid, no linear part
@@ -123,26 +214,11 @@ class HybridAttention(nn.Module):
         return (j <= i) & ((j < self.sink_tokens) | (j > i - self.recent_tokens))
 
 
-# Softmax attention under a fixed key budget, run on the teacher's weights for comparison.
-FIXED_MEMORY_BASELINES = ("window", "sink")
-
-
-def softmax_attention(q, k, v, mask: torch.Tensor | None = None):
-    """Softmax attention, causal or under a [N, N] bool mask: q [B, H, N, D], k and v [B, Hkv, N, D]."""
-    heads = q.shape[1]
-    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
-    scale = 1 / math.sqrt(q.shape[-1])
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
 def sink_cache_budget(model, sink_tokens: int = 4) -> int:
     """Recent tokens a sink + window KV cache (float32) may keep to match the hybrid state's bytes."""
-    heads, kv_heads, head_dim = attention_dims(model.config)
-    cfg = lolcats_config(model)
-    hybrid = heads * (2 * cfg["feature_dim"] * head_dim + 2 * cfg["feature_dim"] + 2 * cfg["window_size"] * head_dim)
-    per_token = 2 * kv_heads * head_dim
+    args = model.args
+    hybrid = StateLayout.of(args, model.lolcats).bytes_per_sequence // args.num_layers // 4
+    per_token = 2 * args.num_kv_heads * args.head_dim
     return max(1, hybrid // per_token - sink_tokens)
 
 
@@ -183,17 +259,6 @@ def teacher_mode(model):
     return base_attention(model, "softmax")
 
 
-def apply_rope(q, k, cos, sin):
-    """Rotary embedding in transformers' half-split layout; cos/sin [B, N, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def rotate_half(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 # --- state ------------------------------------------------------------------------------------
 
 
@@ -223,73 +288,72 @@ class ModelState:
         return all(isinstance(s, HybridState) for s in self.layers)
 
 
-def attention_dims(config) -> tuple[int, int, int]:
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, kv_heads, head_dim
-
-
 def is_linearized(model) -> bool:
     return any(isinstance(layer.self_attn, HybridAttention) for layer in model.model.layers)
 
 
-def linearize(model, *, window_size: int = 64, feature_dim: int = 64, chunk_size: int = 64):
+def linearize(model: Transformer, *, window_size: int = 64, feature_dim: int = 64, chunk_size: int = 64):
     """Swap every attention layer for a :class:`HybridAttention` (in place); returns the model."""
-    family = model.config.model_type
-    if family not in SUPPORTED_FAMILIES:
-        raise ValueError(f"cannot linearize a {family!r} model; supported: {', '.join(SUPPORTED_FAMILIES)}")
     if is_linearized(model):
         raise ValueError("model is already linearized")
     for name, value in (("window_size", window_size), ("feature_dim", feature_dim), ("chunk_size", chunk_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    heads, kv_heads, head_dim = attention_dims(model.config)
-    for layer in model.model.layers:
-        layer.self_attn = HybridAttention(layer.self_attn, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                                          window_size=window_size, feature_dim=feature_dim, chunk_size=chunk_size)
-    model.config.lolcats = {"window_size": window_size, "feature_dim": feature_dim, "feature_map": "hedgehog",
-                            "chunk_size": chunk_size, "version": 1}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn = HybridAttention(layer.self_attn, model.args, i, window_size=window_size,
+                                          feature_dim=feature_dim, chunk_size=chunk_size)
+    model.lolcats = {"window_size": window_size, "feature_dim": feature_dim, "feature_map": "hedgehog",
+                     "chunk_size": chunk_size, "version": 1}
     return model
 
 
+def layer_plan(model) -> list:
+    """Per layer: "hybrid", "softmax" (full causal), or "softmax-window(W)" (the base's own window)."""
+    plan = []
+    for i, layer in enumerate(model.model.layers):
+        window = model.args.window_of(i)
+        if isinstance(layer.self_attn, HybridAttention):
+            plan.append("hybrid")
+        else:
+            plan.append("softmax" if window is None else f"softmax-window({window})")
+    return plan
+
+
 def lolcats_config(model) -> dict | None:
-    return getattr(model.config, "lolcats", None)
+    return getattr(model, "lolcats", None)
+
+
+def state_layout(model) -> StateLayout | None:
+    cfg = lolcats_config(model)
+    return StateLayout.of(model.args, cfg) if cfg and is_linearized(model) else None
 
 
 def state_bytes(model, batch: int = 1) -> int | None:
     """Bytes of the fixed decode state of a linearized model (None for softmax models)."""
-    cfg = lolcats_config(model)
-    if not cfg or not is_linearized(model):
-        return None
-    return len(model.model.layers) * empty_layer_state(model, batch, device="meta").nbytes
+    layout = state_layout(model)
+    return None if layout is None else batch * layout.bytes_per_sequence
 
 
 def empty_layer_state(model, batch: int = 1, device=None) -> HybridState:
-    """One layer's state before any token (shapes from the model's config; "meta": shapes only)."""
-    heads, _, head_dim = attention_dims(model.config)
-    cfg = lolcats_config(model)
-    return empty_state(batch, heads, head_dim, cfg["feature_dim"], cfg["window_size"], device=device)
+    """One layer's state before any token (shapes from the state layout; "meta": shapes only)."""
+    layout = state_layout(model)
+    return empty_state(batch, layout.heads, layout.head_dim, layout.feature_dim, layout.window_size, device=device)
 
 
 # --- forward with state -------------------------------------------------------------------------
 
 
-def _softmax_layer(attn, hidden_states, position_embeddings, cache: KVCache | None, heads, kv_heads, head_dim):
-    b, n, _ = hidden_states.shape
-    q = attn.q_proj(hidden_states).view(b, n, heads, head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(b, n, kv_heads, head_dim).transpose(1, 2)
-    v = attn.v_proj(hidden_states).view(b, n, kv_heads, head_dim).transpose(1, 2)
-    q, k = apply_rope(q, k, *position_embeddings)
-    if cache is not None:
-        k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
-    t = k.shape[2]
-    # query i (absolute t - n + i) sees keys j <= t - n + i
-    mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(diagonal=t - n)
-    out = F.scaled_dot_product_attention(q, repeat_kv_heads(k, heads), repeat_kv_heads(v, heads), attn_mask=mask,
-                                         scale=1 / math.sqrt(head_dim))
-    out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
-    return attn.o_proj(out), KVCache(k, v)
+def _softmax_layer_attend(attn: Attention, args: ModelArgs, layer: int, cache: KVCache | None, out: list):
+    """attend() for a softmax layer: append to its KV cache, attend causally (own window, if any)."""
+
+    def attend(q, k, v):
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+        out.append(KVCache(k, v))
+        mask = causal_mask(q.shape[2], k.shape[2], args.window_of(layer), q.device)
+        return softmax_attention(q, k, v, scale=args.attention_scale, softcap=args.attn_softcap, mask=mask)
+
+    return attend
 
 
 def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, last_logits_only: bool = False,
@@ -300,27 +364,28 @@ def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, 
     ``last_logits_only`` returns logits [B, 1, V] and avoids an [N, V] matrix on long prefills;
     ``return_hidden`` returns the final normed hidden states [B, N, hidden] instead of logits.
     """
-    inner = model.model
-    heads, kv_heads, head_dim = attention_dims(model.config)
+    args, inner = model.args, model.model
+    xp = TorchOps(input_ids.device)
     start = state.position if state is not None else 0
     n = input_ids.shape[1]
-    x = inner.embed_tokens(input_ids)
-    position_ids = torch.arange(start, start + n, device=input_ids.device)[None]
-    position_embeddings = inner.rotary_emb(x, position_ids)
+    rotate = block.rotations(xp, args, torch.arange(start, start + n, device=input_ids.device))
+    x = block.embed(xp, args, inner.embed_tokens, input_ids)
     new_layers = []
     for i, layer in enumerate(inner.layers):
         layer_state = state.layers[i] if state is not None else None
-        h = layer.input_layernorm(x)
-        if isinstance(layer.self_attn, HybridAttention):
-            a, layer_state = layer.self_attn(h, position_embeddings, state=layer_state, output_state=with_state)
+        attn = layer.self_attn
+        if isinstance(attn, HybridAttention):
+            def attend(q, k, v, attn=attn, layer_state=layer_state):
+                out, new = attn.attend(q, k, v, layer_state, with_state)
+                new_layers.append(new)
+                return out
         else:
-            a, layer_state = _softmax_layer(layer.self_attn, h, position_embeddings, layer_state,
-                                            heads, kv_heads, head_dim)
-        x = x + a
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        new_layers.append(layer_state)
+            attend = _softmax_layer_attend(attn, args, i, layer_state, new_layers)
+        x = block.layer(xp, args, layer, x, rotate[args.layer_types[i]], attend)
     if last_logits_only:
         x = x[:, -1:]
-    x = inner.norm(x)
-    logits = x if return_hidden else model.lm_head(x)
+    if return_hidden:
+        logits = block.rms_norm(xp, x, inner.norm, args)
+    else:
+        logits = block.logits(xp, args, inner.norm, model.lm_head, x)
     return logits, (ModelState(new_layers, start + n) if with_state else None)

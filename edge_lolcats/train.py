@@ -35,7 +35,9 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import is_delta_param
 from .fileio import atomic_folder
 from .lora import DEFAULT_TARGETS, apply_lora, lora_modules
-from .model import forward, softmax_attention, teacher_mode
+from .arch import block
+from .arch.ops import TorchOps
+from .model import forward, teacher_mode
 
 CHECKPOINT_RE = re.compile(r"^s([12])-(\d{7})$")
 
@@ -101,28 +103,32 @@ def batch_indices(n_sequences: int, stage: int, step: int, batch_size: int, seed
 
 def stage1_step(model, input_ids: torch.Tensor, mse_weight: float, backward: bool = True) -> float:
     """Attention transfer on one batch; backpropagates each layer's loss (unless ``backward`` is
-    False, for evaluation); returns the mean over layers."""
-    inner = model.model
-    n = input_ids.shape[1]
-    with torch.no_grad():
-        x = inner.embed_tokens(input_ids)
-        position_embeddings = inner.rotary_emb(x, torch.arange(n, device=input_ids.device)[None])
+    False, for evaluation); returns the mean over layers.
+
+    The decoder runs as always (:mod:`edge_lolcats.arch.block`), without gradients; each layer's
+    attention computes the teacher's output, trains the hybrid against it, and passes the
+    teacher's output on."""
+    args, inner = model.args, model.model
+    xp = TorchOps(input_ids.device)
     losses = []
-    for layer in inner.layers:
-        attn = layer.self_attn
-        with torch.no_grad():
-            q, k, v = attn.project(layer.input_layernorm(x), position_embeddings)
-            target = softmax_attention(q, k, v).float()  # [B, H, N, D]
-        with torch.set_grad_enabled(backward):
-            student, _ = attn.attend(q, k, v)
-            loss = F.mse_loss(student.float(), target) * mse_weight
-        if backward:
-            loss.backward()
-        losses.append(loss.item())
-        with torch.no_grad():  # pass the teacher's output on
-            b = target.shape[0]
-            x = x + attn.o_proj(target.transpose(1, 2).reshape(b, n, -1).to(x.dtype))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def transfer(attn):
+        def attend(q, k, v):
+            target = attn.teacher(q, k, v).float()  # [B, H, N, D]
+            with torch.set_grad_enabled(backward):
+                student, _ = attn.attend(q, k, v)
+                loss = F.mse_loss(student.float(), target) * mse_weight
+            if backward:
+                loss.backward()
+            losses.append(loss.item())
+            return target.to(v.dtype)
+        return attend
+
+    with torch.no_grad():
+        rotate = block.rotations(xp, args, torch.arange(input_ids.shape[1], device=input_ids.device))
+        x = block.embed(xp, args, inner.embed_tokens, input_ids)
+        for i, layer in enumerate(inner.layers):
+            x = block.layer(xp, args, layer, x, rotate[args.layer_types[i]], transfer(layer.self_attn))
     return float(np.mean(losses))
 
 

@@ -411,7 +411,8 @@ class HybridAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, phi_q, phi_k, factor, kv0, z0, heads: int, window_size: int, chunk_size: int):
+    def forward(ctx, q, k, v, phi_q, phi_k, factor, kv0, z0, heads: int, window_size: int, chunk_size: int,
+                scale: float):
         bh, n, d = q.shape
         nf = phi_q.shape[-1]
         nc, lookback = _launch_shape(chunk_size, window_size, n)
@@ -432,26 +433,24 @@ class HybridAttentionFunction(torch.autograd.Function):
         m = torch.empty(bh, n, device=dev, dtype=torch.float32)
         idx = torch.empty(bh, n, device=dev, dtype=torch.int32)
         den = torch.empty(bh, n, device=dev, dtype=torch.float32)
-        scale = 1.0 / math.sqrt(d)
         _hybrid_fwd[(nc, bh)](q, k, v, phi_q, phi_k, factor, states, z_states, out, m, idx, den,
                               n, nc, heads, d, nf, scale, W=window_size, LOOKBACK=lookback, C=chunk_size,
                               BLOCK_D=block_d, BLOCK_F=block_f, DT=dt, **launch)
         ctx.save_for_backward(q, k, v, phi_q, phi_k, factor, states, z_states, out, m, idx, den)
-        ctx.config = (heads, window_size, chunk_size)
+        ctx.config = (heads, window_size, chunk_size, scale)
         ctx.mark_non_differentiable(states, z_states)
         return out, states, z_states
 
     @staticmethod
     def backward(ctx, dout, _dstates, _dz_states):
         q, k, v, phi_q, phi_k, factor, states, z_states, out, m, idx, den = ctx.saved_tensors
-        heads, window_size, chunk_size = ctx.config
+        heads, window_size, chunk_size, scale = ctx.config
         bh, n, d = q.shape
         nf = phi_q.shape[-1]
         nc, lookback = _launch_shape(chunk_size, window_size, n)
         dout = dout.contiguous()
         block_d, block_f = _block(d), _block(nf)
         dt = _dot_dtype(q.dtype)
-        scale = 1.0 / math.sqrt(d)
         common = dict(W=window_size, LOOKBACK=lookback, C=chunk_size, BLOCK_D=block_d, BLOCK_F=block_f, DT=dt,
                       **_launch_options(block_d, block_f, q.dtype))
         dq = torch.empty_like(q)
@@ -471,7 +470,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         # da_h = -sum_i dm_i / a_h  (see the module docstring)
         dfactor = -(dm.view(-1, heads, n).sum((0, 2))) / factor
         return (dq, dk, dv, dphi_q.to(phi_q.dtype), dphi_k.to(phi_k.dtype), dfactor.to(factor.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def _kernel_dtype(q, k, v) -> torch.dtype:
@@ -496,12 +495,23 @@ def _feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return phi.flatten(-2).to(x.dtype)
 
 
+def _scale(scale: float | None, head_dim: int) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _no_softcap(softcap):
+    # soft-capped scores (Gemma 2) run on the PyTorch forms; HybridAttention never sends them here
+    if softcap:
+        raise NotImplementedError("the Triton kernels do not soft-cap scores; use the chunked PyTorch form")
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
 
 def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, window_size=64, chunk_size=64,
-                            initial_state: HybridState | None = None, output_final_state=False):
+                            initial_state: HybridState | None = None, output_final_state=False, scale=None,
+                            softcap=None):
     """The chunked hybrid attention on Triton kernels: same signature and result as
     :func:`edge_lolcats.hybrid_attention.hybrid_attention_chunked`, differentiable in q, k, v, both
     feature-map weights and window_factor (an initial state enters as a constant).
@@ -510,6 +520,7 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
     dtype, the final state float32.
     """
     _check(q, k, v, fq_weight, fk_weight, window_factor, window_size)
+    _no_softcap(softcap)
     dtype = _kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.shape[2] == 0:
@@ -534,7 +545,8 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
     phi_q, phi_k = _feature_map(q, fq_weight), _feature_map(k, fk_weight)
     factor = torch.sigmoid(window_factor.float())
     out, states, z_states = HybridAttentionFunction.apply(
-        _flat(q), _flat(k), _flat(v), _flat(phi_q), _flat(phi_k), factor, kv0, z0, h, window_size, chunk_size)
+        _flat(q), _flat(k), _flat(v), _flat(phi_q), _flat(phi_k), factor, kv0, z0, h, window_size, chunk_size,
+        _scale(scale, d))
     out = out.view(b, h, n, d)[:, :, prefix:]
     state = None
     if output_final_state:
@@ -563,12 +575,14 @@ def _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, window_size, c
     return HybridState(kv, z, k_window, v_window, end)
 
 
-def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState):
+def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState, *, scale=None,
+                                 softcap=None):
     """One decode step on a fused kernel: same contract as
     :func:`edge_lolcats.hybrid_attention.hybrid_attention_step` (pure: the input state is kept)."""
     b, h, one, d = q.shape
     if one != 1:
         raise ValueError(f"a decode step takes one token; got q {tuple(q.shape)}")
+    _no_softcap(softcap)
     k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
     new = state.clone()
     for name in ("kv", "z", "k_window", "v_window"):
@@ -579,7 +593,7 @@ def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, s
     _decode_step[(b * h,)](q.contiguous(), k.contiguous(), v.contiguous(), fq_weight.contiguous(),
                            fk_weight.contiguous(), torch.sigmoid(window_factor.float()).contiguous(),
                            new.kv, new.z, new.k_window, new.v_window, out, state.position,
-                           h, d, f, 1.0 / math.sqrt(d), W=w, BLOCK_W=_block(w), BLOCK_D=_block(d),
+                           h, d, f, _scale(scale, d), W=w, BLOCK_W=_block(w), BLOCK_D=_block(d),
                            BLOCK_F=_block(f))
     new.position = state.position + 1
     return out, new

@@ -26,7 +26,14 @@ def repeat_kv_heads(x: np.ndarray, heads: int) -> np.ndarray:
     return x if x.shape[1] == heads else np.repeat(x, heads // x.shape[1], axis=1)
 
 
-def block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window, position: int):
+def window_scores(q, k, scale: float | None, softcap: float | None):
+    """scale * q.k^T (1/sqrt(D) by default), soft-capped if asked."""
+    s = np.matmul(q, k.transpose(0, 1, 3, 2)) * np.float32(scale if scale is not None else 1 / np.sqrt(q.shape[-1]))
+    return s if not softcap else np.tanh(s / np.float32(softcap)) * np.float32(softcap)
+
+
+def block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window, position: int, *,
+               scale=None, softcap=None):
     """T new tokens on the fixed state; returns (out [B, H, T, D], kv, z, k_window, v_window)."""
     b, h, t, d = q.shape
     w = k_window.shape[2]
@@ -42,7 +49,7 @@ def block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_
 
     phi_q = feature_map(q, fq_weight)
     phi_k = feature_map(k_ext, fk_weight)
-    scores = np.matmul(q, k_ext.transpose(0, 1, 3, 2)) / np.sqrt(d)
+    scores = window_scores(q, k_ext, scale, softcap)
     scores = np.where(in_window, scores, -np.inf)
     a_win = np.exp(scores - scores.max(-1, keepdims=True))
     a_lin = np.where(is_older, np.matmul(phi_q, phi_k.transpose(0, 1, 3, 2)), 0.0)
@@ -59,7 +66,8 @@ def block_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_
     return out, kv.astype(np.float32), z.astype(np.float32), k_ext[:, :, slot_to_ext], v_ext[:, :, slot_to_ext]
 
 
-def decode_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window, position: int):
+def decode_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v_window, position: int, *,
+                scale=None, softcap=None):
     """One new token (T = 1) on the fixed state, updating the state arrays in place.
 
     The same math as :func:`block_step` at T = 1, arranged for decode speed: the key at position
@@ -79,7 +87,7 @@ def decode_step(q, k, v, fq_weight, fk_weight, window_factor, kv, z, k_window, v
     v_window[:, :, slot] = repeat_kv_heads(v, h)[:, :, 0]
     filled = min(position + 1, w)
     keys, values = k_window[:, :, :filled], v_window[:, :, :filled]  # slot order: the sum needs no sorting
-    scores = np.matmul(q, keys.transpose(0, 1, 3, 2)) / np.sqrt(d)  # [B, H, 1, filled]
+    scores = window_scores(q, keys, scale, softcap)  # [B, H, 1, filled]
     a_win = np.exp(scores - scores.max(-1, keepdims=True))
     phi_q = feature_map(q, fq_weight)  # [B, H, 1, 2F]
     factor = (1 / (1 + np.exp(-window_factor)))[None, :, None, None]

@@ -1,8 +1,9 @@
 """numpy engine over a ``lolcats`` GGUF export. No torch.
 
 Weights are dequantized to float32 once at load (memory-mapped file, then one float32 copy); the
-decoder runs block by block on the fixed state with :func:`hybrid_numpy.block_step`. Same call
-shape as the ONNX engine: ``run(tokens, state) -> (logits of the last token [B, V], new state)``.
+decoder is the model's one definition (:mod:`edge_lolcats.arch.block`) run on numpy arrays, its
+attention :func:`hybrid_numpy.block_step` on the fixed state. Same call shape as the ONNX engine:
+``run(tokens, state) -> (logits of the last token [B, V], new state)``.
 
 ``weights="stored"`` keeps q8_0 matrices as stored instead (int8 blocks and their scales, a
 quarter of the float32 memory) and multiplies through them: the other side of the trade-off,
@@ -12,11 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..converters import gguf_names as names
-from ..gguf_io import ModelFileError, read_gguf
-from ..tokenizer import Tokenizer
+from types import SimpleNamespace
+
+from edge_lolcats.arch import ArchitectureError, args_from_gguf, block
+from edge_lolcats.arch.ops import NUMPY
+from edge_lolcats.arch.state import PARTS, StateLayout
+from edge_lolcats.arch.state import name as state_name
+from edge_lolcats.converters import gguf_names as names
+from edge_lolcats.gguf_io import ModelFileError, read_gguf
+from edge_lolcats.tokenizer import Tokenizer
+
 from .hybrid_numpy import block_step, decode_step
-from .state import STATE_PARTS, State, empty_state
+from .state import State, empty_state
 
 
 class Q8Matrix:
@@ -54,16 +62,52 @@ class Q8Matrix:
         return y.reshape(*lead, self.shape[0]).astype(np.float32, copy=False)
 
 
-def _mm(x: np.ndarray, w) -> np.ndarray:
-    """x @ w for a float32 matrix stored transposed [in, out], or a :class:`Q8Matrix` [out, in]."""
-    return w.rmatmul(x) if isinstance(w, Q8Matrix) else x @ w
+class Table:
+    """A float32 matrix [out, in] used both ways: embedding rows, and x @ W.T through a transposed
+    view (BLAS reads it as it is: no second copy of a tied vocabulary matrix)."""
+
+    def __init__(self, w: np.ndarray):
+        self.w, self.shape = w, w.shape
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.w[ids]
+
+    def rmatmul(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.w.T
+
+
+class Dense:
+    """A float32 linear layer's matrix [out, in], stored transposed for x @ W.T, optional bias."""
+
+    def __init__(self, w: np.ndarray, bias: np.ndarray | None = None):
+        self.t, self.bias, self.shape = np.ascontiguousarray(w.T), bias, w.shape
+
+    def rmatmul(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.t
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class Biased:
+    """A :class:`Q8Matrix` plus a float32 bias."""
+
+    def __init__(self, matrix, bias: np.ndarray):
+        self.matrix, self.bias, self.shape = matrix, bias, matrix.shape
+
+    def rmatmul(self, x: np.ndarray) -> np.ndarray:
+        return self.matrix.rmatmul(x) + self.bias
 
 
 WEIGHT_MODES = ("float32", "stored")
+# projections run as one matrix each: fewer, larger products per token
+FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
 class GGUFEngine:
     def __init__(self, path: str, weights: str = "float32"):
+        from gguf import GGMLQuantizationType
+
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
         gguf = read_gguf(path)
@@ -72,88 +116,87 @@ class GGUFEngine:
                                  f"{names.LOLCATS_ARCH!r} files (export a linearized model)")
         key = gguf.arch_key
         try:
-            self.layers = int(key("block_count"))
-            self.heads = int(key("attention.head_count"))
-            self.kv_heads = int(key("attention.head_count_kv", self.heads))
-            self.hidden = int(key("embedding_length"))
-            self.head_dim = int(key("attention.key_length") or self.hidden // self.heads)
-            self.window_size = int(key("attention.window_size"))
-            self.feature_dim = int(key("attention.feature_dim"))
-            self.eps = float(key("attention.layer_norm_rms_epsilon", 1e-5))
-            theta = float(key("rope.freq_base", 10000.0))
-        except TypeError:
-            raise ModelFileError(f"{path}: missing {names.LOLCATS_ARCH} metadata") from None
+            self.args = args = args_from_gguf(gguf.metadata, set(gguf.tensors))
+            self.lolcats = {"window_size": int(key("attention.window_size")),
+                            "feature_dim": int(key("attention.feature_dim"))}
+        except (TypeError, ArchitectureError) as e:
+            raise ModelFileError(f"{path}: missing or bad {names.LOLCATS_ARCH} metadata ({e})") from None
         if key("rope.qk_permuted"):
             raise ModelFileError(f"{path}: q/k rows permuted for llama.cpp; this runtime expects them unpermuted")
-        self.inv_freq = 1.0 / theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        self.layout = StateLayout.of(args, self.lolcats)
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         self.path = path
-        self.fingerprint = gguf.arch_key("model_fingerprint")
-        self.max_position_embeddings = int(key("context_length", 0)) or None
+        self.fingerprint = key("model_fingerprint")
+        self.max_position_embeddings = args.max_position_embeddings
+
         def t(name):  # an owned float32 copy, so the mapped file's pages can be let go
             array = gguf.tensor(name)
             return array if array.flags.writeable else np.array(array)  # read-only: a view of the file
 
-        from gguf import GGMLQuantizationType
-
-        def matrix(name):  # a linear layer's weight: float32, or q8_0 as stored
+        def stored(name):  # q8_0 as stored (weights="stored"), else float32
             tensor = gguf.tensors.get(name)
             if weights == "stored" and tensor is not None and tensor.tensor_type == GGMLQuantizationType.Q8_0:
                 return Q8Matrix.from_gguf(tensor)
-            return t(name)
+            return None
 
-        self.embed = matrix("token_embd.weight")
-        self.output = matrix("output.weight") if "output.weight" in gguf.tensors else self.embed
+        def linear(names_, layer_part):  # one linear layer, or several fused along the output axis
+            ggnames = [names.layer_tensor(i, f"{layer_part}.{n}") for n in names_]
+            bias_names = [g[: -len("weight")] + "bias" for g in ggnames]
+            bias = np.concatenate([t(b) for b in bias_names]) if bias_names[0] in gguf.tensors else None
+            q8 = [stored(g) for g in ggnames]
+            if all(m is not None for m in q8):
+                matrix = Q8Matrix.concat(q8) if len(q8) > 1 else q8[0]
+                return matrix if bias is None else Biased(matrix, bias)
+            # the parts are dropped as soon as they are joined: holding them cost 50 MB of RSS (malloc)
+            return Dense(np.concatenate([t(g) for g in ggnames]) if len(ggnames) > 1 else t(ggnames[0]), bias)
+
+        self.embed = stored("token_embd.weight") or Table(t("token_embd.weight"))
+        self.head = (stored("output.weight") or Table(t("output.weight"))) if "output.weight" in gguf.tensors \
+            else self.embed
         self.weights = names.file_type_name(gguf.metadata.get("general.file_type"))
         if weights == "stored" and isinstance(self.embed, Q8Matrix):
             self.weights += " as stored"
         self.norm = t("output_norm.weight")
-        self.blocks = []
-        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i in range(self.layers):
-            p = f"blk.{i}."
-            block = {n: t(p + n + ".weight") for n in ("attn_norm", "ffn_norm", "attn_fmap_q", "attn_fmap_k",
-                                                      "attn_window_factor")}
-            block.update({n: matrix(p + n + ".weight") for n in ("attn_q", "attn_k", "attn_v", "attn_output",
-                                                                 "ffn_gate", "ffn_up", "ffn_down")})
-            expect = {"attn_q": (q_rows, self.hidden), "attn_k": (kv_rows, self.hidden),
-                      "attn_v": (kv_rows, self.hidden), "attn_output": (self.hidden, q_rows),
-                      "attn_fmap_q": (self.heads, self.head_dim, self.feature_dim),
-                      "attn_fmap_k": (self.heads, self.head_dim, self.feature_dim),
-                      "attn_window_factor": (self.heads,)}
-            for n, shape in expect.items():
-                if block[n].shape != shape:
-                    raise ModelFileError(f"{path}: {p}{n} has shape {block[n].shape}, expected {shape}")
-            # one matrix for q, k, v and one for gate, up: fewer, larger products per token
-            # (the parts are popped as they are joined: holding them longer cost 50 MB of RSS, malloc)
-            qkv, gate_up = ("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")
-            if isinstance(block["attn_q"], Q8Matrix):
-                block["qkv"] = Q8Matrix.concat([block.pop(n) for n in qkv])
-                block["gate_up"] = Q8Matrix.concat([block.pop(n) for n in gate_up])
-            else:  # float32, stored transposed for x @ W
-                block["qkv"] = np.ascontiguousarray(np.concatenate([block.pop(n) for n in qkv]).T)
-                block["gate_up"] = np.ascontiguousarray(np.concatenate([block.pop(n) for n in gate_up]).T)
-                block["attn_output"] = np.ascontiguousarray(block["attn_output"].T)
-                block["ffn_down"] = np.ascontiguousarray(block["ffn_down"].T)
-            biases = [p + n + ".bias" for n in ("attn_q", "attn_k", "attn_v")]
-            block["qkv_bias"] = (np.concatenate([t(b) for b in biases]) if biases[0] in gguf.tensors else None)
-            self.blocks.append(block)
+        self.layers = []
+        norms = ["attn_norm", "ffn_norm"] + (["attn_post_norm", "ffn_post_norm"] if args.sandwich_norms else [])
+        for i in range(args.num_layers):
+            attn = SimpleNamespace(
+                o_proj=linear(("o_proj",), "self_attn"),
+                fused={FUSED["self_attn"]: (linear(FUSED["self_attn"], "self_attn"),
+                                            [args.q_size, args.kv_size, args.kv_size])},
+                feature_map_q=t(names.layer_tensor(i, "self_attn.feature_map_q")),
+                feature_map_k=t(names.layer_tensor(i, "self_attn.feature_map_k")),
+                window_factor=t(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight"))
+            if args.qk_norm:
+                attn.q_norm = t(names.layer_tensor(i, "self_attn.q_norm"))
+                attn.k_norm = t(names.layer_tensor(i, "self_attn.k_norm"))
+            mlp = SimpleNamespace(down_proj=linear(("down_proj",), "mlp"),
+                                  fused={FUSED["mlp"]: (linear(FUSED["mlp"], "mlp"), [args.intermediate_size] * 2)})
+            layer = SimpleNamespace(self_attn=attn, mlp=mlp, **{n: t(names.layer_tensor(i, n)) for n in norms})
+            self._check_layer(i, layer)
+            self.layers.append(layer)
             gguf.release_pages()  # peak RSS: the float32 weights, not those plus the whole file
-        # a view: BLAS reads it transposed, no second vocabulary matrix
-        self.output_t = self.output if isinstance(self.output, Q8Matrix) else self.output.T
-        del self.output
 
     format = "gguf"
 
+    def _check_layer(self, i: int, layer):
+        a, attn = self.args, layer.self_attn
+        fused, _ = attn.fused[FUSED["self_attn"]]
+        expect = {"q/k/v": (fused.shape, (a.q_size + 2 * a.kv_size, a.hidden_size)),
+                  "attn_output": (attn.o_proj.shape, (a.hidden_size, a.q_size)),
+                  "attn_fmap_q": (attn.feature_map_q.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
+                  "attn_fmap_k": (attn.feature_map_k.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
+                  "attn_window_factor": (attn.window_factor.shape, (a.num_heads,))}
+        for n, (got, want) in expect.items():
+            if tuple(got) != tuple(want):
+                raise ModelFileError(f"{self.path}: blk.{i}.{n} has shape {tuple(got)}, expected {want}")
+
     def empty_state(self, batch: int = 1) -> State:
-        return empty_state(self.layers, self.heads, self.head_dim, self.feature_dim, self.window_size, batch)
+        return empty_state(self.layout, batch)
 
     @property
     def state_bytes(self) -> int:
-        return self.empty_state().nbytes
-
-    def _rms(self, x, weight):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * weight
+        return self.layout.bytes_per_sequence
 
     def run(self, tokens, state: State):
         """Feed ``tokens`` ([T] or [B, T]) after ``state``, which is updated in place and returned
@@ -161,40 +204,26 @@ class GGUFEngine:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
-        b, t = ids.shape
+        t = ids.shape[1]
         if t == 0:
             raise ValueError("no tokens to run")
-        x = self.embed.rows(ids) if isinstance(self.embed, Q8Matrix) else self.embed[ids]  # [B, T, hidden]
-        angles = (state.position + np.arange(t))[:, None] * self.inv_freq[None, :]
-        emb = np.concatenate([angles, angles], -1)
-        cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)  # [T, D]
-        half = self.head_dim // 2
-        q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
+        args, xp, tensors = self.args, NUMPY, state.tensors
+        rotate = block.rotations(xp, args, state.position + np.arange(t))
+        x = block.embed(xp, args, self.embed, ids)  # [B, T, hidden]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
 
-        def rope(a):  # [B, H, T, D], half-split layout
-            rotated = np.concatenate([-a[..., half:], a[..., :half]], -1)
-            return a * cos + rotated * sin
+            def attend(q, k, v, i=i, attn=attn):
+                s = [tensors[state_name(i, p)] for p in PARTS]
+                weights = (attn.feature_map_q, attn.feature_map_k, attn.window_factor)
+                options = dict(scale=args.attention_scale, softcap=args.attn_softcap)
+                if t == 1:  # updates the state's arrays in place
+                    return decode_step(q, k, v, *weights, *s, state.position, **options)
+                out, *s = block_step(q, k, v, *weights, *s, state.position, **options)
+                tensors.update({state_name(i, p): a for p, a in zip(PARTS, s)})
+                return out
 
-        tensors = state.tensors
-        for i, blk in enumerate(self.blocks):
-            h = self._rms(x, blk["attn_norm"])
-            qkv = _mm(h, blk["qkv"])
-            if blk["qkv_bias"] is not None:
-                qkv += blk["qkv_bias"]
-            q = rope(qkv[..., :q_end].reshape(b, t, self.heads, self.head_dim).transpose(0, 2, 1, 3))
-            k = rope(qkv[..., q_end:k_end].reshape(b, t, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3))
-            v = qkv[..., k_end:].reshape(b, t, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-            s = [tensors[f"state.{i}.{p}"] for p in STATE_PARTS]
-            args = (q, k, v, blk["attn_fmap_q"], blk["attn_fmap_k"], blk["attn_window_factor"])
-            if t == 1:
-                out = decode_step(*args, *s, state.position)
-            else:
-                out, *s = block_step(*args, *s, state.position)
-                tensors.update({f"state.{i}.{p}": a for p, a in zip(STATE_PARTS, s)})
-            x = x + _mm(out.transpose(0, 2, 1, 3).reshape(b, t, -1), blk["attn_output"])
-            gate, up = np.split(_mm(self._rms(x, blk["ffn_norm"]), blk["gate_up"]), 2, axis=-1)
-            x = x + _mm((gate / (1 + np.exp(-gate))) * up, blk["ffn_down"])
-        logits = _mm(self._rms(x[:, -1], self.norm), self.output_t)
+            x = block.layer(xp, args, layer, x, rotate[args.layer_types[i]], attend)
+        logits = block.logits(xp, args, self.norm, self.head, x[:, -1])
         state.position += t
         return logits, state
-

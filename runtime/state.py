@@ -1,7 +1,6 @@
-"""The recurrent state the runtime engines carry: named float32 arrays plus the position.
-
-Names follow the ONNX graph (``state.{i}.kv``, ``state.{i}.z``, ``state.{i}.k_window``,
-``state.{i}.v_window``), so both engines keep the same state.
+"""The recurrent state the runtime engines carry: named float32 arrays plus the position, laid
+out as :mod:`edge_lolcats.arch.state` says (the ONNX graphs' input names), so both engines keep
+the same state.
 """
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-STATE_PARTS = ("kv", "z", "k_window", "v_window")
-
+from edge_lolcats.arch.state import DTYPE, StateLayout
 
 @dataclass
 class State:
@@ -26,11 +24,8 @@ class State:
         return State({n: a.copy() for n, a in self.tensors.items()}, self.position)
 
 
-def empty_state(layers: int, heads: int, head_dim: int, feature_dim: int, window_size: int, batch: int = 1) -> State:
-    shapes = {"kv": (heads, 2 * feature_dim, head_dim), "z": (heads, 2 * feature_dim),
-              "k_window": (heads, window_size, head_dim), "v_window": (heads, window_size, head_dim)}
-    return State({f"state.{i}.{p}": np.zeros((batch,) + shapes[p], np.float32)
-                  for i in range(layers) for p in STATE_PARTS}, 0)
+def empty_state(layout: StateLayout, batch: int = 1) -> State:
+    return State({n: np.zeros(shape, np.dtype(DTYPE)) for n, shape in layout.shapes(batch).items()}, 0)
 
 
 # --- state files: a session saved to disk and resumed later -------------------------------------

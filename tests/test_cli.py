@@ -17,11 +17,11 @@ def assert_one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, smol_tokenizer):
     """A linearized checkpoint of a tiny random llama, written by the CLI."""
-    from conftest import tiny_model
+    from conftest import hf_tiny_model
 
     folder = tmp_path_factory.mktemp("cli")
     base = folder / "tiny-base"
-    tiny_model().save_pretrained(base, safe_serialization=True)
+    hf_tiny_model().save_pretrained(base, safe_serialization=True)
     smol_tokenizer.save(str(base))
     out = folder / "tiny-lolcats"
     r = run_cli("linearize", "--base", str(base), "--out", str(out), "--window-size", "8", "--feature-dim", "8")
@@ -59,9 +59,26 @@ def test_info(tiny_ckpt):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["linearized"] and info["lolcats"]["window_size"] == 8 and info["kind"] == "lolcats-checkpoint"
+    assert info["family"] == "llama" and info["layer_plan"] == ["hybrid", "hybrid"]
+    assert len(set(info["state_bytes_at"].values())) == 1  # fixed at every context length
     r = run_cli("info", base, "--json")
     info = json.loads(r.stdout)
     assert not info["linearized"] and info["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert info["layer_plan"] == ["softmax", "softmax"]
+    assert info["state_bytes_at"]["8192"] == 8192 * info["kv_cache_bytes_per_token"]
+    r = run_cli("info", base)  # the human-readable table names the plan in runs
+    assert r.returncode == 0 and "softmax x2" in r.stdout
+
+
+def test_info_shows_the_base_windows_of_gemma(tiny_model_dir):
+    folder, _ = tiny_model_dir("gemma3_text")
+    r = run_cli("info", folder, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["family"] == "gemma3"
+    assert info["layer_plan"] == ["softmax-window(16)", "softmax", "softmax-window(16)"]
+    per_layer = info["kv_cache_bytes_per_token"] // 3
+    assert info["state_bytes_at"]["8192"] == per_layer * (16 + 8192 + 16)
 
 
 def test_bad_input(tiny_ckpt, tmp_path):

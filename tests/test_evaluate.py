@@ -18,7 +18,7 @@ def reference_ppl(model, corpus, n_seq):
     nll = []
     with torch.no_grad():
         for seq in torch.from_numpy(corpus.heldout[:n_seq]):
-            logp = model(seq[None]).logits[0, :-1].log_softmax(-1)
+            logp = forward(model, seq[None])[0][0, :-1].log_softmax(-1)
             nll.append(-logp.gather(-1, seq[1:, None])[:, 0])
     return math.exp(torch.cat(nll).mean().item())
 

@@ -35,7 +35,7 @@ def make_inputs(b, h, h_kv, n, d, f, dtype, seed, scale=1.0):
     return q, k, v, fq, fk, wf
 
 
-def brute_force(q, k, v, fq, fk, wf, window_size):
+def brute_force(q, k, v, fq, fk, wf, window_size, scale=None, softcap=None):
     """Per-query Python loop straight from the formula in the module docstring."""
     b, h, n, d = q.shape
     rep = h // k.shape[1]
@@ -49,7 +49,9 @@ def brute_force(q, k, v, fq, fk, wf, window_size):
             a = torch.sigmoid(wf[hi].double())
             for i in range(n):
                 win = list(range(max(0, i - window_size + 1), i + 1))
-                s = torch.stack([qh[i] @ kh[j] / math.sqrt(d) for j in win])
+                s = torch.stack([qh[i] @ kh[j] * (scale or 1 / math.sqrt(d)) for j in win])
+                if softcap:
+                    s = softcap * torch.tanh(s / softcap)
                 e = torch.exp(s - s.max())
                 num = a * sum(e[t] * vh[j] for t, j in enumerate(win))
                 den = a * e.sum()
@@ -88,6 +90,43 @@ def test_reference_matches_brute_force():
     expected = brute_force(*args, window_size=4)
     out, _ = hybrid_attention_reference(*args, window_size=4)
     assert_close(out, expected, "reference vs brute force", **TOL[torch.float64])
+
+
+def test_score_scale_and_softcap_in_every_form():
+    """Gemma's options (a scale other than 1/sqrt(D), soft-capped scores) against the loop, in every
+    form: reference, chunked, recurrent, the export's block and decode steps, and numpy's."""
+    import numpy as np
+
+    from edge_lolcats.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
+    from edge_lolcats.runtime import hybrid_numpy
+
+    seed = torch.seed() % 2**31
+    q, k, v, fq, fk, wf = make_inputs(1, 4, 2, 23, 8, 6, torch.float64, seed=seed, scale=3.0)
+    options = dict(scale=0.21, softcap=2.5)
+    expected = brute_force(q, k, v, fq, fk, wf, window_size=5, **options)
+    plain = brute_force(q, k, v, fq, fk, wf, window_size=5)
+    assert (expected - plain).abs().max() > 1e-2  # the options matter on these inputs
+    for name, form in FORMS.items():
+        out, _ = form(q, k, v, fq, fk, wf, window_size=5, chunk_size=4, **options)
+        assert_close(out, expected, f"{name} (seed {seed})", **TOL[torch.float64])
+    empty = empty_state(1, 4, 8, 6, 5, dtype=torch.float64)
+    state = (empty.kv, empty.z, empty.k_window, empty.v_window)
+    outs, np_state, np_outs = [], [a.numpy().copy() for a in state], []
+    for i in range(23):
+        t = slice(i, i + 1)
+        step = hybrid_attention_decode_step if i % 2 else hybrid_attention_block_step
+        out, *state = step(q[:, :, t], k[:, :, t], v[:, :, t], fq, fk, wf, *state, torch.tensor(i), **options)
+        outs.append(out)
+        np_args = [x[:, :, t].numpy() for x in (q, k, v)] + [fq.numpy(), fk.numpy(), wf.numpy()]
+        if i % 2:
+            np_outs.append(hybrid_numpy.decode_step(*np_args, *np_state, i, **options))
+        else:
+            o, *np_state = hybrid_numpy.block_step(*np_args, *np_state, i, **options)
+            np_outs.append(o)
+    assert_close(torch.cat(outs, 2), expected, f"block/decode steps (seed {seed})", **TOL[torch.float64])
+    # numpy casts its outputs to float32
+    assert_close(torch.from_numpy(np.concatenate(np_outs, 2)), expected, f"numpy steps (seed {seed})",
+                 **TOL[torch.float32])
 
 
 CASES = [

@@ -151,12 +151,12 @@ def test_rejects_what_the_kernels_cannot_take():
 
 def test_model_dispatch(monkeypatch):
     """chunked runs on PyTorch on the CPU and on the kernels on CUDA; the environment forces any form."""
-    from edge_lolcats.model import ATTENTION_FORM_ENV, HybridAttention
+    from edge_lolcats.arch import ModelArgs
+    from edge_lolcats.model import ATTENTION_FORM_ENV, Attention, HybridAttention
 
-    base = torch.nn.Module()
-    for name, (i, o) in {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32)}.items():
-        setattr(base, name, torch.nn.Linear(i, o, bias=False))
-    attn = HybridAttention(base, heads=2, kv_heads=1, head_dim=16, window_size=8, feature_dim=8, chunk_size=16)
+    args = ModelArgs(family="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1, num_heads=2,
+                     num_kv_heads=1, head_dim=16)
+    attn = HybridAttention(Attention(args), args, 0, window_size=8, feature_dim=8, chunk_size=16)
     q = torch.randn(1, 2, 30, 16)
     assert attn.resolved_form(q) == "chunked"
     if torch.cuda.is_available():

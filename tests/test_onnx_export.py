@@ -230,17 +230,16 @@ def test_weights_are_mapped_and_embedding_rows_do_not_stay_resident(tiny_export)
 
 
 def test_rope_matrix_is_apply_rope():
-    """The decode graph's rotary embedding as one matrix equals the model's apply_rope (float64,
-    random positions and head dims)."""
+    """The decode graph's rotary embedding as one matrix equals the block's apply_rope (float64,
+    random positions and head dims, full and partial rotary)."""
+    from edge_lolcats.arch import block
+    from edge_lolcats.arch.ops import TorchOps
     from edge_lolcats.converters.onnx_export import rope_matrix
-    from edge_lolcats.model import apply_rope
 
-    for d in (8, 64):
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    for d, rot in ((8, 8), (64, 64), (16, 8)):
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
         angles = torch.randint(0, 100_000, ()).double() * inv_freq
         cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
-        q, k = torch.randn(1, 3, 1, d, dtype=torch.float64), torch.randn(1, 2, 1, d, dtype=torch.float64)
-        q_ref, k_ref = apply_rope(q, k, cos[None, None], sin[None, None])
-        rotation = rope_matrix(cos, sin)
-        torch.testing.assert_close(q @ rotation, q_ref, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(k @ rotation, k_ref, rtol=1e-12, atol=1e-12)
+        for x in (torch.randn(1, 3, 1, d, dtype=torch.float64), torch.randn(1, 2, 1, d, dtype=torch.float64)):
+            expected = block.apply_rope(TorchOps(), x, cos, sin)
+            torch.testing.assert_close(x @ rope_matrix(cos, sin, d), expected, rtol=1e-12, atol=1e-12)

@@ -32,9 +32,16 @@ def test_gguf_loader_matches_transformers(smollm2):
     path = smollm2.path
     ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                dtype=torch.float32)
+    from edge_lolcats.arch import weights_from_hf
+
     ours = smollm2.model.state_dict()
-    for name, tensor in ref.state_dict().items():
+    for name, tensor in weights_from_hf(smollm2.model.args, "llama", ref.state_dict()).items():
         assert torch.equal(ours[name], tensor), name
+    # and our one definition of the block computes what transformers' Llama does
+    x = torch.randint(3, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (forward(smollm2.model, x)[0] - ref(x).logits).abs().max().item()
+    assert diff < LOGIT_ATOL, f"max logit difference {diff}"
 
 
 def test_teacher_answers_sensibly(smollm2, chat_prompt):
@@ -47,7 +54,7 @@ def test_large_window_linearized_smollm2_equals_teacher(smollm2, chat_prompt):
     student = linearize(copy.deepcopy(teacher), window_size=128)  # prompt (37) + 64 new tokens fit
     x = torch.tensor([chat_prompt])
     with torch.no_grad():
-        expected = teacher(x).logits
+        expected, _ = forward(teacher, x)
         got, _ = forward(student, x)
     diff = (got - expected).abs().max().item()
     assert diff < LOGIT_ATOL, f"max logit difference {diff}"

@@ -97,7 +97,9 @@ def test_stored_q8_0_weights_compute_the_same_logits(tmp_path, smol_tokenizer):
     path = str(tmp_path / "m.q8_0.gguf")
     export_gguf(linearize(tiny_model("qwen2"), window_size=8, feature_dim=8), smol_tokenizer, path, dtype="q8_0")
     full, stored = GGUFEngine(path), GGUFEngine(path, weights="stored")
-    assert isinstance(stored.blocks[0]["qkv"], Q8Matrix) and isinstance(stored.embed, Q8Matrix)
+    qkv = ("q_proj", "k_proj", "v_proj")
+    assert isinstance(stored.layers[0].self_attn.fused[qkv][0].matrix, Q8Matrix)  # qwen2: with biases
+    assert isinstance(stored.embed, Q8Matrix)
     assert stored.weights.endswith("as stored") and not full.weights.endswith("as stored")
     tokens = np.random.default_rng().integers(0, 49152, 20)
     a, b = full.empty_state(), stored.empty_state()

@@ -34,7 +34,7 @@ def heldout_text(shipped):
 
 
 def test_name_resolves_to_the_trained_delta(shipped):
-    cfg = shipped.model.config.lolcats
+    cfg = shipped.model.lolcats
     assert shipped.kind == "lolcats-checkpoint" and cfg["layout"] == "delta" and cfg["base"] == "smollm2-135m"
     assert len(lora_modules(shipped.model)) == 30 * 4
     # trained, not the identity initialisation: LoRA B is zero-initialised, window factors start equal
@@ -54,7 +54,7 @@ def test_trained_model_beats_the_untrained_linearization_beyond_the_window(shipp
         logits, _ = forward(model, ids, with_state=False)
         return torch.nn.functional.cross_entropy(logits[0, 64:-1], ids[0, 65:]).item()
 
-    teacher = smollm2.model(ids).logits
+    teacher, _ = forward(smollm2.model, ids, with_state=False)
     teacher_nll = torch.nn.functional.cross_entropy(teacher[0, 64:-1], ids[0, 65:]).item()
     trained, baseline = nll(shipped.model), nll(untrained)
     assert trained < baseline - 0.5, (trained, baseline)

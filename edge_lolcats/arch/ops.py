@@ -1,0 +1,153 @@
+"""The array namespaces the block runs on: :data:`NUMPY` (the torch-free runtime) and
+:class:`TorchOps` (the PyTorch model, training, ONNX tracing). Both spell the same few operations;
+how a backend stores a linear layer's weight is its own business (``linear``/``linears``).
+
+torch is imported only when a :class:`TorchOps` is made, so the runtime can import this module.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class NumpyOps:
+    """numpy arrays, float32. A linear weight is any object with ``rmatmul(x) -> x @ W.T`` (and
+    ``bias``); a parent module may offer ``fused[names] = (weight, sizes)`` to do several at once."""
+
+    name = "numpy"
+
+    @staticmethod
+    def asarray(a):
+        return np.asarray(a)
+
+    @staticmethod
+    def rsqrt(x):
+        return 1.0 / np.sqrt(x)
+
+    @staticmethod
+    def mean(x, axis):
+        return x.mean(axis, keepdims=True)
+
+    @staticmethod
+    def norm_weight(w):
+        return w
+
+    tanh, cos, sin = staticmethod(np.tanh), staticmethod(np.cos), staticmethod(np.sin)
+
+    @staticmethod
+    def outer(positions, inv_freq):
+        # float64 angles, then float32 tables: exact far past the positions float32 can count
+        return np.outer(np.asarray(positions, np.float64), inv_freq.astype(np.float64)).astype(np.float32)
+
+    @staticmethod
+    def concat(parts, axis):
+        return np.concatenate(parts, axis)
+
+    @staticmethod
+    def embedding(table, ids):
+        return table.rows(ids)
+
+    @staticmethod
+    def scalar_like(x, value):
+        return np.float32(value)
+
+    @staticmethod
+    def linear(w, x):
+        return w.rmatmul(x)
+
+    @classmethod
+    def linears(cls, parent, names, x):
+        fused = getattr(parent, "fused", None) or {}
+        if names in fused:
+            weight, sizes = fused[names]
+            return np.split(weight.rmatmul(x), np.cumsum(sizes)[:-1], axis=-1)
+        return [cls.linear(getattr(parent, n), x) for n in names]
+
+    @staticmethod
+    def split_heads(x, heads, head_dim):  # [B, T, H * D] -> [B, H, T, D]
+        b, t, _ = x.shape
+        return x.reshape(b, t, heads, head_dim).transpose(0, 2, 1, 3)
+
+    @staticmethod
+    def merge_heads(x):  # [B, H, T, D] -> [B, T, H * D]
+        b, h, t, d = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+    @staticmethod
+    def activation(name, x):
+        if name == "silu":
+            return x / (1 + np.exp(-x))
+        return 0.5 * x * (1 + np.tanh(np.float32(_GELU_C) * (x + np.float32(0.044715) * x * x * x)))
+
+
+NUMPY = NumpyOps()
+
+
+class TorchOps:
+    """torch tensors on ``device``. Linear weights are modules (``nn.Linear``, LoRA layers), called;
+    a parent may offer ``fused[names] = (module, sizes)``; norms are modules with ``.weight``."""
+
+    name = "torch"
+
+    def __init__(self, device=None):
+        import torch
+        import torch.nn.functional as F
+
+        self.torch, self.F, self.device = torch, F, device
+
+    def asarray(self, a):
+        return self.torch.as_tensor(a, device=self.device)
+
+    def rsqrt(self, x):
+        return self.torch.rsqrt(x)
+
+    def mean(self, x, axis):
+        return x.mean(axis, keepdim=True)
+
+    def norm_weight(self, w):
+        return w.weight if hasattr(w, "weight") else w
+
+    def tanh(self, x):
+        return self.torch.tanh(x)
+
+    def cos(self, x):
+        return x.cos()
+
+    def sin(self, x):
+        return x.sin()
+
+    def outer(self, positions, inv_freq):
+        return positions.float()[:, None] * inv_freq.float()[None, :]  # float32, as transformers
+
+    def concat(self, parts, axis):
+        return self.torch.cat(parts, axis)
+
+    def embedding(self, table, ids):
+        return table(ids)
+
+    def scalar_like(self, x, value):
+        return self.torch.tensor(value, dtype=x.dtype)  # Gemma: the scale rounded to the hidden dtype
+
+    def linear(self, w, x):
+        return w(x)
+
+    def linears(self, parent, names, x):
+        fused = getattr(parent, "fused", None) or {}
+        if names in fused:
+            module, sizes = fused[names]
+            return module(x).split(list(sizes), dim=-1)
+        return [getattr(parent, n)(x) for n in names]
+
+    def split_heads(self, x, heads, head_dim):
+        b, t, _ = x.shape
+        return x.reshape(b, t, heads, head_dim).transpose(1, 2)
+
+    def merge_heads(self, x):
+        b, h, t, d = x.shape
+        return x.transpose(1, 2).reshape(b, t, h * d)
+
+    def activation(self, name, x):
+        return self.F.silu(x) if name == "silu" else self.F.gelu(x, approximate="tanh")
