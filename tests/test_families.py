@@ -156,3 +156,86 @@ def test_hf_folder_loads_each_family(tiny_model_dir):
         with torch.no_grad():
             logits, _ = forward(loaded.model, ids)
         assert (logits - _hf_logits(hf, ids)).abs().max() < TOL, fam
+
+
+# llama.cpp's layout of each family: which architecture name its converter writes
+LLAMA_CPP_ARCH = {"llama": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+
+
+def _same_args(a, b) -> bool:
+    """Equal descriptions, floats compared at float32 precision (GGUF stores them as float32)."""
+    import dataclasses
+    import math
+
+    from edge_lolcats.arch import Rope
+
+    def same(x, y):
+        if isinstance(x, Rope):  # Llama 3.1's scaling travels as llama.cpp's per-frequency divisors
+            return isinstance(y, Rope) and x.dim == y.dim and np.allclose(x.inv_freq(), y.inv_freq(), rtol=1e-6)
+        if isinstance(x, float) or isinstance(y, float):
+            return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-6)
+        if dataclasses.is_dataclass(x):
+            return type(x) is type(y) and all(same(getattr(x, f.name), getattr(y, f.name))
+                                              for f in dataclasses.fields(x))
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (tuple, list)):
+            return len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
+        return x == y
+
+    diff = [f.name for f in dataclasses.fields(a) if not same(getattr(a, f.name), getattr(b, f.name))]
+    assert not diff, f"fields differ: {[(n, getattr(a, n), getattr(b, n)) for n in diff]}"
+    return True
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_file(family, tmp_path_factory, smol_tokenizer):
+    """Each family's softmax model written as llama.cpp's GGUF of that family (f32)."""
+    from edge_lolcats.converters.gguf_export import export_gguf
+
+    name, _, ours = family
+    folder = tmp_path_factory.mktemp(f"llama-cpp-{name}")
+    summary = export_gguf(ours, smol_tokenizer, str(folder / f"{name}.gguf"), dtype="f32")
+    return folder, f"{name}.gguf", summary
+
+
+def test_llama_cpp_gguf_of_each_family_loads_back_to_the_same_model(family, llama_cpp_file):
+    from edge_lolcats.loading import load_model
+    from edge_lolcats.model import forward
+
+    name, hf, ours = family
+    folder, file, summary = llama_cpp_file
+    assert summary["architecture"] == LLAMA_CPP_ARCH[name]
+    loaded = load_model(str(folder / file))
+    assert _same_args(loaded.model.args, ours.args), name  # the description survives llama.cpp's keys
+    ids = _ids(30, seed=6)
+    with torch.no_grad():
+        got, want = forward(loaded.model, ids)[0], forward(ours, ids)[0]
+    # Gemma's norms travel as 1 + w (float32 rounding of the sum, <= 6e-8 per weight)
+    assert (got - want).abs().max() < (1e-5 if "gemma" in name else 1e-6), f"{name}: {_worst(got, want)}"
+
+
+def test_transformers_reads_our_llama_cpp_files_to_the_same_weights(family, llama_cpp_file, tmp_path, smol_tokenizer):
+    """An independent reader of llama.cpp's layout (transformers' GGUF loader) finds the weights we
+    wrote: permuted q/k rows, Gemma's shifted norms, Phi-3's fused projections, llama.cpp's names.
+    Its own limits: it reads Qwen3's head_dim as 128 whatever the file says (so Qwen3 is checked
+    on a model with that head_dim) and no Llama biases (those are compared by our own reader)."""
+    import accelerate  # noqa: F401 - transformers needs it to read GGUF; it is in the dev extra
+    from transformers import AutoModelForCausalLM
+
+    from edge_lolcats.arch import weights_from_hf
+    from edge_lolcats.converters.gguf_export import export_gguf
+
+    name, _, ours = family
+    folder, file, _ = llama_cpp_file
+    if name == "qwen3":
+        ours, folder, file = ours_from_hf(hf_tiny_model("qwen3", head_dim=128)), tmp_path, "qwen3.gguf"
+        export_gguf(ours, smol_tokenizer, str(folder / file), dtype="f32")
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32)
+    read = weights_from_hf(ours.args, theirs.config.model_type, dict(theirs.state_dict()))
+    mine = ours.state_dict()
+    compared = [k for k in mine if k in read]
+    assert len(compared) >= len([k for k in mine if not k.endswith(".bias")]) - 1, name  # lm_head may be tied
+    for k in compared:  # Gemma's norms: (1 + w) - 1 in float32 is w to within 6e-8
+        torch.testing.assert_close(read[k], mine[k], atol=1e-7, rtol=0, msg=f"{name}: {k}")

@@ -178,3 +178,40 @@ def test_real_smollm2_gguf_parity(tmp_path):
     assert report["greedy_tokens_equal"] == 64 and report["max_logit_diff"] < 1e-3
     r = run_cli("export", str(ckpt), "--dtype", "q3_k", "--out", str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "unsupported --dtype" in r.stderr
+
+
+# llama.cpp's own quantizer (through llama-cpp-python's C API) writes the files people download;
+# bits per weight of each type's main format -> the relative RMS error its uniform quantizer
+# makes on Gaussian weights: step = (block range ~ 2 x 2.5 sigma) / (2^bits - 1), error step / sqrt(12),
+# times 1.25 for blocks with a wider range. Float formats: half an ulp, 2^-(mantissa bits + 1).
+LLAMA_CPP_TYPES = {"Q4_K_M": (["Q4_K", "Q6_K"], 4), "Q5_K_M": (["Q5_K", "Q6_K"], 5), "Q6_K": (["Q6_K"], 6),
+                   "Q8_0": (["Q8_0"], 8), "F16": (["F16"], None), "BF16": (["BF16"], None)}
+FLOAT_ERROR = {"F16": 2.0 ** -11, "BF16": 2.0 ** -8}
+
+
+def test_llama_cpp_quantizations_load_dequantized(tmp_path, smol_tokenizer):
+    """Files quantized by llama.cpp itself (K-quants included) load to the weights they encode."""
+    import ctypes
+
+    import llama_cpp
+
+    from conftest import hf_tiny_model, ours_from_hf
+
+    # rows of 256: K-quant super-blocks (llama.cpp falls back to other types for narrower rows)
+    ours = ours_from_hf(hf_tiny_model("qwen2", hidden_size=256, intermediate_size=512, head_dim=64,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    src = str(tmp_path / "f32.gguf")
+    export_gguf(ours, smol_tokenizer, src)
+    reference = {k: v for k, v in ours.state_dict().items() if v.dim() == 2}
+    for ftype, (types, bits) in LLAMA_CPP_TYPES.items():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
+        out = str(tmp_path / f"{ftype}.gguf")
+        assert llama_cpp.llama_model_quantize(src.encode(), out.encode(), ctypes.byref(params)) == 0, ftype
+        stored = {t.tensor_type.name for t in read_gguf(out).tensors.values()}
+        assert set(types) <= stored, (ftype, stored)  # the test exercises the formats it names
+        loaded = load_gguf(out)[0].state_dict()
+        bound = FLOAT_ERROR[ftype] if bits is None else 1.25 * 5 / (2 ** bits - 1) / 12 ** 0.5
+        for name, want in reference.items():
+            rel = float(((loaded[name] - want).pow(2).mean() / want.pow(2).mean()).sqrt())
+            assert rel < bound, f"{ftype} {name}: relative RMS error {rel:.4f} > {bound:.4f}"

@@ -29,6 +29,9 @@ class Rope:
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     original_max_position: int = 8192  # llama3
+    # per-frequency divisors of the inverse frequencies, as llama.cpp files carry Llama 3.1's
+    # scaling (a rope_freqs tensor); applied after ``kind``
+    freq_divisors: tuple = ()
 
     KINDS = ("default", "linear", "llama3")
 
@@ -48,7 +51,14 @@ class Rope:
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             inv = np.where(medium, smoothed, scaled).astype(np.float32)
+        if self.freq_divisors:
+            inv = (inv / np.asarray(self.freq_divisors, np.float32)).astype(np.float32)
         return inv
+
+    def llama3_divisors(self) -> tuple:
+        """This Rope's scaling as llama.cpp's per-frequency divisors (rope_freqs) of the default one."""
+        plain = replace(self, kind="default", freq_divisors=()).inv_freq()
+        return tuple(float(d) for d in plain / self.inv_freq())
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,8 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
         d = dict(d)
-        d["rope"] = {t: Rope(**r) for t, r in d.get("rope", {}).items()}
+        d["rope"] = {t: Rope(**{**r, "freq_divisors": tuple(r.get("freq_divisors", ()))})
+                     for t, r in d.get("rope", {}).items()}
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

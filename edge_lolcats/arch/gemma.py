@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import math
 
-from .args import ArchitectureError, ModelArgs
+
+from edge_lolcats.converters import gguf_names as names
+
+from .args import FULL, SLIDING, ArchitectureError, ModelArgs, Rope
+from .gguf import Convention, base_fields, base_keys, sliding_layers
 from .hf import common, rename_layer_parts
 
 MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
@@ -53,3 +57,53 @@ def weights_from_hf(args: ModelArgs, weights: dict) -> dict:
     if "lm_head.weight" not in text and "language_model.lm_head.weight" in weights:
         text["lm_head.weight"] = weights["language_model.lm_head.weight"]
     return rename_layer_parts(text, HF_RENAMES)
+
+
+# --- GGUF: llama.cpp's "gemma2" and "gemma3" ----------------------------------------------------
+
+GGUF = {"gemma2": Convention("gemma2", norm_shift=1.0, has_output=False),
+        "gemma3": Convention("gemma3", norm_shift=1.0)}
+GGUF_ARCHS = tuple(GGUF)
+# llama.cpp's defaults where a file is silent: the local-layer period, Gemma 2's soft-caps
+_PERIOD = {"gemma2": 2, "gemma3": 6}
+_LARGEST = {"gemma2": 46, "gemma3": 62}  # layers of the 27B models, whose scale is 1/sqrt(hidden/heads)
+
+
+def args_from_gguf(metadata: dict, arch: str, tensor_names, read_tensor=None) -> ModelArgs:
+    key = lambda k, default=None: metadata.get(k.format(arch=arch), default)  # noqa: E731
+    fields = base_fields(metadata, arch, tensor_names)
+    n, heads, hidden = fields["num_layers"], fields["num_heads"], fields["hidden_size"]
+    window = key(names.KEY_SLIDING_WINDOW)
+    if window:
+        local = sliding_layers(metadata, arch, n, _PERIOD[arch])
+        fields.update(layer_types=tuple(SLIDING if x else FULL for x in local), sliding_window=int(window))
+    if arch == "gemma3":  # local layers: their own base, no scaling
+        fields["rope"] = {FULL: fields["rope"][FULL],
+                          SLIDING: Rope(theta=float(key(names.KEY_ROPE_FREQ_BASE_SWA, 10000.0)),
+                                        dim=fields["rope"][FULL].dim)}
+    # query_pre_attn_scalar is not in llama.cpp's files; its rule, unless we wrote the scale
+    scale = key(names.KEY_ATTENTION_SCALE) or (
+        (hidden / heads) ** -0.5 if n == _LARGEST[arch] else fields["head_dim"] ** -0.5)
+    gemma2 = arch == "gemma2"
+    return ModelArgs(family=arch, **fields, norm_offset=1.0, sandwich_norms=True, qk_norm=not gemma2,
+                     activation="gelu_tanh", attention_scale=float(scale), embedding_scale=hidden ** 0.5,
+                     attn_softcap=float(key(names.KEY_ATTN_SOFTCAP, 50.0)) if gemma2 else None,
+                     final_softcap=(float(key(names.KEY_FINAL_SOFTCAP, 30.0)) if gemma2
+                                    else key(names.KEY_FINAL_SOFTCAP) or None))
+
+
+def gguf_keys(args: ModelArgs) -> tuple:
+    arch = args.family
+    keys = base_keys(args, arch)
+    k = lambda name: name.format(arch=arch)  # noqa: E731
+    keys[k(names.KEY_ATTENTION_SCALE)] = ("f32", args.attention_scale)
+    if args.sliding_window:
+        keys[k(names.KEY_SLIDING_WINDOW)] = ("u32", args.sliding_window)
+        keys[k(names.KEY_SLIDING_WINDOW_PATTERN)] = ("bools", [t == SLIDING for t in args.layer_types])
+    if arch == "gemma3" and SLIDING in args.rope:
+        keys[k(names.KEY_ROPE_FREQ_BASE_SWA)] = ("f32", args.rope[SLIDING].theta)
+    if args.attn_softcap:
+        keys[k(names.KEY_ATTN_SOFTCAP)] = ("f32", args.attn_softcap)
+    if args.final_softcap:
+        keys[k(names.KEY_FINAL_SOFTCAP)] = ("f32", args.final_softcap)
+    return GGUF[arch], keys

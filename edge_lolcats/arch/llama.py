@@ -6,7 +6,12 @@ puts them on q, k, v and o; ``mlp_bias`` on the MLP). Mistral is the same block;
 """
 from __future__ import annotations
 
-from .args import ModelArgs
+from dataclasses import replace
+
+from edge_lolcats.converters import gguf_names as names
+
+from .args import FULL, SLIDING, ArchitectureError, ModelArgs
+from .gguf import Convention, base_fields, base_keys
 from .hf import common, rename_layer_parts
 
 MODEL_TYPES = ("llama", "mistral")
@@ -25,49 +30,38 @@ def weights_from_hf(args: ModelArgs, weights: dict) -> dict:
 
 
 def _act(name: str) -> str:
-    from .args import ArchitectureError
-
     if name != "silu":
         raise ArchitectureError(f"activation {name!r} is not supported for this family (silu)")
     return "silu"
 
 
-# --- GGUF (llama.cpp's "llama" architecture; also our format-1 "lolcats" files) ------------------
+# --- GGUF: llama.cpp's "llama" architecture (Mistral too; also our format-1 "lolcats" files) ----
 
-GGUF_ARCHS = ("llama",)
+GGUF = {"llama": Convention("llama", permute_qk=True)}
+GGUF_ARCHS = tuple(GGUF)
 
 
-def args_from_gguf(metadata: dict, arch: str, tensor_names) -> ModelArgs:
-    """ModelArgs from a llama-architecture GGUF file's ``{arch}.*`` keys."""
-    from edge_lolcats.converters import gguf_names as names
+def args_from_gguf(metadata: dict, arch: str, tensor_names, read_tensor=None) -> ModelArgs:
+    """ModelArgs from a llama-architecture file's ``{arch}.*`` keys (a sliding window, which
+    llama.cpp's llama ignores, makes it Mistral; a rope_freqs tensor is Llama 3.1's scaling)."""
+    fields = base_fields(metadata, arch, tensor_names)
+    if names.ROPE_FREQS in tensor_names:
+        if read_tensor is None:
+            raise ArchitectureError("this file scales RoPE per frequency (rope_freqs); read it with its tensors")
+        rope = fields["rope"][FULL]
+        fields["rope"] = {FULL: replace(rope, freq_divisors=tuple(float(x) for x in read_tensor(names.ROPE_FREQS)))}
+    window = metadata.get(names.KEY_SLIDING_WINDOW.format(arch=arch))
+    if window:
+        fields.update(layer_types=(SLIDING,) * fields["num_layers"], sliding_window=int(window))
+    return ModelArgs(family="mistral" if window else "llama", **fields,
+                     qkv_bias="blk.0.attn_q.bias" in tensor_names, o_bias="blk.0.attn_output.bias" in tensor_names)
 
-    from .args import FULL, ArchitectureError, Rope
 
-    key = lambda k, default=None: metadata.get(k.format(arch=arch), default)  # noqa: E731
-    required = (names.KEY_EMBEDDING_LENGTH, names.KEY_BLOCK_COUNT, names.KEY_HEAD_COUNT, names.KEY_FEED_FORWARD_LENGTH)
-    missing = [k.format(arch=arch) for k in required if key(k) is None]
-    if missing:
-        raise ArchitectureError(f"missing metadata {', '.join(missing)}")
-    scaling = key("{arch}.rope.scaling.type")
-    if scaling not in (None, "none", "linear"):
-        raise ArchitectureError(f"RoPE scaling {scaling!r} is not supported (none, linear)")
-    if "rope_freqs.weight" in tensor_names:
-        raise ArchitectureError("per-frequency RoPE factors (rope_freqs, Llama 3.1+) are not read from GGUF yet; "
-                                "load the model's HF folder instead")
-    heads, hidden = int(key(names.KEY_HEAD_COUNT)), int(key(names.KEY_EMBEDDING_LENGTH))
-    head_dim = int(key(names.KEY_KEY_LENGTH) or key(names.KEY_ROPE_DIMENSION_COUNT) or hidden // heads)
-    rope = Rope(theta=float(key(names.KEY_ROPE_FREQ_BASE, 10000.0)),
-                kind="linear" if scaling == "linear" else "default",
-                factor=float(key("{arch}.rope.scaling.factor", 1.0)))
-    eos = metadata.get("tokenizer.ggml.eos_token_id")
-    bias = "blk.0.attn_q.bias" in tensor_names
-    return ModelArgs(
-        family="llama", vocab_size=int(key(names.KEY_VOCAB_SIZE) or len(metadata.get("tokenizer.ggml.tokens", []))),
-        hidden_size=hidden, intermediate_size=int(key(names.KEY_FEED_FORWARD_LENGTH)),
-        num_layers=int(key(names.KEY_BLOCK_COUNT)), num_heads=heads,
-        num_kv_heads=int(key(names.KEY_HEAD_COUNT_KV, heads)), head_dim=head_dim,
-        norm_eps=float(key(names.KEY_RMS_EPS, 1e-5)), rope={FULL: rope},
-        qkv_bias=bias, o_bias="blk.0.attn_output.bias" in tensor_names,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        max_position_embeddings=int(key(names.KEY_CONTEXT_LENGTH, 2048)),
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (eos,))
+def gguf_keys(args: ModelArgs) -> tuple:
+    """(convention, {key: (type, value)}) for writing ``args`` as llama.cpp's llama file."""
+    if args.rope[FULL].kind not in ("default", "linear", "llama3") or args.mlp_bias:
+        raise ArchitectureError("this Llama variant has no llama.cpp 'llama' equivalent here")
+    keys = base_keys(args, "llama")
+    if args.sliding_window:
+        keys[names.KEY_SLIDING_WINDOW.format(arch="llama")] = ("u32", args.sliding_window)
+    return GGUF["llama"], keys

@@ -2,7 +2,10 @@
 and up into one ``gate_up_proj`` (split here into ours), and partial rotary where the config asks."""
 from __future__ import annotations
 
-from .args import ModelArgs
+from edge_lolcats.converters import gguf_names as names
+
+from .args import SLIDING, ModelArgs
+from .gguf import Convention, base_fields, base_keys
 from .hf import common, rename_layer_parts
 from .llama import HF_RENAMES, _act
 
@@ -27,3 +30,23 @@ def weights_from_hf(args: ModelArgs, weights: dict) -> dict:
         else:
             out[name] = value
     return rename_layer_parts(out, HF_RENAMES)
+
+
+GGUF = {"phi3": Convention("phi3", fused=True)}
+GGUF_ARCHS = tuple(GGUF)
+
+
+def args_from_gguf(metadata: dict, arch: str, tensor_names, read_tensor=None) -> ModelArgs:
+    """Phi-3 files name a sliding window (0: none). llama.cpp does not apply it; transformers, and
+    we, do."""
+    fields = base_fields(metadata, arch, tensor_names)
+    window = metadata.get(names.KEY_SLIDING_WINDOW.format(arch=arch))
+    if window:
+        fields.update(layer_types=(SLIDING,) * fields["num_layers"], sliding_window=int(window))
+    return ModelArgs(family="phi3", **fields)
+
+
+def gguf_keys(args: ModelArgs) -> tuple:
+    keys = base_keys(args, "phi3")
+    keys[names.KEY_SLIDING_WINDOW.format(arch="phi3")] = ("u32", args.sliding_window or 0)
+    return GGUF["phi3"], keys
