@@ -1,17 +1,20 @@
 """A small tokenizer: a `tokenizers` backend plus BOS/EOS handling and the chat template.
 
-Built from GGUF metadata (byte-level BPE vocabularies) or from an HF folder's tokenizer.json. No
-torch, no transformers: the runtime uses it as it is.
+Built from GGUF metadata (byte-level BPE and SentencePiece BPE vocabularies) or from an HF folder's
+tokenizer.json. No torch, no transformers: the runtime uses it as it is.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
+
+from edge_lolcats.converters import gguf_names as names
 
 # Pre-tokenizer regexes for the `tokenizer.ggml.pre` values of byte-level vocabularies, as llama.cpp
 # uses them (llama-vocab.cpp). A vocabulary split differently from how it was trained gives other ids.
@@ -79,7 +82,12 @@ class Tokenizer:
         tokens, which showed as RSS growing with the context); here the text is encoded in pieces
         of about ``piece_chars``, cut before a single space between two non-space characters.
         Every pre-tokenizer above starts a new pre-token there (no pattern continues a match from
-        a non-space character into a space), so the ids are those of :meth:`encode` (tested)."""
+        a non-space character into a space), so the ids are those of :meth:`encode` (tested).
+        A SentencePiece vocabulary is cut there only when no token joins a character to the space
+        after it (SentencePiece runs over the whole text) and no normalizer adds a space to each
+        call (Phi-3's); otherwise the text is encoded whole."""
+        if not self.cuts_at_spaces:
+            return np.asarray(self.encode(text, add_special_tokens), np.int32)
         parts, start = [], 0
         while start < len(text):
             end = _piece_end(text, start + piece_chars)
@@ -112,8 +120,11 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
         kind = metadata.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(metadata)
         if kind != "gpt2":
-            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)")
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level "
+                                 f"BPE), 'llama' (SentencePiece BPE)")
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if pre not in PRE_TOKENIZERS:
             raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
@@ -135,11 +146,75 @@ class Tokenizer:
                    add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)), pre=pre,
                    pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"))
 
+    @classmethod
+    def _from_gguf_sentencepiece(cls, metadata: dict) -> "Tokenizer":
+        """A SentencePiece BPE vocabulary (llama.cpp's "llama": Llama 1/2, Mistral v0.x, Gemma, Phi-3),
+        built as transformers builds it from the same file, so that the ids are the same: BPE with
+        byte fallback, merges from the file or recovered from the scores (for Gemma from the order
+        of the vocabulary), and the family's handling of spaces."""
+        tokens = list(metadata["tokenizer.ggml.tokens"])
+        arch = metadata.get("general.architecture", "llama")
+        if arch == names.LOLCATS_ARCH:  # our exports: the spacing of the family they came from
+            described = metadata.get(names.KEY_MODEL_ARGS.format(arch=arch))
+            arch = json.loads(described)["family"] if described else "llama"
+        style = "gemma" if arch.startswith("gemma") else ("phi3" if arch == "phi3" else "llama")
+        if style == "gemma":  # Gemma stores its runs of spaces as spaces; its merges use "▁"
+            tokens = [SPM_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if metadata.get("tokenizer.ggml.merges"):
+            merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+        else:
+            priority = ({t: -i for i, t in enumerate(tokens)} if style == "gemma"
+                        else dict(zip(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))))
+            merges = merges_from_scores(vocab, priority)
+        unk = metadata.get("tokenizer.ggml.unknown_token_id")
+        backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
+                                     unk_token=tokens[unk] if style == "gemma" and unk is not None else None))
+        spm_decoders = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+        if style == "llama":  # a "▁" before the first word, stripped again when decoding
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPM_SPACE, prepend_scheme="first",
+                                                             split=False)
+            spm_decoders.append(decoders.Strip(content=" ", left=1))
+        elif style == "phi3":  # the prefix from a normalizer: "  hi" -> "▁▁▁hi"
+            backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPM_SPACE),
+                                                       normalizers.Replace(" ", SPM_SPACE)])
+            spm_decoders.append(decoders.Strip(content=" ", left=1))
+        else:  # Gemma: no prefix space
+            backend.normalizer = normalizers.Replace(" ", SPM_SPACE)
+            backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence(spm_decoders)
+        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t, ty in zip(tokens, types) if ty == _CONTROL])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        tokenizer = cls(backend, bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+                        eos_token_ids=[eos] if eos is not None else [],
+                        chat_template=metadata.get("tokenizer.chat_template"),
+                        # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to
+                        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+                        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"))
+        tokenizer.cuts_at_spaces = style != "phi3" and not any(
+            re.search(f"[^{SPM_SPACE}]{SPM_SPACE}", t) for t in tokens)
+        tokenizer.gguf_vocab = {k: v for k, v in metadata.items()
+                                if k.startswith("tokenizer.ggml.") or k == "general.architecture"}
+        return tokenizer
+
+    gguf_vocab: dict | None = None  # a SentencePiece vocabulary's GGUF keys, to write back as read
+    cuts_at_spaces = True  # whether encode_long may encode in pieces (see there)
+
     def gguf_metadata(self) -> dict:
         """The ``tokenizer.*`` GGUF keys that :meth:`from_gguf_metadata` reads back."""
+        if self.gguf_vocab is not None:
+            meta = {k: v for k, v in self.gguf_vocab.items() if k.startswith("tokenizer.")}
+            if self.chat_template:
+                meta["tokenizer.chat_template"] = self.chat_template
+            return meta
         model = json.loads(self.backend.to_str())["model"]
         if model.get("type") != "BPE" or not isinstance(self.backend.decoder, decoders.ByteLevel):
-            raise TokenizerError("only byte-level BPE tokenizers can be written to GGUF")
+            raise TokenizerError("only byte-level BPE tokenizers and SentencePiece vocabularies read from GGUF "
+                                 "can be written to GGUF")
         pre = self.pre or self._detect_pre()
         size = self.vocab_size
         tokens = [self.backend.id_to_token(i) for i in range(size)]
@@ -215,6 +290,23 @@ class Tokenizer:
         }
         with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+SPM_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def merges_from_scores(vocab: dict, priority: dict) -> list:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens,
+    best merged token first (higher ``priority``), then longer left and right parts; pairs of one
+    token in vocabulary order. The order transformers derives (tokenization_utils_base.generate_merges),
+    so that both tokenize alike."""
+    merges = []
+    for token, score in priority.items():
+        local = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _piece_end(text: str, i: int) -> int:

@@ -41,8 +41,8 @@ def test_save_and_load_folder(smol_tokenizer, tmp_path):
 
 
 def test_unsupported_tokenizers_are_refused(smollm2_gguf):
-    with pytest.raises(TokenizerError, match="supported: 'gpt2'"):
-        Tokenizer.from_gguf_metadata({**smollm2_gguf.metadata, "tokenizer.ggml.model": "llama"})
+    with pytest.raises(TokenizerError, match="supported: 'gpt2' .*'llama'"):
+        Tokenizer.from_gguf_metadata({**smollm2_gguf.metadata, "tokenizer.ggml.model": "rwkv"})
     with pytest.raises(TokenizerError, match="pre-tokenizer 'mystery'"):
         Tokenizer.from_gguf_metadata({**smollm2_gguf.metadata, "tokenizer.ggml.pre": "mystery"})
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
@@ -67,3 +67,81 @@ def test_long_texts_encode_in_pieces_to_the_same_ids(smol_tokenizer, tmp_path):
     assert Tokenizer.from_folder(str(tmp_path)).encode_long(text, piece_chars=300).tolist() == whole
     assert smol_tokenizer.encode_long("").size == 0
     assert smol_tokenizer.encode_long("x" * 1000, piece_chars=10).tolist() == smol_tokenizer.encode("x" * 1000)
+
+
+# --- SentencePiece vocabularies (llama.cpp's "llama" tokenizer model: Llama 2, Mistral v0.x, Gemma, Phi-3) --
+
+
+@pytest.fixture(scope="module")
+def spm_vocab(tmp_path_factory):
+    """A SentencePiece BPE vocabulary trained here on real text (byte fallback, whitespace-only
+    pieces, a user-defined and a control symbol), as llama.cpp's converter writes it to GGUF:
+    pieces, scores and token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte)."""
+    import sentencepiece as spm
+
+    from edge_lolcats.data import default_corpus_documents
+
+    folder = tmp_path_factory.mktemp("spm")
+    docs = default_corpus_documents()
+    (folder / "train.txt").write_text("\n".join(d.text[:20_000] for d in docs[:12]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "train.txt"), model_prefix=str(folder / "m"), vocab_size=1500, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        user_defined_symbols=["<think>"], control_symbols=["<start_of_turn>"], minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "m.model"))
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(open(folder / "m.model", "rb").read())
+    kinds = {pb.ModelProto.SentencePiece.NORMAL: 1, pb.ModelProto.SentencePiece.UNKNOWN: 2,
+             pb.ModelProto.SentencePiece.CONTROL: 3, pb.ModelProto.SentencePiece.USER_DEFINED: 4,
+             pb.ModelProto.SentencePiece.UNUSED: 5, pb.ModelProto.SentencePiece.BYTE: 6}
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": [p.piece for p in proto.pieces],
+            "tokenizer.ggml.scores": [p.score for p in proto.pieces],
+            "tokenizer.ggml.token_type": [kinds[p.type] for p in proto.pieces],
+            "tokenizer.ggml.bos_token_id": sp.bos_id(), "tokenizer.ggml.eos_token_id": sp.eos_id(),
+            "tokenizer.ggml.unknown_token_id": sp.unk_id(), "tokenizer.ggml.add_bos_token": True}, docs
+
+
+SPM_AWKWARD = ["Hello world", "  two leading spaces", "trailing spaces   ", "a   run  of\tspaces",
+               "lines\n\nand\r\nmore\n", "digits 1234567 and 3.14", "naïve café – “quotes” 日本語 🐱 ẞ",
+               "<start_of_turn>user\nhi there<start_of_turn>", "<think>maybe</think> so", " x", "x ", ""]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_sentencepiece_gguf_vocabulary_matches_transformers(arch, spm_vocab, tmp_path):
+    """Ids equal transformers' tokenizer for the same GGUF file (it builds each family's own space
+    handling: Llama's prefix space, Gemma's none, Phi-3's normalizer), on real prose and awkward
+    text; decoding gives the text back."""
+    from conftest import ours_from_hf, hf_tiny_model
+    from transformers import AutoTokenizer
+
+    from edge_lolcats.converters.gguf_export import export_gguf
+
+    meta, docs = spm_vocab
+    vocab = len(meta["tokenizer.ggml.tokens"])
+    family = {"llama": "llama", "gemma2": "gemma2", "phi3": "phi3"}[arch]
+    model = ours_from_hf(hf_tiny_model(family, vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    ours = Tokenizer.from_gguf_metadata({**meta, "general.architecture": arch})
+    export_gguf(model, ours, str(tmp_path / "m.gguf"))  # the vocabulary written back as it was read
+    from edge_lolcats.gguf_io import read_gguf
+
+    ours = Tokenizer.from_gguf_metadata(read_gguf(str(tmp_path / "m.gguf")).metadata)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    prose = docs[-1].text[5_000:9_000]
+    for text in SPM_AWKWARD + [prose]:
+        expected = theirs(text)["input_ids"]
+        assert ours.encode(text) == expected, (arch, text[:60])
+        assert ours.decode(ours.encode(text)) == theirs.decode(expected, skip_special_tokens=True), (arch, text[:60])
+    assert ours.decode(ours.encode(prose)) == prose  # byte fallback: nothing is lost
+    assert ours.encode_long(prose + " " + prose, piece_chars=500).tolist() == ours.encode(prose + " " + prose)
+    assert ours.cuts_at_spaces == (arch != "phi3")  # Phi-3's normalizer adds a space to every call
+    # a linearized export (architecture "lolcats") keeps the family's handling of spaces
+    from edge_lolcats.model import linearize
+
+    export_gguf(linearize(model, window_size=4, feature_dim=4), ours, str(tmp_path / "lin.gguf"))
+    again = Tokenizer.from_gguf_metadata(read_gguf(str(tmp_path / "lin.gguf")).metadata)
+    for text in SPM_AWKWARD:
+        assert again.encode(text) == ours.encode(text), (arch, text)
