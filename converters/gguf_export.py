@@ -80,7 +80,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
     from edge_lolcats.arch.gguf import base_keys, weights_to_gguf
 
     from ..lora import lora_modules, merge_lora
-    from ..model import is_linearized, lolcats_config
+    from ..model import is_linearized, lolcats_config, state_layout
 
     if dtype not in DTYPES:
         raise ExportError(f"unsupported --dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -115,6 +115,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
             writer.add_uint32(key(names.KEY_WINDOW_SIZE), int(lol["window_size"]))
             writer.add_uint32(key(names.KEY_FEATURE_DIM), int(lol["feature_dim"]))
             writer.add_string(key(names.KEY_FEATURE_MAP), lol.get("feature_map", "hedgehog"))
+            writer.add_array(key(names.KEY_LAYER_KINDS), list(state_layout(model).kinds))
             writer.add_bool(key(names.KEY_QK_PERMUTED), False)
             writer.add_uint32(key(names.KEY_FORMAT_VERSION), names.FORMAT_VERSION)
             writer.add_string(key(names.KEY_SOURCE), json.dumps({"model": source, "lolcats": lol}, default=str))

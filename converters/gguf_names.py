@@ -44,6 +44,8 @@ KEY_WINDOW_SIZE = "{arch}.attention.window_size"
 KEY_FEATURE_DIM = "{arch}.attention.feature_dim"
 KEY_FEATURE_MAP = "{arch}.attention.feature_map"  # "hedgehog"
 KEY_QK_PERMUTED = "{arch}.rope.qk_permuted"
+# per layer "hybrid" or "window" (arch.state); absent in files before it: every layer hybrid
+KEY_LAYER_KINDS = "{arch}.attention.layer_kinds"
 KEY_FORMAT_VERSION = "{arch}.format_version"
 KEY_SOURCE = "{arch}.source"  # what the file was exported from (model name and checkpoint config)
 # sha256 (16 hex) of the exported float32 weights, the same in the GGUF and ONNX exports of one

@@ -121,12 +121,20 @@ class StepGraph(nn.Module):
 
     def __init__(self, model, decode: bool = False):
         super().__init__()
+        from ..model import state_layout
+
         self.model = model
         self.decode = decode
         self.layers = nn.ModuleList(_FusedLayer(layer) for layer in model.model.layers)
+        layout = state_layout(model)
+        sizes = [len(layout.layer_names(i)) for i in range(layout.num_layers)]
+        self.state_slices = [slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
 
     def forward(self, input_ids, position, *states):
+        from edge_lolcats.arch.window import window_ring_step
+
         from ..hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
+        from ..model import WindowAttention
 
         step = hybrid_attention_decode_step if self.decode else hybrid_attention_block_step
         args, inner = self.model.args, self.model.model
@@ -145,10 +153,15 @@ class StepGraph(nn.Module):
         new_states = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
+            layer_states = states[self.state_slices[i]]
 
-            def attend(q, k, v, attn=attn, i=i):
-                out, *state = step(q, k, v, *attn.weights, *states[4 * i: 4 * i + 4], position,
-                                   scale=attn.scale, softcap=attn.softcap)
+            def attend(q, k, v, attn=attn, layer_states=layer_states):
+                if isinstance(attn.module, WindowAttention):  # the base's own window, on its ring
+                    out, *state = window_ring_step(xp, q, k, v, *layer_states, position, scale=attn.scale,
+                                                   softcap=attn.softcap)
+                else:
+                    out, *state = step(q, k, v, *attn.weights, *layer_states, position,
+                                       scale=attn.scale, softcap=attn.softcap)
                 new_states.extend(state)
                 return out
 
@@ -308,6 +321,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             "heads": args.num_heads, "kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
             "model_args": args.to_dict(),
             "window_size": lol["window_size"], "feature_dim": lol["feature_dim"], "feature_map": "hedgehog",
+            "layer_kinds": list(layout.kinds),
             "max_position_embeddings": args.max_position_embeddings,
             "state": {n: {"shape": s, "dtype": state_layout_names.DTYPE} for n, s in layout.shapes("batch").items()},
             "state_bytes_per_sequence": layout.bytes_per_sequence,

@@ -136,7 +136,8 @@ def _rebuild(model, dims, lolcats):
     """Linearize (and add LoRA, if the checkpoint has it) so that the checkpoint's names fit."""
     from .lora import apply_lora
 
-    linearize(model, **dims)
+    # checkpoints from before the option linearized every layer
+    linearize(model, **dims, sliding_layers=lolcats.get("sliding_layers", "linearize"))
     lora = lolcats.get("lora")
     if lora:
         apply_lora(model, rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)),

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
     lin.add_argument("--window-size", type=positive_int, default=64, help="sliding window length (default 64)")
     lin.add_argument("--feature-dim", type=positive_int, default=64, help="feature map size F (default 64)")
+    lin.add_argument("--sliding-layers", choices=("keep", "linearize"), default="keep",
+                     help="layers that are sliding-window softmax in the base (Gemma's local layers, Mistral): "
+                          "keep them, exact, on a fixed ring of their own window (default), or linearize them too")
     lin.add_argument("--delta", action="store_true",
                      help="save only the new weights, on top of --base (a few MB instead of the whole model)")
     tr = lin.add_argument_group("training (both budgets 0: swap the attention only, no training)")
@@ -248,7 +251,8 @@ def cmd_linearize(args):
     loaded = load_model(args.base)
     if loaded.kind == "lolcats-checkpoint":
         raise CLIError(f"{args.base} is already linearized")
-    model = linearize(loaded.model, window_size=args.window_size, feature_dim=args.feature_dim)
+    model = linearize(loaded.model, window_size=args.window_size, feature_dim=args.feature_dim,
+                      sliding_layers=args.sliding_layers)
     base = args.base if loaded.kind == "gguf" and not os.path.exists(args.base) else os.path.abspath(args.base)
     training = None
     if args.stage1_tokens or args.stage2_tokens:
@@ -475,7 +479,8 @@ def cmd_eval(args):
         t = load_model(args.teacher)
         if t.kind == "lolcats-checkpoint":
             raise CLIError(f"--teacher {args.teacher} is linearized; give the softmax base model")
-        teacher = linearize(t.model, window_size=lolcats["window_size"], feature_dim=lolcats["feature_dim"])
+        teacher = linearize(t.model, window_size=lolcats["window_size"], feature_dim=lolcats["feature_dim"],
+                            sliding_layers=lolcats.get("sliding_layers", "linearize"))
     elif lolcats.get("lora_merged"):
         raise CLIError("LoRA is merged into this checkpoint, so its teacher cannot be recovered: pass --teacher")
     corpus = load_corpus(loaded.tokenizer, data, seq_len=seq_len, seed=seed)

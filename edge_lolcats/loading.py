@@ -237,8 +237,12 @@ def load_gguf(path: str, dtype=torch.float32):
     if window is None or feature_dim is None or kind != "hedgehog":
         raise ModelFileError(f"{path}: lolcats file without window size, feature dim or a known feature map "
                              f"(window_size={window}, feature_dim={feature_dim}, feature_map={kind!r})")
+    kinds = gguf.arch_key("attention.layer_kinds")
     with torch.device("meta"):
-        model = linearize(Transformer(args), window_size=int(window), feature_dim=int(feature_dim))
+        model = linearize(Transformer(args), window_size=int(window), feature_dim=int(feature_dim),
+                          sliding_layers="keep" if kinds and "window" in kinds else "linearize")
+    if kinds and list(kinds) != model.lolcats["layers"]:
+        raise ModelFileError(f"{path}: layer kinds {list(kinds)} do not follow from the model's layer types")
     model = assign_weights(model, state_dict, dtype)
     model.lolcats = {**model.lolcats, "lora_merged": True, "source": "gguf"}
     return model, tokenizer

@@ -8,7 +8,6 @@ fixed-size :class:`HybridState` for hybrid layers, a growing :class:`KVCache` fo
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -214,10 +213,59 @@ class HybridAttention(nn.Module):
         return (j <= i) & ((j < self.sink_tokens) | (j > i - self.recent_tokens))
 
 
+@dataclass
+class RingState:
+    """A kept window layer's state: its last W keys and values [B, Hkv, W, D] (arch.state)."""
+
+    k_ring: torch.Tensor
+    v_ring: torch.Tensor
+    position: int
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k_ring.numel() * self.k_ring.element_size()
+
+    def clone(self) -> "RingState":
+        return RingState(self.k_ring.clone(), self.v_ring.clone(), self.position)
+
+
+class WindowAttention(nn.Module):
+    """A layer that is sliding-window softmax in the base model, left as it is by linearization:
+    the same projections and math, with its state a fixed ring of its own window
+    (:func:`edge_lolcats.arch.window.window_ring_step`)."""
+
+    def __init__(self, base: Attention, args: ModelArgs, layer: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        if args.qk_norm:
+            self.q_norm, self.k_norm = base.q_norm, base.k_norm
+        self.layer_idx = layer
+        self.base_window, self.scale, self.softcap = args.window_of(layer), args.attention_scale, args.attn_softcap
+        self.kv_heads, self.head_dim = args.num_kv_heads, args.head_dim
+
+    def teacher(self, q, k, v):
+        mask = causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
+        return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
+
+    def attend(self, q, k, v, state: RingState | None = None, output_state: bool = False):
+        if state is None and not output_state:
+            return self.teacher(q, k, v), None
+        from .arch.window import window_ring_step
+
+        if state is None:
+            b = q.shape[0]
+            zeros = q.new_zeros(b, self.kv_heads, self.base_window, self.head_dim)
+            state = RingState(zeros, zeros.clone(), 0)
+        out, k_ring, v_ring = window_ring_step(TorchOps(q.device), q, k.to(q.dtype), v.to(q.dtype), state.k_ring,
+                                               state.v_ring, state.position, scale=self.scale, softcap=self.softcap)
+        return out, RingState(k_ring, v_ring, state.position + q.shape[2])
+
+
 def sink_cache_budget(model, sink_tokens: int = 4) -> int:
-    """Recent tokens a sink + window KV cache (float32) may keep to match the hybrid state's bytes."""
+    """Recent tokens a sink + window KV cache (float32) may keep to match a hybrid layer's state bytes."""
     args = model.args
-    hybrid = StateLayout.of(args, model.lolcats).bytes_per_sequence // args.num_layers // 4
+    layout = StateLayout.of(args, model.lolcats)
+    hybrid = StateLayout(1, args.num_heads, args.head_dim, layout.feature_dim, layout.window_size).bytes_per_sequence // 4
     per_token = 2 * args.num_kv_heads * args.head_dim
     return max(1, hybrid // per_token - sink_tokens)
 
@@ -276,7 +324,7 @@ class KVCache:
 
 @dataclass
 class ModelState:
-    layers: list  # HybridState | KVCache per layer
+    layers: list  # HybridState | RingState | KVCache per layer
     position: int
 
     @property
@@ -285,25 +333,45 @@ class ModelState:
 
     @property
     def fixed_size(self) -> bool:
-        return all(isinstance(s, HybridState) for s in self.layers)
+        return all(isinstance(s, (HybridState, RingState)) for s in self.layers)
 
 
 def is_linearized(model) -> bool:
-    return any(isinstance(layer.self_attn, HybridAttention) for layer in model.model.layers)
+    return getattr(model, "lolcats", None) is not None and any(
+        isinstance(layer.self_attn, (HybridAttention, WindowAttention)) for layer in model.model.layers)
 
 
-def linearize(model: Transformer, *, window_size: int = 64, feature_dim: int = 64, chunk_size: int = 64):
-    """Swap every attention layer for a :class:`HybridAttention` (in place); returns the model."""
-    if is_linearized(model):
+# what linearization does with a layer that is sliding-window softmax in the base model
+SLIDING_LAYER_CHOICES = ("keep", "linearize")
+
+
+def linearize(model: Transformer, *, window_size: int = 64, feature_dim: int = 64, chunk_size: int = 64,
+              sliding_layers: str = "keep"):
+    """Swap every full-attention layer for a :class:`HybridAttention` (in place); returns the model.
+
+    Layers that are sliding-window softmax in the base (Gemma's local layers, Mistral) stay softmax
+    over their own window on a fixed ring (``sliding_layers="keep"``: exact, and fixed memory
+    already) or become hybrid too (``"linearize"``). ``lolcats["layers"]`` records each layer's kind."""
+    from .arch.state import HYBRID, WINDOW
+
+    if any(isinstance(layer.self_attn, (HybridAttention, WindowAttention)) for layer in model.model.layers):
         raise ValueError("model is already linearized")
     for name, value in (("window_size", window_size), ("feature_dim", feature_dim), ("chunk_size", chunk_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if sliding_layers not in SLIDING_LAYER_CHOICES:
+        raise ValueError(f"sliding_layers must be one of {', '.join(SLIDING_LAYER_CHOICES)}; got {sliding_layers!r}")
+    kinds = []
     for i, layer in enumerate(model.model.layers):
-        layer.self_attn = HybridAttention(layer.self_attn, model.args, i, window_size=window_size,
-                                          feature_dim=feature_dim, chunk_size=chunk_size)
+        if sliding_layers == "keep" and model.args.window_of(i) is not None:
+            layer.self_attn = WindowAttention(layer.self_attn, model.args, i)
+            kinds.append(WINDOW)
+        else:
+            layer.self_attn = HybridAttention(layer.self_attn, model.args, i, window_size=window_size,
+                                              feature_dim=feature_dim, chunk_size=chunk_size)
+            kinds.append(HYBRID)
     model.lolcats = {"window_size": window_size, "feature_dim": feature_dim, "feature_map": "hedgehog",
-                     "chunk_size": chunk_size, "version": 1}
+                     "chunk_size": chunk_size, "version": 1, "sliding_layers": sliding_layers, "layers": kinds}
     return model
 
 
@@ -314,6 +382,8 @@ def layer_plan(model) -> list:
         window = model.args.window_of(i)
         if isinstance(layer.self_attn, HybridAttention):
             plan.append("hybrid")
+        elif isinstance(layer.self_attn, WindowAttention):
+            plan.append(f"softmax-ring({window})")  # the base's window, kept, on a fixed ring
         else:
             plan.append("softmax" if window is None else f"softmax-window({window})")
     return plan
@@ -332,12 +402,6 @@ def state_bytes(model, batch: int = 1) -> int | None:
     """Bytes of the fixed decode state of a linearized model (None for softmax models)."""
     layout = state_layout(model)
     return None if layout is None else batch * layout.bytes_per_sequence
-
-
-def empty_layer_state(model, batch: int = 1, device=None) -> HybridState:
-    """One layer's state before any token (shapes from the state layout; "meta": shapes only)."""
-    layout = state_layout(model)
-    return empty_state(batch, layout.heads, layout.head_dim, layout.feature_dim, layout.window_size, device=device)
 
 
 # --- forward with state -------------------------------------------------------------------------
@@ -374,7 +438,7 @@ def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, 
     for i, layer in enumerate(inner.layers):
         layer_state = state.layers[i] if state is not None else None
         attn = layer.self_attn
-        if isinstance(attn, HybridAttention):
+        if isinstance(attn, (HybridAttention, WindowAttention)):
             def attend(q, k, v, attn=attn, layer_state=layer_state):
                 out, new = attn.attend(q, k, v, layer_state, with_state)
                 new_layers.append(new)

@@ -37,7 +37,7 @@ from .fileio import atomic_folder
 from .lora import DEFAULT_TARGETS, apply_lora, lora_modules
 from .arch import block
 from .arch.ops import TorchOps
-from .model import forward, teacher_mode
+from .model import HybridAttention, forward, teacher_mode
 
 CHECKPOINT_RE = re.compile(r"^s([12])-(\d{7})$")
 
@@ -113,6 +113,9 @@ def stage1_step(model, input_ids: torch.Tensor, mse_weight: float, backward: boo
     losses = []
 
     def transfer(attn):
+        if not isinstance(attn, HybridAttention):  # a kept window layer is its own teacher
+            return attn.teacher
+
         def attend(q, k, v):
             target = attn.teacher(q, k, v).float()  # [B, H, N, D]
             with torch.set_grad_enabled(backward):

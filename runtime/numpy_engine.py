@@ -17,7 +17,8 @@ from types import SimpleNamespace
 
 from edge_lolcats.arch import ArchitectureError, args_from_gguf, block
 from edge_lolcats.arch.ops import NUMPY
-from edge_lolcats.arch.state import PARTS, StateLayout
+from edge_lolcats.arch.state import HYBRID, PARTS, WINDOW, StateLayout
+from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.arch.state import name as state_name
 from edge_lolcats.converters import gguf_names as names
 from edge_lolcats.gguf_io import ModelFileError, read_gguf
@@ -118,7 +119,8 @@ class GGUFEngine:
         try:
             self.args = args = args_from_gguf(gguf.metadata, set(gguf.tensors))
             self.lolcats = {"window_size": int(key("attention.window_size")),
-                            "feature_dim": int(key("attention.feature_dim"))}
+                            "feature_dim": int(key("attention.feature_dim")),
+                            "layers": list(key("attention.layer_kinds") or [HYBRID] * args.num_layers)}
         except (TypeError, ArchitectureError) as e:
             raise ModelFileError(f"{path}: missing or bad {names.LOLCATS_ARCH} metadata ({e})") from None
         if key("rope.qk_permuted"):
@@ -161,12 +163,13 @@ class GGUFEngine:
         norms = ["attn_norm", "ffn_norm"] + (["attn_post_norm", "ffn_post_norm"] if args.sandwich_norms else [])
         for i in range(args.num_layers):
             attn = SimpleNamespace(
-                o_proj=linear(("o_proj",), "self_attn"),
+                kind=self.layout.kinds[i], o_proj=linear(("o_proj",), "self_attn"),
                 fused={FUSED["self_attn"]: (linear(FUSED["self_attn"], "self_attn"),
-                                            [args.q_size, args.kv_size, args.kv_size])},
-                feature_map_q=t(names.layer_tensor(i, "self_attn.feature_map_q")),
-                feature_map_k=t(names.layer_tensor(i, "self_attn.feature_map_k")),
-                window_factor=t(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight"))
+                                            [args.q_size, args.kv_size, args.kv_size])})
+            if attn.kind == HYBRID:
+                attn.feature_map_q = t(names.layer_tensor(i, "self_attn.feature_map_q"))
+                attn.feature_map_k = t(names.layer_tensor(i, "self_attn.feature_map_k"))
+                attn.window_factor = t(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight")
             if args.qk_norm:
                 attn.q_norm = t(names.layer_tensor(i, "self_attn.q_norm"))
                 attn.k_norm = t(names.layer_tensor(i, "self_attn.k_norm"))
@@ -183,10 +186,12 @@ class GGUFEngine:
         a, attn = self.args, layer.self_attn
         fused, _ = attn.fused[FUSED["self_attn"]]
         expect = {"q/k/v": (fused.shape, (a.q_size + 2 * a.kv_size, a.hidden_size)),
-                  "attn_output": (attn.o_proj.shape, (a.hidden_size, a.q_size)),
-                  "attn_fmap_q": (attn.feature_map_q.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
-                  "attn_fmap_k": (attn.feature_map_k.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
-                  "attn_window_factor": (attn.window_factor.shape, (a.num_heads,))}
+                  "attn_output": (attn.o_proj.shape, (a.hidden_size, a.q_size))}
+        if attn.kind == HYBRID:
+            expect.update({
+                "attn_fmap_q": (attn.feature_map_q.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
+                "attn_fmap_k": (attn.feature_map_k.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
+                "attn_window_factor": (attn.window_factor.shape, (a.num_heads,))})
         for n, (got, want) in expect.items():
             if tuple(got) != tuple(want):
                 raise ModelFileError(f"{self.path}: blk.{i}.{n} has shape {tuple(got)}, expected {want}")
@@ -214,9 +219,15 @@ class GGUFEngine:
             attn = layer.self_attn
 
             def attend(q, k, v, i=i, attn=attn):
+                options = dict(scale=args.attention_scale, softcap=args.attn_softcap)
+                if attn.kind == WINDOW:  # the base's own window, on its ring
+                    names_ = self.layout.layer_names(i)
+                    out, *rings = window_ring_step(xp, q, k, v, *(tensors[n] for n in names_), state.position,
+                                                   **options)
+                    tensors.update(zip(names_, rings))
+                    return out.astype(np.float32)
                 s = [tensors[state_name(i, p)] for p in PARTS]
                 weights = (attn.feature_map_q, attn.feature_map_k, attn.window_factor)
-                options = dict(scale=args.attention_scale, softcap=args.attn_softcap)
                 if t == 1:  # updates the state's arrays in place
                     return decode_step(q, k, v, *weights, *s, state.position, **options)
                 out, *s = block_step(q, k, v, *weights, *s, state.position, **options)

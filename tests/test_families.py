@@ -239,3 +239,58 @@ def test_transformers_reads_our_llama_cpp_files_to_the_same_weights(family, llam
     assert len(compared) >= len([k for k in mine if not k.endswith(".bias")]) - 1, name  # lm_head may be tied
     for k in compared:  # Gemma's norms: (1 + w) - 1 in float32 is w to within 6e-8
         torch.testing.assert_close(read[k], mine[k], atol=1e-7, rtol=0, msg=f"{name}: {k}")
+
+
+# --- layers that are sliding-window softmax in the base: kept on a ring, or linearized -------------
+
+
+@pytest.mark.parametrize("fam", ["gemma3_text", "gemma2", "mistral"])
+def test_kept_window_layers_are_exact_past_their_window_in_every_backend(fam, tmp_path, smol_tokenizer):
+    """Linearized with the base's sliding layers kept (their own window of 16 on a fixed ring) and a
+    hybrid window covering the text: the model is transformers' own, past the base window, in
+    PyTorch, on the ONNX export and on the GGUF export, prefill in blocks and token by token."""
+    from edge_lolcats.converters.gguf_export import export_gguf
+    from edge_lolcats.converters.onnx_export import export_onnx
+    from edge_lolcats.loading import load_model
+    from edge_lolcats.model import RingState, forward, layer_plan, linearize, state_bytes
+    from edge_lolcats.runtime.api import open_engine
+
+    hf = hf_tiny_model(fam)
+    model = linearize(ours_from_hf(hf), window_size=48, feature_dim=8, sliding_layers="keep")
+    expected_plan = ["softmax-ring(16)" if t == "sliding_attention" else "hybrid" for t in model.args.layer_types]
+    assert layer_plan(model) == expected_plan and "softmax-ring(16)" in expected_plan
+    ids = _ids(40, seed=7)
+    want = _hf_logits(hf, ids)[0]
+    with torch.no_grad():
+        whole, _ = forward(model, ids, with_state=False)  # training's path: no state
+        state, steps = None, []
+        for size in (7, 1, 20, 1, 1, 10):  # blocks and single tokens across the ring's wrap
+            start = state.position if state else 0
+            logits, state = forward(model, ids[:, start:start + size], state)
+            steps.append(logits[0, -1])
+    assert (whole[0] - want).abs().max() < TOL, f"{fam}: {_worst(whole[0], want)}"
+    ends = np.cumsum([7, 1, 20, 1, 1, 10]) - 1
+    for got, end in zip(steps, ends):
+        assert (got - want[end]).abs().max() < TOL, f"{fam}, position {end}"
+    assert state.nbytes == state_bytes(model)
+    assert any(isinstance(s, RingState) for s in state.layers)
+    export_onnx(model, smol_tokenizer, str(tmp_path / "onnx"))
+    export_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"))
+    for path in (tmp_path / "onnx", tmp_path / "m.gguf"):
+        engine = open_engine(str(path))
+        assert engine.state_bytes == state_bytes(model)
+        for got, end in zip(_runtime_logits(engine, ids[0].numpy(), [7, 1, 20, 1, 1, 10]), ends):
+            assert np.abs(got - want[end].numpy()).max() < TOL, f"{fam} on {path.name}, position {end}"
+    reloaded = load_model(str(tmp_path / "m.gguf")).model  # the torch loader honours the file's layer kinds
+    assert layer_plan(reloaded) == expected_plan
+
+
+def test_sliding_layers_can_be_linearized_too():
+    from edge_lolcats.model import HybridAttention, layer_plan, linearize
+
+    model = linearize(ours_from_hf(hf_tiny_model("gemma3_text")), window_size=8, feature_dim=8,
+                      sliding_layers="linearize")
+    assert layer_plan(model) == ["hybrid"] * 3 and model.lolcats["layers"] == ["hybrid"] * 3
+    assert all(isinstance(layer.self_attn, HybridAttention) for layer in model.model.layers)
+    with pytest.raises(ValueError, match="sliding_layers must be one of keep, linearize"):
+        linearize(ours_from_hf(hf_tiny_model("gemma3_text")), sliding_layers="drop")

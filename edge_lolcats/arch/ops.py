@@ -77,6 +77,32 @@ class NumpyOps:
         return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
     @staticmethod
+    def arange(n):
+        return np.arange(n)
+
+    @staticmethod
+    def take(x, index, axis):
+        return np.take(x, index, axis=axis)
+
+    where, exp = staticmethod(np.where), staticmethod(np.exp)
+
+    @staticmethod
+    def amax(x, axis):
+        return x.max(axis, keepdims=True)
+
+    @staticmethod
+    def sum(x, axis):
+        return x.sum(axis, keepdims=True)
+
+    @staticmethod
+    def swap_last(x):
+        return np.swapaxes(x, -1, -2)
+
+    @staticmethod
+    def repeat_heads(x, heads):  # [B, Hkv, ...] -> [B, H, ...], query head h reads kv head h // (H / Hkv)
+        return x if x.shape[1] == heads else np.repeat(x, heads // x.shape[1], axis=1)
+
+    @staticmethod
     def activation(name, x):
         if name == "silu":
             return x / (1 + np.exp(-x))
@@ -148,6 +174,30 @@ class TorchOps:
     def merge_heads(self, x):
         b, h, t, d = x.shape
         return x.transpose(1, 2).reshape(b, t, h * d)
+
+    def arange(self, n):
+        return self.torch.arange(n, device=self.device)
+
+    def take(self, x, index, axis):
+        return x.index_select(axis, index)
+
+    def where(self, cond, a, b):
+        return self.torch.where(cond, a, b)
+
+    def exp(self, x):
+        return x.exp()
+
+    def amax(self, x, axis):
+        return x.amax(axis, keepdim=True)
+
+    def sum(self, x, axis):
+        return x.sum(axis, keepdim=True)
+
+    def swap_last(self, x):
+        return x.transpose(-1, -2)
+
+    def repeat_heads(self, x, heads):
+        return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
     def activation(self, name, x):
         return self.F.silu(x) if name == "silu" else self.F.gelu(x, approximate="tanh")

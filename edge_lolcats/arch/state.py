@@ -1,20 +1,31 @@
 """The recurrent state's layout, defined here once: its parts, their shapes, their names in
-exported graphs and state files, and its size. The PyTorch model (``HybridState``), both
-exporters, both runtime engines, state files and tests all read it from here.
+exported graphs and state files, and its size. The PyTorch model (``HybridState``, ``RingState``),
+both exporters, both runtime engines, state files and tests all read it from here.
 
-Per hybrid layer i, for batch B, H query heads of dimension D, F features and a window of W::
+Each layer of a linearized model is one of two kinds (``lolcats["layers"]``):
+
+- ``hybrid`` (:data:`HYBRID`): the LoLCATs hybrid attention. For batch B, H query heads of
+  dimension D, F features and a window of W::
 
     state.{i}.kv        [B, H, 2F, D]   sum over keys that left the window of phi_k(k) v^T
     state.{i}.z         [B, H, 2F]      sum of phi_k(k) over the same keys
     state.{i}.k_window  [B, H, W, D]    the last W keys (ring: position p in slot p % W)
     state.{i}.v_window  [B, H, W, D]    their values
+
+- ``window`` (:data:`WINDOW`): a layer that is sliding-window softmax in the base model (Gemma's
+  local layers, Mistral), kept as it is over a fixed ring of its own window Wb, per KV head::
+
+    state.{i}.k_ring    [B, Hkv, Wb, D] the last Wb keys, after RoPE (position p in slot p % Wb)
+    state.{i}.v_ring    [B, Hkv, Wb, D]
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-PARTS = ("kv", "z", "k_window", "v_window")
+HYBRID, WINDOW = "hybrid", "window"
+PARTS = ("kv", "z", "k_window", "v_window")  # a hybrid layer's
+RING_PARTS = ("k_ring", "v_ring")  # a kept window layer's
 DTYPE = "float32"
 PREFIX, NEW_PREFIX = "state.", "new_state."  # graph inputs / outputs
 
@@ -26,29 +37,41 @@ class StateLayout:
     head_dim: int
     feature_dim: int
     window_size: int
+    kinds: tuple = ()  # per layer HYBRID or WINDOW; () means every layer HYBRID
+    kv_heads: int = 0  # ring layers keep KV heads only
+    base_window: int = 0  # a WINDOW layer's ring length
+
+    def __post_init__(self):
+        if not self.kinds:
+            object.__setattr__(self, "kinds", (HYBRID,) * self.num_layers)
 
     @classmethod
     def of(cls, args, lolcats: dict) -> "StateLayout":
         """The layout of a model described by ``args`` (ModelArgs) linearized with ``lolcats``."""
+        kinds = tuple(lolcats.get("layers") or (HYBRID,) * args.num_layers)
         return cls(args.num_layers, args.num_heads, args.head_dim, int(lolcats["feature_dim"]),
-                   int(lolcats["window_size"]))
+                   int(lolcats["window_size"]), kinds, args.num_kv_heads, int(args.sliding_window or 0))
 
-    def part_shapes(self) -> dict:
+    def part_shapes(self, layer: int = 0) -> dict:
         """{part: shape without the batch axis} of one layer."""
         h, d, f, w = self.heads, self.head_dim, self.feature_dim, self.window_size
+        if self.kinds[layer] == WINDOW:
+            return {"k_ring": (self.kv_heads, self.base_window, d), "v_ring": (self.kv_heads, self.base_window, d)}
         return {"kv": (h, 2 * f, d), "z": (h, 2 * f), "k_window": (h, w, d), "v_window": (h, w, d)}
 
+    def layer_names(self, layer: int) -> list:
+        return [name(layer, p) for p in self.part_shapes(layer)]
+
     def names(self) -> list:
-        return [name(i, p) for i in range(self.num_layers) for p in PARTS]
+        return [n for i in range(self.num_layers) for n in self.layer_names(i)]
 
     def shapes(self, batch=1) -> dict:
         """{state name: [batch, ...]} for every layer (``batch`` may be a symbolic name)."""
-        parts = self.part_shapes()
-        return {name(i, p): [batch, *parts[p]] for i in range(self.num_layers) for p in PARTS}
+        return {name(i, p): [batch, *s] for i in range(self.num_layers) for p, s in self.part_shapes(i).items()}
 
     @property
     def bytes_per_sequence(self) -> int:
-        return 4 * self.num_layers * sum(math.prod(s) for s in self.part_shapes().values())
+        return 4 * sum(math.prod(s) for i in range(self.num_layers) for s in self.part_shapes(i).values())
 
 
 def name(layer: int, part: str) -> str:
