@@ -1,1 +1,2 @@
-"""Converters: LoRA merge and export of linearized models to ONNX and GGUF."""
+"""Export: GGUF (our lolcats files and llama.cpp's file of each family), ONNX, and the GGUF name table both
+our writer and our readers use."""

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from ..fileio import atomic_file
+from edge_lolcats.formats.fileio import atomic_file
 from . import gguf_names as names
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -79,8 +79,8 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
     from edge_lolcats.arch import ArchitectureError, gguf_keys
     from edge_lolcats.arch.gguf import base_keys, weights_to_gguf
 
-    from ..lora import lora_modules, merge_lora
-    from ..model import is_linearized, lolcats_config, state_layout
+    from edge_lolcats.nn.lora import lora_modules, merge_lora
+    from edge_lolcats.nn.model import is_linearized, lolcats_config, state_layout
 
     if dtype not in DTYPES:
         raise ExportError(f"unsupported --dtype {dtype!r}; choose from {', '.join(DTYPES)}")

@@ -54,6 +54,22 @@ KEY_MODEL_FINGERPRINT = "{arch}.model_fingerprint"
 # format 2: the whole model description (edge_lolcats.arch.ModelArgs) as JSON; format 1 files are
 # llama-family and described by the llama keys above
 KEY_MODEL_ARGS = "{arch}.model_args"
+KEY_ARCHITECTURE = "general.architecture"
+KEY_FILE_TYPE = "general.file_type"
+# the tokenizer (llama.cpp's names; our Tokenizer reads and writes them)
+KEY_TOKENIZER_MODEL = "tokenizer.ggml.model"  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+KEY_TOKENIZER_PRE = "tokenizer.ggml.pre"
+KEY_TOKENS = "tokenizer.ggml.tokens"
+KEY_SCORES = "tokenizer.ggml.scores"
+KEY_TOKEN_TYPE = "tokenizer.ggml.token_type"
+KEY_MERGES = "tokenizer.ggml.merges"
+KEY_BOS_ID = "tokenizer.ggml.bos_token_id"
+KEY_EOS_ID = "tokenizer.ggml.eos_token_id"
+KEY_UNK_ID = "tokenizer.ggml.unknown_token_id"
+KEY_PAD_ID = "tokenizer.ggml.padding_token_id"
+KEY_ADD_BOS = "tokenizer.ggml.add_bos_token"
+KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
+TOKENIZER_PREFIX = "tokenizer.ggml."
 # general.file_type (llama.cpp's LLAMA_FTYPE) of the weight precisions we name with --dtype
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
 

@@ -6,9 +6,9 @@ Two graphs over one weights file, each a pure function
      for every layer i) -> (logits [B, V] of the last token, the new states)
 
 - ``model.onnx``: any batch and any number of tokens T per call (prefill in blocks, batches); each
-  layer computes :func:`edge_lolcats.hybrid_attention.hybrid_attention_block_step`.
+  layer computes :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_block_step`.
 - ``decode.onnx``: one sequence, one token (input_ids [1, 1]); each layer computes
-  :func:`edge_lolcats.hybrid_attention.hybrid_attention_decode_step`. Static shapes let
+  :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_decode_step`. Static shapes let
   onnxruntime fold every shape computation away, and the step does T = 1's work only: ~2x faster
   per token than the dynamic graph on SmolLM2 (docs/BENCHMARKS.md).
 
@@ -31,7 +31,7 @@ from edge_lolcats.arch import block
 from edge_lolcats.arch import state as state_layout_names
 from edge_lolcats.arch.ops import TorchOps
 
-from ..fileio import atomic_folder
+from edge_lolcats.formats.fileio import atomic_folder
 from .gguf_export import model_fingerprint
 
 FORMAT_VERSION = 3  # 3: the model description (ModelArgs) in model.json
@@ -79,10 +79,10 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int | None = Non
 
 
 class _Fused(nn.Module):
-    """A layer's attention or MLP seen through fused projections: ``fused[names] = (Linear, sizes)``
-    (read by ``TorchOps.linears``); every other attribute is the original module's."""
+    """A module seen through fused projections: ``fused[names] = (Linear, sizes)`` (read by
+    ``TorchOps.linears``) for each group of ``names``; every other attribute is the module's own."""
 
-    def __init__(self, module: nn.Module, groups: tuple):
+    def __init__(self, module: nn.Module, groups: tuple = ()):
         super().__init__()
         self.module = module
         self.fused_linears = nn.ModuleList(_fused_linear(*(getattr(module, n) for n in names)) for names in groups)
@@ -96,20 +96,12 @@ class _Fused(nn.Module):
             return getattr(self._modules["module"], name)
 
 
-class _FusedLayer(nn.Module):
+def _fused_layer(layer: nn.Module) -> _Fused:
     """A decoder layer whose q/k/v and gate/up projections run as one MatMul each."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.self_attn = _Fused(layer.self_attn, (("q_proj", "k_proj", "v_proj"),))
-        self.mlp = _Fused(layer.mlp, (("gate_proj", "up_proj"),))
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["layer"], name)
+    fused = _Fused(layer)
+    fused.self_attn = _Fused(layer.self_attn, (("q_proj", "k_proj", "v_proj"),))
+    fused.mlp = _Fused(layer.mlp, (("gate_proj", "up_proj"),))
+    return fused
 
 
 class StepGraph(nn.Module):
@@ -121,11 +113,11 @@ class StepGraph(nn.Module):
 
     def __init__(self, model, decode: bool = False):
         super().__init__()
-        from ..model import state_layout
+        from edge_lolcats.nn.model import state_layout
 
         self.model = model
         self.decode = decode
-        self.layers = nn.ModuleList(_FusedLayer(layer) for layer in model.model.layers)
+        self.layers = nn.ModuleList(_fused_layer(layer) for layer in model.model.layers)
         layout = state_layout(model)
         sizes = [len(layout.layer_names(i)) for i in range(layout.num_layers)]
         self.state_slices = [slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
@@ -133,8 +125,8 @@ class StepGraph(nn.Module):
     def forward(self, input_ids, position, *states):
         from edge_lolcats.arch.window import window_ring_step
 
-        from ..hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
-        from ..model import WindowAttention
+        from edge_lolcats.nn.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
+        from edge_lolcats.nn.model import WindowAttention
 
         step = hybrid_attention_decode_step if self.decode else hybrid_attention_block_step
         args, inner = self.model.args, self.model.model
@@ -171,7 +163,7 @@ class StepGraph(nn.Module):
 
 
 def state_shapes(model, batch="batch") -> dict:
-    from ..model import state_layout
+    from edge_lolcats.nn.model import state_layout
 
     return state_layout(model).shapes(batch)
 
@@ -279,8 +271,8 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
 def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "") -> dict:
     """Write ``model.onnx`` + ``decode.onnx`` + ``weights.bin`` + ``model.json`` + tokenizer files to
     ``out_dir`` (atomically)."""
-    from ..lora import lora_modules, merge_lora
-    from ..model import is_linearized, state_layout
+    from edge_lolcats.nn.lora import lora_modules, merge_lora
+    from edge_lolcats.nn.model import is_linearized, state_layout
 
     if not is_linearized(model):
         raise ExportError("ONNX export needs a linearized model (its state is what the graph carries)")

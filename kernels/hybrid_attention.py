@@ -1,6 +1,6 @@
 """Triton kernels for the hybrid attention: forward, backward and the decode step.
 
-The math is the one in :mod:`edge_lolcats.hybrid_attention` (read its docstring first); these
+The math is the one in :mod:`edge_lolcats.nn.hybrid_attention` (read its docstring first); these
 kernels compute exactly that, in blocks, and are tested against its quadratic reference.
 
 Layout. Grouped kv heads are repeated up to H in the wrapper, and q, k, v, phi_q, phi_k become
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from edge_lolcats.hybrid_attention import FEATURE_MAP_EPS, HybridState, _check, _no_tokens, repeat_kv_heads
+from edge_lolcats.nn.hybrid_attention import FEATURE_MAP_EPS, HybridState, _check, _no_tokens, repeat_kv_heads
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = tl.constexpr(FEATURE_MAP_EPS)
@@ -487,7 +487,7 @@ def _kernel_dtype(q, k, v) -> torch.dtype:
 
 
 def _feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """:func:`edge_lolcats.hybrid_attention.feature_map` with the projection in x's dtype (a
+    """:func:`edge_lolcats.nn.hybrid_attention.feature_map` with the projection in x's dtype (a
     bfloat16 product runs on tensor cores; in float32 it was a third of a training step's attention
     time) and the softmax in float32; returned in x's dtype for the kernels."""
     proj = torch.einsum("bhnd,hdf->bhnf", x, weight.to(x.dtype)).float()
@@ -513,7 +513,7 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
                             initial_state: HybridState | None = None, output_final_state=False, scale=None,
                             softcap=None):
     """The chunked hybrid attention on Triton kernels: same signature and result as
-    :func:`edge_lolcats.hybrid_attention.hybrid_attention_chunked`, differentiable in q, k, v, both
+    :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_chunked`, differentiable in q, k, v, both
     feature-map weights and window_factor (an initial state enters as a constant).
 
     q, k, v in float32, bfloat16 or float16 (see :func:`_kernel_dtype`); the output is in that
@@ -578,7 +578,7 @@ def _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, window_size, c
 def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState, *, scale=None,
                                  softcap=None):
     """One decode step on a fused kernel: same contract as
-    :func:`edge_lolcats.hybrid_attention.hybrid_attention_step` (pure: the input state is kept)."""
+    :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_step` (pure: the input state is kept)."""
     b, h, one, d = q.shape
     if one != 1:
         raise ValueError(f"a decode step takes one token; got q {tuple(q.shape)}")

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from ..gguf_io import ModelFileError
+from edge_lolcats.formats.gguf_io import ModelFileError
 from .generation import PREFILL_CHUNK, Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
 from .sampling import Sampler, Sampling
 from .state import StateFileError, load_state_file, save_state_file

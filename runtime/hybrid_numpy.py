@@ -1,6 +1,6 @@
 """The hybrid attention's block step in numpy, for the torch-free runtime.
 
-A line-by-line mirror of :func:`edge_lolcats.hybrid_attention.hybrid_attention_block_step` (read
+A line-by-line mirror of :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_block_step` (read
 that docstring for the math and the state layout); tests compare the two on random inputs and both
 with the quadratic reference.
 """

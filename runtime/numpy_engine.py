@@ -21,8 +21,8 @@ from edge_lolcats.arch.state import HYBRID, PARTS, WINDOW, StateLayout
 from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.arch.state import name as state_name
 from edge_lolcats.converters import gguf_names as names
-from edge_lolcats.gguf_io import ModelFileError, read_gguf
-from edge_lolcats.tokenizer import Tokenizer
+from edge_lolcats.formats.gguf_io import ModelFileError, read_gguf
+from edge_lolcats.formats.tokenizer import Tokenizer
 
 from .hybrid_numpy import block_step, decode_step
 from .state import State, empty_state
@@ -115,20 +115,20 @@ class GGUFEngine:
         if gguf.architecture != names.LOLCATS_ARCH:
             raise ModelFileError(f"{path}: architecture {gguf.architecture!r}; the runtime runs "
                                  f"{names.LOLCATS_ARCH!r} files (export a linearized model)")
-        key = gguf.arch_key
+        key = gguf.value
         try:
             self.args = args = args_from_gguf(gguf.metadata, set(gguf.tensors))
-            self.lolcats = {"window_size": int(key("attention.window_size")),
-                            "feature_dim": int(key("attention.feature_dim")),
-                            "layers": list(key("attention.layer_kinds") or [HYBRID] * args.num_layers)}
+            self.lolcats = {"window_size": int(key(names.KEY_WINDOW_SIZE)),
+                            "feature_dim": int(key(names.KEY_FEATURE_DIM)),
+                            "layers": list(key(names.KEY_LAYER_KINDS) or [HYBRID] * args.num_layers)}
         except (TypeError, ArchitectureError) as e:
             raise ModelFileError(f"{path}: missing or bad {names.LOLCATS_ARCH} metadata ({e})") from None
-        if key("rope.qk_permuted"):
+        if key(names.KEY_QK_PERMUTED):
             raise ModelFileError(f"{path}: q/k rows permuted for llama.cpp; this runtime expects them unpermuted")
         self.layout = StateLayout.of(args, self.lolcats)
         self.tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
         self.path = path
-        self.fingerprint = key("model_fingerprint")
+        self.fingerprint = key(names.KEY_MODEL_FINGERPRINT)
         self.max_position_embeddings = args.max_position_embeddings
 
         def t(name):  # an owned float32 copy, so the mapped file's pages can be let go
@@ -155,7 +155,7 @@ class GGUFEngine:
         self.embed = stored("token_embd.weight") or Table(t("token_embd.weight"))
         self.head = (stored("output.weight") or Table(t("output.weight"))) if "output.weight" in gguf.tensors \
             else self.embed
-        self.weights = names.file_type_name(gguf.metadata.get("general.file_type"))
+        self.weights = names.file_type_name(gguf.value(names.KEY_FILE_TYPE))
         if weights == "stored" and isinstance(self.embed, Q8Matrix):
             self.weights += " as stored"
         self.norm = t("output_norm.weight")

@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from ..gguf_io import ModelFileError
-from ..tokenizer import Tokenizer
+from edge_lolcats.formats.gguf_io import ModelFileError
+from edge_lolcats.formats.tokenizer import Tokenizer
 from .state import State as OnnxState
 
 

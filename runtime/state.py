@@ -44,7 +44,7 @@ def save_state_file(path: str, state: State, meta: dict, arrays: dict | None = N
     import json
     import os
 
-    from ..fileio import atomic_file
+    from edge_lolcats.formats.fileio import atomic_file
 
     header = {"format": STATE_FILE_FORMAT, "version": STATE_FILE_VERSION, "position": state.position, **meta}
     payload = {"__header__": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),

@@ -67,7 +67,7 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
 
 
 def test_repeated_measurements_report_their_median():
-    from edge_lolcats.bench_memory import median_result
+    from edge_lolcats.bench.memory import median_result
 
     runs = [{"engine": "onnx", "context": 1024, "state_bytes": 7, "peak_rss_mb": m, "prefill_tokens_per_s": p,
              "decode_tokens_per_s": d} for m, p, d in ((700, 500.0, 50.0), (690, 300.0, 58.0), (710, 520.0, 30.0))]

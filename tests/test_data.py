@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from edge_lolcats.data import DataError, Document, build_corpus, clean_markdown, read_documents
+from edge_lolcats.training.data import DataError, Document, build_corpus, clean_markdown, read_documents
 
 
 def docs(n, words, seed=0):

@@ -9,9 +9,9 @@ import torch
 from conftest import run_cli, tiny_model
 from test_train import fake_documents
 
-from edge_lolcats.data import build_corpus
-from edge_lolcats.evaluate import evaluate, markdown_table, passkey_prompt
-from edge_lolcats.model import HybridAttention, base_attention, forward, linearize, sink_cache_budget
+from edge_lolcats.training.data import build_corpus
+from edge_lolcats.evaluation.evaluate import evaluate, markdown_table, passkey_prompt
+from edge_lolcats.nn.model import HybridAttention, base_attention, forward, linearize, sink_cache_budget
 
 
 def reference_ppl(model, corpus, n_seq):

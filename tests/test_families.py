@@ -41,7 +41,7 @@ def family(request):
 
 def test_softmax_model_equals_transformers(family):
     """The base model (no linearization) past its sliding window (16): masks, norms, RoPE, scales."""
-    from edge_lolcats.model import forward
+    from edge_lolcats.nn.model import forward
 
     name, hf, ours = family
     ids = _ids(40)
@@ -60,7 +60,7 @@ def test_softmax_model_equals_transformers(family):
 def test_linearized_with_a_covering_window_equals_transformers(family):
     """A window that covers the whole text (and a base window that does too): the hybrid is the
     softmax teacher exactly, whatever the feature maps."""
-    from edge_lolcats.model import forward, linearize
+    from edge_lolcats.nn.model import forward, linearize
 
     name, hf, ours = family
     ids = _ids(12, seed=1)
@@ -77,7 +77,7 @@ def exported(family, tmp_path_factory, smol_tokenizer):
     ONNX and to GGUF (f32)."""
     from edge_lolcats.converters.gguf_export import export_gguf
     from edge_lolcats.converters.onnx_export import export_onnx
-    from edge_lolcats.model import linearize
+    from edge_lolcats.nn.model import linearize
 
     name, hf, _ = family
     model = linearize(ours_from_hf(hf), window_size=4, feature_dim=8)
@@ -106,7 +106,7 @@ def _runtime_logits(engine, ids, blocks):
 def test_exports_on_the_runtime_equal_pytorch(exported, engine_kind):
     """The runtime's engines over each export, in blocks and token by token past the window and
     past the base's sliding window, against the PyTorch model they came from."""
-    from edge_lolcats.model import forward
+    from edge_lolcats.nn.model import forward
     from edge_lolcats.runtime.api import open_engine
 
     name, model, folder = exported
@@ -124,12 +124,13 @@ def test_exports_on_the_runtime_equal_pytorch(exported, engine_kind):
 
 
 def test_one_step_of_each_training_stage(family):
-    from edge_lolcats.lora import apply_lora
-    from edge_lolcats.model import linearize
-    from edge_lolcats.train import set_trainable, stage1_step, stage2_step
+    from edge_lolcats.nn.lora import apply_lora
+    from edge_lolcats.nn.model import linearize
+    from edge_lolcats.training.train import set_trainable, stage1_step, stage2_step
 
     name, hf, _ = family
-    model = linearize(ours_from_hf(hf), window_size=4, feature_dim=8)
+    # every layer hybrid (Mistral's layers are all sliding: kept, they would leave nothing to train)
+    model = linearize(ours_from_hf(hf), window_size=4, feature_dim=8, sliding_layers="linearize")
     ids = _ids(20, seed=4)
     params = set_trainable(model, 1)
     loss = stage1_step(model, ids, mse_weight=1000.0)
@@ -146,8 +147,8 @@ def test_one_step_of_each_training_stage(family):
 def test_hf_folder_loads_each_family(tiny_model_dir):
     """The loader's path (config.json completed by transformers, safetensors, our names) for the
     families whose checkpoints differ most from ours: fused Phi-3 weights and Gemma's norms."""
-    from edge_lolcats.loading import load_model
-    from edge_lolcats.model import forward
+    from edge_lolcats.formats.loading import load_model
+    from edge_lolcats.nn.model import forward
 
     for fam in ("phi3", "gemma2"):
         folder, hf = tiny_model_dir(fam)
@@ -201,8 +202,8 @@ def llama_cpp_file(family, tmp_path_factory, smol_tokenizer):
 
 
 def test_llama_cpp_gguf_of_each_family_loads_back_to_the_same_model(family, llama_cpp_file):
-    from edge_lolcats.loading import load_model
-    from edge_lolcats.model import forward
+    from edge_lolcats.formats.loading import load_model
+    from edge_lolcats.nn.model import forward
 
     name, hf, ours = family
     folder, file, summary = llama_cpp_file
@@ -251,8 +252,8 @@ def test_kept_window_layers_are_exact_past_their_window_in_every_backend(fam, tm
     PyTorch, on the ONNX export and on the GGUF export, prefill in blocks and token by token."""
     from edge_lolcats.converters.gguf_export import export_gguf
     from edge_lolcats.converters.onnx_export import export_onnx
-    from edge_lolcats.loading import load_model
-    from edge_lolcats.model import RingState, forward, layer_plan, linearize, state_bytes
+    from edge_lolcats.formats.loading import load_model
+    from edge_lolcats.nn.model import RingState, forward, layer_plan, linearize, state_bytes
     from edge_lolcats.runtime.api import open_engine
 
     hf = hf_tiny_model(fam)
@@ -286,7 +287,7 @@ def test_kept_window_layers_are_exact_past_their_window_in_every_backend(fam, tm
 
 
 def test_sliding_layers_can_be_linearized_too():
-    from edge_lolcats.model import HybridAttention, layer_plan, linearize
+    from edge_lolcats.nn.model import HybridAttention, layer_plan, linearize
 
     model = linearize(ours_from_hf(hf_tiny_model("gemma3_text")), window_size=8, feature_dim=8,
                       sliding_layers="linearize")

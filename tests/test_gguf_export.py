@@ -12,10 +12,10 @@ from conftest import run_cli, tiny_model
 
 from edge_lolcats.converters import gguf_names as names
 from edge_lolcats.converters.gguf_export import ExportError, _add_value, export_gguf
-from edge_lolcats.gguf_io import ModelFileError, read_gguf
-from edge_lolcats.loading import load_gguf
-from edge_lolcats.lora import apply_lora, lora_modules
-from edge_lolcats.model import forward, linearize
+from edge_lolcats.formats.gguf_io import ModelFileError, read_gguf
+from edge_lolcats.formats.loading import load_gguf
+from edge_lolcats.nn.lora import apply_lora, lora_modules
+from edge_lolcats.nn.model import forward, linearize
 
 
 def trained_looking(model_family="llama"):

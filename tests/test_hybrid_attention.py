@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from edge_lolcats.hybrid_attention import (
+from edge_lolcats.nn.hybrid_attention import (
     FORMS,
     WINDOW_FACTOR_INIT,
     empty_state,
@@ -97,7 +97,7 @@ def test_score_scale_and_softcap_in_every_form():
     form: reference, chunked, recurrent, the export's block and decode steps, and numpy's."""
     import numpy as np
 
-    from edge_lolcats.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
+    from edge_lolcats.nn.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
     from edge_lolcats.runtime import hybrid_numpy
 
     seed = torch.seed() % 2**31
@@ -239,7 +239,7 @@ def test_bad_shapes_raise():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_block_step_matches_reference_for_any_block_sizes(dtype):
     """The export form: blocks of varying T (1 included) from a state equal the reference."""
-    from edge_lolcats.hybrid_attention import hybrid_attention_block_step
+    from edge_lolcats.nn.hybrid_attention import hybrid_attention_block_step
 
     seed = torch.seed() % 2**31
     args = make_inputs(2, 6, 3, 75, 16, 8, dtype, seed=seed)
@@ -262,7 +262,7 @@ def test_block_step_matches_reference_for_any_block_sizes(dtype):
 def test_decode_step_matches_reference_token_by_token(dtype):
     """The decode graph's form: 40 single tokens through a window of 16 (filling, wrapping twice),
     mixed with blocks of the block step (they share the state layout), equal the reference."""
-    from edge_lolcats.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
+    from edge_lolcats.nn.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
 
     seed = torch.seed() % 2**31
     args = make_inputs(2, 6, 3, 50, 16, 8, dtype, seed=seed)

@@ -15,7 +15,7 @@ remains is the kernels' bfloat16 rounding of the products' operands (feature map
 import pytest
 import torch
 
-from edge_lolcats.hybrid_attention import (
+from edge_lolcats.nn.hybrid_attention import (
     empty_state,
     hybrid_attention_reference,
     hybrid_attention_step,
@@ -152,7 +152,7 @@ def test_rejects_what_the_kernels_cannot_take():
 def test_model_dispatch(monkeypatch):
     """chunked runs on PyTorch on the CPU and on the kernels on CUDA; the environment forces any form."""
     from edge_lolcats.arch import ModelArgs
-    from edge_lolcats.model import ATTENTION_FORM_ENV, Attention, HybridAttention
+    from edge_lolcats.nn.model import ATTENTION_FORM_ENV, Attention, HybridAttention
 
     args = ModelArgs(family="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1, num_heads=2,
                      num_kv_heads=1, head_dim=16)
@@ -181,8 +181,8 @@ def test_training_steps_run_on_the_kernels_on_cuda(monkeypatch):
     from conftest import tiny_model
 
     import edge_lolcats.kernels.hybrid_attention as kernels
-    from edge_lolcats.model import linearize
-    from edge_lolcats.train import stage1_step, stage2_step
+    from edge_lolcats.nn.model import linearize
+    from edge_lolcats.training.train import stage1_step, stage2_step
 
     calls = []
     real = kernels.hybrid_attention_triton

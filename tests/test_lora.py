@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 from conftest import tiny_model
 
-from edge_lolcats.lora import LoRALinear, apply_lora, lora_modules, merge_lora, merge_lora_state_dict
-from edge_lolcats.model import forward, linearize
+from edge_lolcats.nn.lora import LoRALinear, apply_lora, lora_modules, merge_lora, merge_lora_state_dict
+from edge_lolcats.nn.model import forward, linearize
 
 
 def test_hand_set_values_make_the_merge_obvious():
@@ -58,8 +58,8 @@ def test_merge_is_exact_on_a_linearized_model():
 
 
 def test_checkpoint_with_lora_roundtrips(tiny_model_dir, tmp_path):
-    from edge_lolcats.checkpoint import save_checkpoint
-    from edge_lolcats.loading import load_model
+    from edge_lolcats.formats.checkpoint import save_checkpoint
+    from edge_lolcats.formats.loading import load_model
 
     folder, _ = tiny_model_dir()
     loaded = load_model(folder)

@@ -10,9 +10,9 @@ import torch
 from conftest import run_cli, tiny_model
 
 from edge_lolcats.converters.onnx_export import ExportError, export_onnx
-from edge_lolcats.gguf_io import ModelFileError
-from edge_lolcats.lora import apply_lora, lora_modules
-from edge_lolcats.model import forward, linearize
+from edge_lolcats.formats.gguf_io import ModelFileError
+from edge_lolcats.nn.lora import apply_lora, lora_modules
+from edge_lolcats.nn.model import forward, linearize
 from edge_lolcats.runtime.onnx_engine import OnnxEngine
 
 
@@ -178,9 +178,9 @@ def test_decode_graph_equals_the_block_graph(tiny_export):
 
 
 def test_decode_path_diagnostic_runs_the_same_math(tiny_export):
-    """`python -m edge_lolcats.runtime.bench --onnx-decode`: its IOBinding path (preallocated
+    """`python -m edge_lolcats.bench.runtime --onnx-decode`: its IOBinding path (preallocated
     buffers swapped each step) must leave exactly the decode graph's state (it raises otherwise)."""
-    from edge_lolcats.runtime.bench import onnx_decode_paths
+    from edge_lolcats.bench.runtime import onnx_decode_paths
 
     _, folder = tiny_export
     ms = onnx_decode_paths(folder, steps=3, repeats=1)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from edge_lolcats.generate import generate
-from edge_lolcats.model import forward, linearize, state_bytes
+from edge_lolcats.nn.generate import generate
+from edge_lolcats.nn.model import forward, linearize, state_bytes
 
 LOGIT_ATOL = 1e-3
 

@@ -11,8 +11,8 @@ from conftest import REPO, tiny_model
 
 from edge_lolcats.converters.gguf_export import export_gguf
 from edge_lolcats.converters.onnx_export import export_onnx
-from edge_lolcats.generate import generate as torch_generate
-from edge_lolcats.model import linearize, state_bytes
+from edge_lolcats.nn.generate import generate as torch_generate
+from edge_lolcats.nn.model import linearize, state_bytes
 from edge_lolcats.runtime import load
 from edge_lolcats.runtime.generation import StopStrings, TextStream, current_rss_mb
 from edge_lolcats.runtime.sampling import Sampler, Sampling, SamplingError

@@ -9,8 +9,8 @@ from conftest import tiny_model
 from test_hybrid_attention import TOL, assert_close, make_inputs
 
 from edge_lolcats.converters.gguf_export import export_gguf
-from edge_lolcats.hybrid_attention import hybrid_attention_reference
-from edge_lolcats.model import forward, linearize
+from edge_lolcats.nn.hybrid_attention import hybrid_attention_reference
+from edge_lolcats.nn.model import forward, linearize
 from edge_lolcats.runtime.hybrid_numpy import block_step, decode_step
 from edge_lolcats.runtime.numpy_engine import GGUFEngine
 

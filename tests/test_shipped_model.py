@@ -14,14 +14,14 @@ import copy
 import pytest
 import torch
 
-from edge_lolcats.data import load_corpus
-from edge_lolcats.lora import lora_modules, merge_lora
-from edge_lolcats.model import forward, linearize
+from edge_lolcats.training.data import load_corpus
+from edge_lolcats.nn.lora import lora_modules, merge_lora
+from edge_lolcats.nn.model import forward, linearize
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    from edge_lolcats.loading import load_model
+    from edge_lolcats.formats.loading import load_model
 
     return load_model("smollm2-135m-lolcats")
 

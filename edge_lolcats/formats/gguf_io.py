@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_lolcats.converters import gguf_names as names
+
 
 class ModelFileError(ValueError):
     """A model file that is missing, truncated, corrupt or of a kind we do not read."""
@@ -20,11 +22,11 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
-        return self.metadata.get("general.architecture", "?")
+        return self.metadata.get(names.KEY_ARCHITECTURE, "?")
 
-    def arch_key(self, key: str, default=None):
-        """``{arch}.{key}`` from the metadata."""
-        return self.metadata.get(f"{self.architecture}.{key}", default)
+    def value(self, key: str, default=None):
+        """A metadata value by its name in :mod:`edge_lolcats.converters.gguf_names` ("{arch}" filled in)."""
+        return self.metadata.get(key.format(arch=self.architecture), default)
 
     def release_pages(self):
         """Drop the file's pages from this process's resident memory (they stay in the page cache
@@ -71,7 +73,7 @@ def read_gguf_architecture(path: str) -> str | None:
                 return None
             # version (u32), tensor count (u64), kv count (u64); the first key is general.architecture
             key_len = struct.unpack("<Q", f.read(8))[0]
-            if key_len > 256 or f.read(key_len) != b"general.architecture":
+            if key_len > 256 or f.read(key_len) != names.KEY_ARCHITECTURE.encode():
                 return None
             value_type, = struct.unpack("<I", f.read(4))
             if value_type != 8:  # string

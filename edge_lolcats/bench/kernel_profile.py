@@ -1,13 +1,13 @@
 """Where the time goes in one forward+backward of the Triton hybrid attention (torch profiler, GPU).
 
-    python -m edge_lolcats.kernels.profile_kernels [N] [H] [Hkv] [D]
+    python -m edge_lolcats.bench.kernel_profile [N] [H] [Hkv] [D]
 """
 import sys
 
 import torch
 
-from .bench import measure  # noqa: F401  (same inputs as the benchmark)
-from .hybrid_attention import hybrid_attention_triton
+from .kernels import measure  # noqa: F401  (same inputs as the benchmark)
+from edge_lolcats.kernels.hybrid_attention import hybrid_attention_triton
 
 
 def main(n=16384, heads=9, kv_heads=3, head_dim=64):

@@ -7,7 +7,7 @@ k = phi(k_{t-W}), v = [v_{t-W}, 1]; for prefill, feeding keys and values shifted
 "older than the window" sum. This script times the op against the same step as two MatMuls and an
 Add (what our exported graph does) on SmolLM2's shapes, and checks they agree.
 
-    python -m edge_lolcats.converters.linear_attention_op [--tokens 1,64,512]
+    python -m edge_lolcats.bench.linear_attention_op [--tokens 1,64,512]
 """
 from __future__ import annotations
 

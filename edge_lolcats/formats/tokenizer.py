@@ -119,32 +119,39 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict) -> "Tokenizer":
-        kind = metadata.get("tokenizer.ggml.model")
+        kind = metadata.get(names.KEY_TOKENIZER_MODEL)
         if kind == "llama":
             return cls._from_gguf_sentencepiece(metadata)
         if kind != "gpt2":
             raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level "
                                  f"BPE), 'llama' (SentencePiece BPE)")
-        pre = metadata.get("tokenizer.ggml.pre", "default")
+        pre = metadata.get(names.KEY_TOKENIZER_PRE, "default")
         if pre not in PRE_TOKENIZERS:
             raise TokenizerError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
-        tokens = list(metadata["tokenizer.ggml.tokens"])
+        tokens = list(metadata[names.KEY_TOKENS])
         vocab = {t: i for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges", [])]
+        merges = [tuple(m.split(" ", 1)) for m in metadata.get(names.KEY_MERGES, [])]
         backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
         backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
         backend.decoder = decoders.ByteLevel()
-        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        return cls._from_gguf_backend(backend, tokens, metadata, add_bos_default=False, pre=pre)
+
+    @classmethod
+    def _from_gguf_backend(cls, backend: Backend, tokens: list, metadata: dict, add_bos_default: bool,
+                           pre: str | None = None) -> "Tokenizer":
+        """What both kinds of GGUF vocabulary share: control tokens kept whole as special tokens,
+        user-defined ones as plain added tokens, the special ids and the chat template."""
+        types = metadata.get(names.KEY_TOKEN_TYPE) or [1] * len(tokens)
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                     for t, ty in zip(tokens, types) if ty == _CONTROL])
         backend.add_tokens([AddedToken(t, special=False, normalized=False)
                             for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
-        return cls(backend, bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos = metadata.get(names.KEY_EOS_ID)
+        return cls(backend, bos_token_id=metadata.get(names.KEY_BOS_ID),
                    eos_token_ids=[eos] if eos is not None else [],
-                   chat_template=metadata.get("tokenizer.chat_template"),
-                   add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", False)), pre=pre,
-                   pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"))
+                   chat_template=metadata.get(names.KEY_CHAT_TEMPLATE),
+                   add_bos_token=bool(metadata.get(names.KEY_ADD_BOS, add_bos_default)), pre=pre,
+                   pad_token_id=metadata.get(names.KEY_PAD_ID))
 
     @classmethod
     def _from_gguf_sentencepiece(cls, metadata: dict) -> "Tokenizer":
@@ -152,8 +159,8 @@ class Tokenizer:
         built as transformers builds it from the same file, so that the ids are the same: BPE with
         byte fallback, merges from the file or recovered from the scores (for Gemma from the order
         of the vocabulary), and the family's handling of spaces."""
-        tokens = list(metadata["tokenizer.ggml.tokens"])
-        arch = metadata.get("general.architecture", "llama")
+        tokens = list(metadata[names.KEY_TOKENS])
+        arch = metadata.get(names.KEY_ARCHITECTURE, "llama")
         if arch == names.LOLCATS_ARCH:  # our exports: the spacing of the family they came from
             described = metadata.get(names.KEY_MODEL_ARGS.format(arch=arch))
             arch = json.loads(described)["family"] if described else "llama"
@@ -161,13 +168,13 @@ class Tokenizer:
         if style == "gemma":  # Gemma stores its runs of spaces as spaces; its merges use "▁"
             tokens = [SPM_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
         vocab = {t: i for i, t in enumerate(tokens)}
-        if metadata.get("tokenizer.ggml.merges"):
-            merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+        if metadata.get(names.KEY_MERGES):
+            merges = [tuple(m.split(" ", 1)) for m in metadata[names.KEY_MERGES]]
         else:
             priority = ({t: -i for i, t in enumerate(tokens)} if style == "gemma"
-                        else dict(zip(tokens, metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))))
+                        else dict(zip(tokens, metadata.get(names.KEY_SCORES) or [0.0] * len(tokens))))
             merges = merges_from_scores(vocab, priority)
-        unk = metadata.get("tokenizer.ggml.unknown_token_id")
+        unk = metadata.get(names.KEY_UNK_ID)
         backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True,
                                      unk_token=tokens[unk] if style == "gemma" and unk is not None else None))
         spm_decoders = [decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -183,22 +190,11 @@ class Tokenizer:
             backend.normalizer = normalizers.Replace(" ", SPM_SPACE)
             backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous")
         backend.decoder = decoders.Sequence(spm_decoders)
-        types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, ty in zip(tokens, types) if ty == _CONTROL])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
-        eos = metadata.get("tokenizer.ggml.eos_token_id")
-        tokenizer = cls(backend, bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-                        eos_token_ids=[eos] if eos is not None else [],
-                        chat_template=metadata.get("tokenizer.chat_template"),
-                        # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to
-                        add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
-                        pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"))
+        # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says not to
+        tokenizer = cls._from_gguf_backend(backend, tokens, metadata, add_bos_default=True)
         tokenizer.cuts_at_spaces = style != "phi3" and not any(
             re.search(f"[^{SPM_SPACE}]{SPM_SPACE}", t) for t in tokens)
-        tokenizer.gguf_vocab = {k: v for k, v in metadata.items()
-                                if k.startswith("tokenizer.ggml.") or k == "general.architecture"}
+        tokenizer.gguf_vocab = {k: v for k, v in metadata.items() if k.startswith(names.TOKENIZER_PREFIX)}
         return tokenizer
 
     gguf_vocab: dict | None = None  # a SentencePiece vocabulary's GGUF keys, to write back as read
@@ -207,9 +203,9 @@ class Tokenizer:
     def gguf_metadata(self) -> dict:
         """The ``tokenizer.*`` GGUF keys that :meth:`from_gguf_metadata` reads back."""
         if self.gguf_vocab is not None:
-            meta = {k: v for k, v in self.gguf_vocab.items() if k.startswith("tokenizer.")}
+            meta = dict(self.gguf_vocab)
             if self.chat_template:
-                meta["tokenizer.chat_template"] = self.chat_template
+                meta[names.KEY_CHAT_TEMPLATE] = self.chat_template
             return meta
         model = json.loads(self.backend.to_str())["model"]
         if model.get("type") != "BPE" or not isinstance(self.backend.decoder, decoders.ByteLevel):
@@ -223,17 +219,17 @@ class Tokenizer:
         added = {t.content: t for t in self.backend.get_added_tokens_decoder().values()}
         types = [(_CONTROL if added[t].special else _USER_DEFINED) if t in added else 1 for t in tokens]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-                "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-                "tokenizer.ggml.add_bos_token": self.add_bos_token}
+        meta = {names.KEY_TOKENIZER_MODEL: "gpt2", names.KEY_TOKENIZER_PRE: pre, names.KEY_TOKENS: tokens,
+                names.KEY_TOKEN_TYPE: types, names.KEY_MERGES: merges,
+                names.KEY_ADD_BOS: self.add_bos_token}
         if self.bos_token_id is not None:
-            meta["tokenizer.ggml.bos_token_id"] = self.bos_token_id
+            meta[names.KEY_BOS_ID] = self.bos_token_id
         if self.eos_token_ids:
-            meta["tokenizer.ggml.eos_token_id"] = self.eos_token_ids[0]
+            meta[names.KEY_EOS_ID] = self.eos_token_ids[0]
         if self.pad_token_id is not None:
-            meta["tokenizer.ggml.padding_token_id"] = self.pad_token_id
+            meta[names.KEY_PAD_ID] = self.pad_token_id
         if self.chat_template:
-            meta["tokenizer.chat_template"] = self.chat_template
+            meta[names.KEY_CHAT_TEMPLATE] = self.chat_template
         return meta
 
     def _detect_pre(self) -> str:

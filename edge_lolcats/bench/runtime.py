@@ -1,6 +1,6 @@
 """Long-context memory and speed: our runtime (both engines) against llama.cpp on the softmax teacher.
 
-Every measurement runs in a fresh process (``python -m edge_lolcats.runtime.bench --worker ...``),
+Every measurement runs in a fresh process (``python -m edge_lolcats.bench.runtime --worker ...``),
 so peak RSS is that of one model at one context length and nothing else. A measurement: tokenize
 real text (the default corpus, or ``--text``) to exactly ``context`` tokens, prefill them (timed),
 then decode ``decode_tokens`` greedy tokens after them (timed), then report the process's peak RSS.
@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 
-from ..converters.gguf_names import file_type_name
-from .generation import PREFILL_CHUNK, peak_rss_mb
+from edge_lolcats.converters.gguf_names import KEY_FILE_TYPE, file_type_name
+from edge_lolcats.runtime.generation import PREFILL_CHUNK, peak_rss_mb
 
 ENGINES = ("gguf", "onnx", "llama.cpp")
 FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
@@ -29,7 +29,7 @@ def context_text(min_chars: int, text_file: str | None = None) -> str:
         with open(text_file, encoding="utf-8") as f:
             text = f.read()
     else:
-        from ..data import default_corpus_documents
+        from edge_lolcats.training.data import default_corpus_documents
 
         text = "\n\n".join(d.text for d in default_corpus_documents())
     if not text.strip():
@@ -47,7 +47,7 @@ def context_ids(tokenize, context: int, text_file: str | None = None):
 
 def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK,
                     gguf_weights: str = "float32") -> dict:
-    from .api import load
+    from edge_lolcats.runtime.api import load
 
     model = load(path, threads=threads, gguf_weights=gguf_weights)
     ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context, text_file)
@@ -80,7 +80,7 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     t3 = time.perf_counter()
     # the f16 KV cache llama.cpp allocates for n_ctx (2 x layers x kv heads x head size x 2 bytes per token)
     kv_per_token = 2 * int(llm.metadata["llama.block_count"]) * _kv_width(llm) * 2
-    return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get("general.file_type")), "peak_rss_mb": peak_rss_mb(),
+    return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get(KEY_FILE_TYPE)), "peak_rss_mb": peak_rss_mb(),
             "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
             "decode_tokens_per_s": decode_tokens / (t3 - t2)}
 
@@ -95,7 +95,7 @@ def _kv_width(llm) -> int:
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
             timeout: float | None = None, gguf_weights: str = "float32") -> dict:
     """One measurement in a fresh Python process."""
-    cmd = [sys.executable, "-m", "edge_lolcats.runtime.bench", "--worker", engine, path, str(context),
+    cmd = [sys.executable, "-m", "edge_lolcats.bench.runtime", "--worker", engine, path, str(context),
            str(decode_tokens)]
     if text_file:
         cmd += ["--text", text_file]
@@ -186,7 +186,7 @@ def quantized_matvec(rows: int = 1536, cols: int = 576, repeats: int = 50) -> di
 def context_drift(path: str, context: int, decode_tokens: int = 64) -> list[tuple[str, int, float]]:
     """Decode speed in one process after 1K and after ``context`` tokens, a fresh 1K session, and
     the long session with its position set back: separates a context-dependent cost from noise."""
-    from .api import load
+    from edge_lolcats.runtime.api import load
 
     model = load(path)
     ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context)
@@ -213,7 +213,7 @@ def onnx_decode_paths(folder: str, steps: int = 64, repeats: int = 3) -> dict:
     preallocated state buffers swapped each step. Best of ``repeats`` (this VM is noisy)."""
     import numpy as np
 
-    from .onnx_engine import OnnxEngine
+    from edge_lolcats.runtime.onnx_engine import OnnxEngine
 
     engine = OnnxEngine(folder)
     start = engine.empty_state()
@@ -263,7 +263,7 @@ def onnx_decode_paths(folder: str, steps: int = 64, repeats: int = 3) -> dict:
 
 
 def _worker(argv):
-    p = argparse.ArgumentParser(prog="edge_lolcats.runtime.bench --worker")
+    p = argparse.ArgumentParser(prog="edge_lolcats.bench.runtime --worker")
     p.add_argument("engine", choices=ENGINES)
     p.add_argument("path")
     p.add_argument("context", type=int)
@@ -295,6 +295,6 @@ if __name__ == "__main__":
             print(f"{name:28s} {ms:.2f} ms per token")
         raise SystemExit(0)
     if sys.argv[1:2] != ["--worker"]:
-        raise SystemExit("usage: python -m edge_lolcats.runtime.bench --worker ENGINE PATH CONTEXT DECODE "
+        raise SystemExit("usage: python -m edge_lolcats.bench.runtime --worker ENGINE PATH CONTEXT DECODE "
                          "(the benchmark itself is `edge-lolcats bench memory`)")
     _worker(sys.argv[2:])

@@ -24,7 +24,7 @@ def worker(form: str, n: int, heads: int, head_dim: int, feature_dim: int, windo
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import torch
 
-    from .hybrid_attention import FORMS
+    from edge_lolcats.nn.hybrid_attention import FORMS
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=g) for _ in range(3))
@@ -75,7 +75,7 @@ def run(args):
     for n in args.lengths:
         for form in forms:
             for backward in modes:
-                cmd = [sys.executable, "-m", "edge_lolcats.bench_attention", json.dumps(
+                cmd = [sys.executable, "-m", "edge_lolcats.bench.attention", json.dumps(
                     [form, n, args.heads, args.head_dim, args.feature_dim, args.window_size, backward,
                      args.memory_limit_gb])]
                 proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from edge_lolcats.arch import ArchitectureError, ModelArgs, args_from_hf
+from edge_lolcats.nn.model import linearize
+
 from .fileio import atomic_folder
 from .gguf_io import ModelFileError
-from .arch import ArchitectureError, ModelArgs, args_from_hf, weights_from_hf
-from .model import linearize
 from .tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -90,51 +90,10 @@ def checkpoint_args(folder: str, config: dict) -> ModelArgs:
         raise ModelFileError(f"{folder}: config.json does not describe a model we run ({e})") from None
 
 
-def load_checkpoint(folder: str, dtype=torch.float32):
-    """(model, tokenizer) from a checkpoint folder written by :func:`save_checkpoint`."""
-    from .loading import load_model
-    from .model import Transformer
-
-    config_dict = read_config(folder)
-    lolcats = config_dict.get("lolcats")
-    if not isinstance(lolcats, dict) or "window_size" not in lolcats or "feature_dim" not in lolcats:
-        raise ModelFileError(f"{folder}: config.json has no valid 'lolcats' section")
-    weights = read_weights(folder)
-    dims = dict(window_size=int(lolcats["window_size"]), feature_dim=int(lolcats["feature_dim"]),
-                chunk_size=int(lolcats.get("chunk_size", 64)))
-    if lolcats.get("layout") == "delta":
-        base = lolcats.get("base")
-        if not base:
-            raise ModelFileError(f"{folder}: delta checkpoint without 'lolcats.base'")
-        loaded = load_model(base, dtype=dtype)
-        if loaded.kind == "lolcats-checkpoint":
-            raise ModelFileError(f"{folder}: base {base!r} is itself linearized")
-        model = _rebuild(loaded.model, dims, lolcats)
-        expected = {k: v for k, v in model.state_dict().items() if is_delta_param(k)}
-        if set(weights) != set(expected):
-            raise ModelFileError(f"{folder}: delta weights do not match the model: missing "
-                                 f"{sorted(set(expected) - set(weights))[:5]}, unexpected {sorted(set(weights) - set(expected))[:5]}")
-        for k, v in weights.items():
-            if v.shape != expected[k].shape:
-                raise ModelFileError(f"{folder}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-        model.load_state_dict(weights, strict=False)
-    else:
-        args = checkpoint_args(folder, config_dict)
-        if "model_args" not in config_dict:  # format 1: HF parameter names
-            weights = weights_from_hf(args, config_dict.get("model_type"), weights)
-        with torch.device("meta"):
-            model = _rebuild(Transformer(args), dims, lolcats)
-        from .loading import assign_weights
-
-        model = assign_weights(model, weights, dtype)
-    model.lolcats = lolcats
-    tokenizer = Tokenizer.from_folder(folder, eos_token_ids=list(model.args.eos_token_ids) or None)
-    return model.eval(), tokenizer
-
-
-def _rebuild(model, dims, lolcats):
-    """Linearize (and add LoRA, if the checkpoint has it) so that the checkpoint's names fit."""
-    from .lora import apply_lora
+def rebuild(model, dims, lolcats):
+    """Linearize (and add LoRA, if the checkpoint has it) as the checkpoint records, so that its
+    names fit."""
+    from edge_lolcats.nn.lora import apply_lora
 
     # checkpoints from before the option linearized every layer
     linearize(model, **dims, sliding_layers=lolcats.get("sliding_layers", "linearize"))

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .arch import SLIDING, ModelArgs, block
-from .arch.ops import TorchOps
-from .arch.state import StateLayout
-from .hybrid_attention import FORMS, WINDOW_FACTOR_INIT, HybridState, empty_state, hybrid_attention_step, repeat_kv_heads
+from edge_lolcats.arch import ModelArgs, block
+from edge_lolcats.arch.ops import TorchOps
+from edge_lolcats.arch.state import StateLayout
+from .hybrid_attention import FORMS, WINDOW_FACTOR_INIT, HybridState, hybrid_attention_step, repeat_kv_heads
 
 # Forces one form everywhere (for debugging): reference, chunked, recurrent or triton.
 ATTENTION_FORM_ENV = "EDGE_LOLCATS_ATTENTION"
@@ -181,11 +181,11 @@ class HybridAttention(nn.Module):
         options = dict(scale=self.scale, softcap=self.softcap)
         if state is not None and q.shape[2] == 1:
             if name == "triton":
-                from .kernels.hybrid_attention import hybrid_attention_step_triton
+                from edge_lolcats.kernels.hybrid_attention import hybrid_attention_step_triton
                 return hybrid_attention_step_triton(q, k, v, *self.weights, state, **options)
             return hybrid_attention_step(q, k, v, *self.weights, state, **options)
         if name == "triton":
-            from .kernels.hybrid_attention import hybrid_attention_triton as form
+            from edge_lolcats.kernels.hybrid_attention import hybrid_attention_triton as form
         else:
             form = FORMS[name]
         return form(q, k, v, *self.weights, window_size=self.window_size, chunk_size=self.chunk_size,
@@ -250,7 +250,7 @@ class WindowAttention(nn.Module):
     def attend(self, q, k, v, state: RingState | None = None, output_state: bool = False):
         if state is None and not output_state:
             return self.teacher(q, k, v), None
-        from .arch.window import window_ring_step
+        from edge_lolcats.arch.window import window_ring_step
 
         if state is None:
             b = q.shape[0]
@@ -352,7 +352,7 @@ def linearize(model: Transformer, *, window_size: int = 64, feature_dim: int = 6
     Layers that are sliding-window softmax in the base (Gemma's local layers, Mistral) stay softmax
     over their own window on a fixed ring (``sliding_layers="keep"``: exact, and fixed memory
     already) or become hybrid too (``"linearize"``). ``lolcats["layers"]`` records each layer's kind."""
-    from .arch.state import HYBRID, WINDOW
+    from edge_lolcats.arch.state import HYBRID, WINDOW
 
     if any(isinstance(layer.self_attn, (HybridAttention, WindowAttention)) for layer in model.model.layers):
         raise ValueError("model is already linearized")

@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .model import base_attention, forward, sink_cache_budget
+from edge_lolcats.nn.model import base_attention, forward, sink_cache_budget
 
 BUCKETS = ((0, 512), (512, 2048), (2048, 8192))
 PASSKEY_LENGTHS = (1024, 4096, 8192)

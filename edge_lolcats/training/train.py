@@ -7,7 +7,7 @@ and each layer's loss is backpropagated on its own (memory of one layer's graph 
 
 Stage 2 freezes them, puts LoRA on the attention projections and trains it with next-token
 cross-entropy, optionally plus KL(teacher || student) on the logits (``kd``). The teacher is the
-same model in :class:`~edge_lolcats.model.teacher_mode`: no second copy of the weights.
+same model in :class:`~edge_lolcats.nn.model.teacher_mode`: no second copy of the weights.
 
 Checkpoints: every ``save_every`` steps the trainable tensors, optimizer moments, RNG state and
 position are written to ``work_dir/checkpoints/s{stage}-{step}`` through a temporary folder renamed
@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import is_delta_param
-from .fileio import atomic_folder
-from .lora import DEFAULT_TARGETS, apply_lora, lora_modules
-from .arch import block
-from .arch.ops import TorchOps
-from .model import HybridAttention, forward, teacher_mode
+from edge_lolcats.formats.checkpoint import is_delta_param
+from edge_lolcats.formats.fileio import atomic_folder
+from edge_lolcats.nn.lora import DEFAULT_TARGETS, apply_lora, lora_modules
+from edge_lolcats.arch import block
+from edge_lolcats.arch.ops import TorchOps
+from edge_lolcats.nn.model import HybridAttention, forward, teacher_mode
 
 CHECKPOINT_RE = re.compile(r"^s([12])-(\d{7})$")
 
@@ -167,7 +167,8 @@ def set_trainable(model, stage: int) -> list:
             p.requires_grad_(True)
             params.append(p)
     if not params:
-        raise TrainingError(f"no trainable parameters for stage {stage}")
+        hint = " (every layer kept its base window: linearize with --sliding-layers linearize)" if stage == 1 else ""
+        raise TrainingError(f"no trainable parameters for stage {stage}{hint}")
     return params
 
 
@@ -186,8 +187,8 @@ def delta_tensors(model) -> dict:
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 

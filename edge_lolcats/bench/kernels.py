@@ -18,9 +18,9 @@ def _fn(impl: str, window: int, chunk: int):
     import torch
     import torch.nn.functional as F
 
-    from edge_lolcats.hybrid_attention import hybrid_attention_chunked, hybrid_attention_reference
+    from edge_lolcats.nn.hybrid_attention import hybrid_attention_chunked, hybrid_attention_reference
 
-    from .hybrid_attention import hybrid_attention_triton
+    from edge_lolcats.kernels.hybrid_attention import hybrid_attention_triton
 
     if impl == "sdpa-flash":
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -1,0 +1,54 @@
+"""edge-lolcats eval: the linearization against its teacher and fixed-memory baselines."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .common import PROG, CLIError
+
+
+def cmd_eval(args):
+    from edge_lolcats.training.data import load_corpus
+    from edge_lolcats.evaluation.evaluate import evaluate, markdown_table, write_json
+    from edge_lolcats.formats.loading import load_model
+    from edge_lolcats.nn.model import is_linearized, linearize
+
+    loaded = load_model(args.model)
+    if not is_linearized(loaded.model):
+        raise CLIError(f"{args.model} is not a linearized checkpoint (linearize it first)")
+    lolcats = loaded.model.lolcats
+    training = {}
+    path = os.path.join(loaded.path, "training.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            training = json.load(f)
+    config = training.get("config", {})
+    data = args.data if args.data is not None else (None if training.get("data") in (None, "default corpus")
+                                                    else training["data"])
+    seq_len = args.seq_len or config.get("seq_len", 1024)
+    seed = args.seed if args.seed is not None else config.get("seed", 0)
+    teacher = None
+    if args.teacher:
+        t = load_model(args.teacher)
+        if t.kind == "lolcats-checkpoint":
+            raise CLIError(f"--teacher {args.teacher} is linearized; give the softmax base model")
+        teacher = linearize(t.model, window_size=lolcats["window_size"], feature_dim=lolcats["feature_dim"],
+                            sliding_layers=lolcats.get("sliding_layers", "linearize"))
+    elif lolcats.get("lora_merged"):
+        raise CLIError("LoRA is merged into this checkpoint, so its teacher cannot be recovered: pass --teacher")
+    corpus = load_corpus(loaded.tokenizer, data, seq_len=seq_len, seed=seed)
+    if training.get("data_fingerprint") and training["data_fingerprint"] != corpus.fingerprint():
+        print(f"{PROG}: warning: this data differs from the training data; held-out text may have been trained on",
+              file=sys.stderr)
+    stage2_only = None
+    if args.stage2_only:
+        stage2_only = load_model(args.stage2_only).model
+    result = evaluate(loaded.model, loaded.tokenizer, corpus, teacher=teacher, max_tokens=args.max_tokens,
+                      long_docs=args.long_docs, passkey_trials=args.passkey_trials,
+                      passkey_lengths=args.passkey_lengths if args.passkey_trials else (),
+                      stage2_only=stage2_only, progress=not args.no_progress)
+    result["model"] = args.model
+    print(markdown_table(result))
+    if args.json:
+        write_json(args.json, result)

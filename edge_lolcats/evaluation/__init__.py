@@ -1,0 +1,1 @@
+"""Evaluation of a linearization against its teacher and fixed-memory baselines (evaluate.py)."""
