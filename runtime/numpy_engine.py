@@ -24,6 +24,7 @@ from edge_lolcats.converters import gguf_names as names
 from edge_lolcats.formats.gguf_io import ModelFileError, read_gguf
 from edge_lolcats.formats.tokenizer import Tokenizer
 
+from .generation import large_allocations_unmapped_when_freed
 from .hybrid_numpy import block_step, decode_step
 from .state import State, empty_state
 
@@ -107,10 +108,14 @@ FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_p
 
 class GGUFEngine:
     def __init__(self, path: str, weights: str = "float32"):
-        from gguf import GGMLQuantizationType
-
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
+        with large_allocations_unmapped_when_freed():
+            self._load(path, weights)
+
+    def _load(self, path: str, weights: str):
+        from gguf import GGMLQuantizationType
+
         gguf = read_gguf(path)
         if gguf.architecture != names.LOLCATS_ARCH:
             raise ModelFileError(f"{path}: architecture {gguf.architecture!r}; the runtime runs "
