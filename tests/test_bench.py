@@ -75,3 +75,24 @@ def test_repeated_measurements_report_their_median():
     assert (row["peak_rss_mb"], row["prefill_tokens_per_s"], row["decode_tokens_per_s"]) == (700, 500.0, 50.0)
     assert row["repeats"] == 3 and row["state_bytes"] == 7 and row["engine"] == "onnx"
     assert median_result(runs[:1]) == dict(runs[0], repeats=1)
+
+
+def test_llama_cpp_without_its_extra_buffer_types(tmp_path, smol_tokenizer):
+    """The fallback the memory benchmark takes where llama.cpp's extra CPU buffer types crash (this
+    machine's Xeon, SmolLM2 q8_0): the worker's --no-extra-bufts measures and says so in its row."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_model
+
+    from edge_lolcats.bench.runtime import markdown
+    from edge_lolcats.converters.gguf_export import export_gguf
+
+    path = str(tmp_path / "teacher.gguf")
+    export_gguf(tiny_model(), smol_tokenizer, path)
+    r = subprocess.run([sys.executable, "-m", "edge_lolcats.bench.runtime", "--worker", "llama.cpp", path, "32", "4",
+                        "--threads", "1", "--no-extra-bufts"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["extra_bufts"] is False and row["decode_tokens_per_s"] > 0
+    assert "| llama.cpp (no extra buffer types) |" in markdown([row])

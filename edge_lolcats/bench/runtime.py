@@ -62,9 +62,19 @@ def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None,
 
 
 def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-                      chunk_size=512) -> dict:
+                      chunk_size=512, extra_bufts: bool = True) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
+    if not extra_bufts:  # Llama() has no argument for it: change the defaults it starts from
+        defaults = llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
     n_ctx = context + decode_tokens + 8
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=chunk_size, n_threads=threads or os.cpu_count(),
                 logits_all=False, verbose=False)
@@ -82,7 +92,7 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     kv_per_token = 2 * int(llm.metadata["llama.block_count"]) * _kv_width(llm) * 2
     return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get(KEY_FILE_TYPE)), "peak_rss_mb": peak_rss_mb(),
             "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
-            "decode_tokens_per_s": decode_tokens / (t3 - t2)}
+            "decode_tokens_per_s": decode_tokens / (t3 - t2), "extra_bufts": extra_bufts}
 
 
 def _kv_width(llm) -> int:
@@ -104,6 +114,11 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
     if engine == "gguf":
         cmd += ["--gguf-weights", gguf_weights]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if engine == "llama.cpp" and r.returncode < 0:
+        # llama-cpp-python 0.3.36 built for this CPU crashes (SIGSEGV) in its extra CPU buffer types
+        # (AMX / repacked weights) on SmolLM2's q8_0 file on some Xeons: measure without them, and
+        # say so in the row (see docs/BENCHMARKS.md)
+        r = subprocess.run(cmd + ["--no-extra-bufts"], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{engine} at {context} tokens failed: {last}")
@@ -118,7 +133,8 @@ def markdown(results: list[dict]) -> str:
         return "-" if x is None else format(x, fmt)
 
     for r in results:
-        rows.append(f"| {r['engine']} | {r.get('weights', '?')} | {r['context']} | {r['peak_rss_mb']:.0f} | "
+        engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)")
+        rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {r['peak_rss_mb']:.0f} | "
                     f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
                     f"{num(r['decode_tokens_per_s'], '.1f')} |")
     return "\n".join(rows)
@@ -271,9 +287,11 @@ def _worker(argv):
     p.add_argument("--text")
     p.add_argument("--threads", type=int)
     p.add_argument("--gguf-weights", default="float32")
+    p.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp without its extra CPU buffer types")
     a = p.parse_args(argv)
     if a.engine == "llama.cpp":
-        result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads)
+        result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads,
+                                   extra_bufts=not a.no_extra_bufts)
     else:
         result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads, gguf_weights=a.gguf_weights)
         if result["engine"] != a.engine:
