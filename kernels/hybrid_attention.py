@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from edge_lolcats.nn.hybrid_attention import FEATURE_MAP_EPS, HybridState, _check, _no_tokens, repeat_kv_heads
+from edge_lolcats.nn.hybrid_attention import FEATURE_MAP_EPS, HybridState, _check, _no_tokens, empty_state, repeat_kv_heads
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = tl.constexpr(FEATURE_MAP_EPS)
@@ -562,17 +562,17 @@ def _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, window_size, c
     n_old = max(0, n - window_size)
     c = n_old // chunk_size
     nf = phi_k.shape[-1]
-    kv = states[:, c].view(b, h, nf, d).clone()
-    z = z_states[:, c].view(b, h, nf).clone()
+    state = empty_state(b, h, d, nf // 2, window_size, device=k.device)  # the layout's shapes (arch.state)
+    state.kv += states[:, c].view(b, h, nf, d)
+    state.z += z_states[:, c].view(b, h, nf)
     rest = slice(c * chunk_size, n_old)
-    kv += torch.einsum("bhnf,bhnd->bhfd", phi_k[:, :, rest].float(), v[:, :, rest].float())
-    z += phi_k[:, :, rest].float().sum(2)
-    k_window = k.new_zeros(b, h, window_size, d, dtype=torch.float32)
-    v_window = torch.zeros_like(k_window)
+    state.kv += torch.einsum("bhnf,bhnd->bhfd", phi_k[:, :, rest].float(), v[:, :, rest].float())
+    state.z += phi_k[:, :, rest].float().sum(2)
     slots = torch.arange(end - (n - n_old), end, device=k.device) % window_size
-    k_window[:, :, slots] = k[:, :, n_old:].float()
-    v_window[:, :, slots] = v[:, :, n_old:].float()
-    return HybridState(kv, z, k_window, v_window, end)
+    state.k_window[:, :, slots] = k[:, :, n_old:].float()
+    state.v_window[:, :, slots] = v[:, :, n_old:].float()
+    state.position = end
+    return state
 
 
 def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState, *, scale=None,

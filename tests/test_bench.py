@@ -3,6 +3,7 @@ import json
 
 from conftest import run_cli
 from test_train import fake_documents
+from test_families import TINY_STATE_BYTES
 
 
 def test_bench_attention_small(tmp_path):
@@ -49,7 +50,7 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     for x in results:
         assert x["peak_rss_mb"] > 0 and x["prefill_tokens_per_s"] > 0 and x["decode_tokens_per_s"] > 0
     for engine in ("gguf", "onnx"):  # fixed state
-        assert by[(engine, 64)]["state_bytes"] == by[(engine, 512)]["state_bytes"] == 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+        assert by[(engine, 64)]["state_bytes"] == by[(engine, 512)]["state_bytes"] == TINY_STATE_BYTES
     assert by[("llama.cpp", 512)]["state_bytes"] > 4 * by[("llama.cpp", 64)]["state_bytes"]  # KV cache grows
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| llama.cpp |" in (tmp_path / "m.md").read_text()
     # --merge: one report from several runs, the later file winning on the same engine and context

@@ -3,6 +3,7 @@ import json
 
 import pytest
 from conftest import run_cli
+from test_families import TINY_STATE_BYTES
 
 
 def assert_one_line_error(result, *fragments):
@@ -37,7 +38,7 @@ def test_generate_json_fields(tiny_ckpt):
     assert len(out["token_ids"]) == 20 and isinstance(out["text"], str)
     assert out["prefill_tokens_per_s"] > 0 and out["decode_tokens_per_s"] > 0 and out["peak_rss_mb"] > 0
     # 2 layers x 4 heads x (2F*D + 2F + 2*W*D) floats, F=8, W=8, D=16
-    assert out["state_bytes"] == 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+    assert out["state_bytes"] == TINY_STATE_BYTES
     r = run_cli("generate", base, "--prompt", "Hello there", "--max-new-tokens", "5", "--json",
                 "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
     assert r.returncode == 0, r.stderr

@@ -295,3 +295,32 @@ def test_sliding_layers_can_be_linearized_too():
     assert all(isinstance(layer.self_attn, HybridAttention) for layer in model.model.layers)
     with pytest.raises(ValueError, match="sliding_layers must be one of keep, linearize"):
         linearize(ours_from_hf(hf_tiny_model("gemma3_text")), sliding_layers="drop")
+
+
+# The tiny llama's state (2 layers, 4 heads of 16, feature dim 8, window 8), written out once:
+# per layer kv [4, 2*8, 16] + z [4, 2*8] + k and v windows [4, 8, 16], float32.
+TINY_STATE_BYTES = 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+
+
+def test_state_layout_is_the_one_definition_of_the_state():
+    """The layout (arch.state) against the formula above, and every holder of a state against it:
+    the PyTorch model's states, kept-window rings per KV head."""
+    from edge_lolcats.arch.state import HYBRID, WINDOW, StateLayout
+    from edge_lolcats.nn.model import forward, linearize, state_bytes, state_layout
+
+    layout = StateLayout(num_layers=2, heads=4, head_dim=16, feature_dim=8, window_size=8, kv_heads=2)
+    assert layout.bytes_per_sequence == TINY_STATE_BYTES
+    assert layout.names() == [f"state.{i}.{p}" for i in range(2) for p in ("kv", "z", "k_window", "v_window")]
+    assert layout.shapes("b")["state.1.kv"] == ["b", 4, 16, 16]
+    model = linearize(ours_from_hf(hf_tiny_model("llama")), window_size=8, feature_dim=8)
+    assert state_layout(model) == layout and state_bytes(model) == TINY_STATE_BYTES
+    with torch.no_grad():
+        _, state = forward(model, _ids(11))
+    assert state.nbytes == TINY_STATE_BYTES
+    for i, layer_state in enumerate(state.layers):
+        for part, shape in layout.part_shapes(i).items():
+            assert tuple(getattr(layer_state, part).shape) == (1, *shape)
+    gemma = linearize(ours_from_hf(hf_tiny_model("gemma3_text")), window_size=8, feature_dim=8)
+    rings = state_layout(gemma)
+    assert rings.kinds == (WINDOW, HYBRID, WINDOW)
+    assert rings.part_shapes(0) == {"k_ring": (2, 16, 16), "v_ring": (2, 16, 16)}  # KV heads, base window 16

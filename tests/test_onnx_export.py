@@ -14,6 +14,7 @@ from edge_lolcats.formats.gguf_io import ModelFileError
 from edge_lolcats.nn.lora import apply_lora, lora_modules
 from edge_lolcats.nn.model import forward, linearize
 from edge_lolcats.runtime.onnx_engine import OnnxEngine
+from test_families import TINY_STATE_BYTES
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_model_json_describes_the_graph(tiny_export):
     assert meta["inputs"][:2] == ["input_ids", "position"]
     assert meta["state"]["state.1.k_window"]["shape"] == ["batch", 4, 8, 16]
     assert meta["state"]["state.0.kv"]["shape"] == ["batch", 4, 16, 16]
-    assert meta["state_bytes_per_sequence"] == 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+    assert meta["state_bytes_per_sequence"] == TINY_STATE_BYTES
     import onnx
 
     for graph_file in ("model.onnx", "decode.onnx"):
