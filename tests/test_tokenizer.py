@@ -145,3 +145,22 @@ def test_sentencepiece_gguf_vocabulary_matches_transformers(arch, spm_vocab, tmp
     again = Tokenizer.from_gguf_metadata(read_gguf(str(tmp_path / "lin.gguf")).metadata)
     for text in SPM_AWKWARD:
         assert again.encode(text) == ours.encode(text), (arch, text)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_sentencepiece_vocabulary_from_tokenizer_json_writes_to_gguf(arch, spm_vocab, tmp_path):
+    """A SentencePiece BPE tokenizer known only by its tokenizer.json (an HF folder of Llama 2 or
+    Gemma) writes the GGUF vocabulary llama.cpp reads (pieces, scores from the merge order, byte
+    and control types, and the merges), and reads back to the same ids."""
+    meta, docs = spm_vocab
+    ours = Tokenizer.from_gguf_metadata({**meta, "general.architecture": arch})
+    ours.save(str(tmp_path))
+    folder = Tokenizer.from_folder(str(tmp_path))
+    assert folder.gguf_vocab is None  # nothing kept from a GGUF: the metadata is rebuilt
+    written = folder.gguf_metadata()
+    assert written["tokenizer.ggml.model"] == "llama"
+    types = dict(zip(written["tokenizer.ggml.tokens"], written["tokenizer.ggml.token_type"]))
+    assert types["<0x0A>"] == 6 and types["<start_of_turn>"] == 3 and types["<think>"] == 4
+    again = Tokenizer.from_gguf_metadata({**written, "general.architecture": arch})
+    for text in SPM_AWKWARD + [docs[-1].text[5_000:9_000]]:
+        assert again.encode(text) == ours.encode(text), (arch, text[:60])

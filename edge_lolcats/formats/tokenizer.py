@@ -41,7 +41,7 @@ PRE_TOKENIZERS = {
     "qwen2": lambda: _byte_level(_QWEN2_SPLIT),
 }
 
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6  # llama.cpp token types
 
 
 class TokenizerError(ValueError):
@@ -208,10 +208,10 @@ class Tokenizer:
                 meta[names.KEY_CHAT_TEMPLATE] = self.chat_template
             return meta
         model = json.loads(self.backend.to_str())["model"]
-        if model.get("type") != "BPE" or not isinstance(self.backend.decoder, decoders.ByteLevel):
-            raise TokenizerError("only byte-level BPE tokenizers and SentencePiece vocabularies read from GGUF "
-                                 "can be written to GGUF")
-        pre = self.pre or self._detect_pre()
+        sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+        if model.get("type") != "BPE" or not (sentencepiece or isinstance(self.backend.decoder, decoders.ByteLevel)):
+            raise TokenizerError("only byte-level BPE and SentencePiece BPE (byte fallback) tokenizers can be "
+                                 "written to GGUF")
         size = self.vocab_size
         tokens = [self.backend.id_to_token(i) for i in range(size)]
         if any(t is None for t in tokens):
@@ -219,9 +219,17 @@ class Tokenizer:
         added = {t.content: t for t in self.backend.get_added_tokens_decoder().values()}
         types = [(_CONTROL if added[t].special else _USER_DEFINED) if t in added else 1 for t in tokens]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        meta = {names.KEY_TOKENIZER_MODEL: "gpt2", names.KEY_TOKENIZER_PRE: pre, names.KEY_TOKENS: tokens,
-                names.KEY_TOKEN_TYPE: types, names.KEY_MERGES: merges,
-                names.KEY_ADD_BOS: self.add_bos_token}
+        if sentencepiece:  # llama.cpp's "llama" vocabulary (Llama 2, Gemma, Phi-3 from a tokenizer.json)
+            meta = {names.KEY_TOKENIZER_MODEL: "llama", names.KEY_TOKENIZER_PRE: "default",
+                    names.KEY_SCORES: sentencepiece_scores(tokens, merges),
+                    names.KEY_TOKEN_TYPE: [_BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", t) and ty == 1 else ty
+                                           for t, ty in zip(tokens, types)]}
+            if model.get("unk_token") in tokens:
+                meta[names.KEY_UNK_ID] = tokens.index(model["unk_token"])
+        else:
+            meta = {names.KEY_TOKENIZER_MODEL: "gpt2", names.KEY_TOKENIZER_PRE: self.pre or self._detect_pre(),
+                    names.KEY_TOKEN_TYPE: types}
+        meta.update({names.KEY_TOKENS: tokens, names.KEY_MERGES: merges, names.KEY_ADD_BOS: self.add_bos_token})
         if self.bos_token_id is not None:
             meta[names.KEY_BOS_ID] = self.bos_token_id
         if self.eos_token_ids:
@@ -289,6 +297,16 @@ class Tokenizer:
 
 
 SPM_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def sentencepiece_scores(tokens: list, merges: list) -> list:
+    """Scores for a SentencePiece vocabulary known by its merges (a tokenizer.json): llama.cpp merges
+    the best-scored pair first, so the token a merge makes scores minus the merge's rank; a longer
+    token no merge makes (added, special) can never be merged into, single characters need no score."""
+    rank = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), r)
+    return [-float(rank[t]) if t in rank else (0.0 if len(t) == 1 else -1e9) for t in tokens]
 
 
 def merges_from_scores(vocab: dict, priority: dict) -> list:
