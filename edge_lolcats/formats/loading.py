@@ -11,7 +11,6 @@ Accepted:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from edge_lolcats.arch import (GGUF_ARCHS, SUPPORTED, ArchitectureError, ModelAr
                                gguf_module, weights_from_hf)
 from edge_lolcats.converters import gguf_names as names
 
+from .checkpoint import read_config
 from .gguf_io import GGUFFile, ModelFileError, read_gguf
 from .tokenizer import Tokenizer
 
@@ -68,13 +68,8 @@ def resolve(name_or_path: str) -> tuple[str, str]:
         return "lolcats-checkpoint", SHIPPED_MODELS[name_or_path]
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
         return "gguf", name_or_path
-    config_path = os.path.join(name_or_path, "config.json")
-    if os.path.isdir(name_or_path) and os.path.isfile(config_path):
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{config_path}: unreadable ({e})") from None
+    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "config.json")):
+        config = read_config(name_or_path)
         return ("lolcats-checkpoint" if "lolcats" in config else "hf-folder"), name_or_path
     raise ModelNotFound(f"unknown model {name_or_path!r}: expected {ACCEPTED}")
 
@@ -96,7 +91,7 @@ def load_checkpoint(folder: str, dtype=torch.float32):
     """(model, tokenizer) from a checkpoint folder written by :func:`.checkpoint.save_checkpoint`."""
     from edge_lolcats.nn.model import Transformer
 
-    from .checkpoint import checkpoint_args, is_delta_param, read_config, read_weights, rebuild
+    from .checkpoint import checkpoint_args, is_delta_param, read_weights, rebuild
 
     config_dict = read_config(folder)
     lolcats = config_dict.get("lolcats")
@@ -141,12 +136,7 @@ def load_checkpoint(folder: str, dtype=torch.float32):
 def read_hf_config(folder: str) -> dict:
     """config.json as a dict, completed with transformers' defaults for its model type when
     transformers is installed (a Hub config.json may leave out what the class defaults)."""
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path}: unreadable ({e})") from None
+    config = read_config(folder)
     if config.get("model_type") not in SUPPORTED:
         raise ModelFileError(f"{folder}: architecture {config.get('model_type')!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED)}")

@@ -140,11 +140,12 @@ class FeatureMap(nn.Module):
         return "heads={}, head_dim={}, feature_dim={}".format(*self.weight.shape)
 
 
-class HybridAttention(nn.Module):
-    """Sliding-window softmax + linear attention in place of a softmax attention layer."""
+class _LinearizedLayer(nn.Module):
+    """What every layer linearization puts in place of a softmax layer keeps: the base's projections
+    (and QK-norms), its score scale and soft-cap, its own sliding window, and its softmax as the
+    teacher."""
 
-    def __init__(self, base: Attention, args: ModelArgs, layer: int, *, window_size: int = 64,
-                 feature_dim: int = 64, chunk_size: int = 64):
+    def __init__(self, base: Attention, args: ModelArgs, layer: int):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
         if args.qk_norm:
@@ -153,6 +154,19 @@ class HybridAttention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.scale, self.softcap = args.attention_scale, args.attn_softcap
         self.base_window = args.window_of(layer)  # the base layer's own sliding window, if any
+
+    def teacher(self, q, k, v):
+        """The base layer's softmax attention (its own sliding window, if it has one)."""
+        mask = None if self.base_window is None else causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
+        return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
+
+
+class HybridAttention(_LinearizedLayer):
+    """Sliding-window softmax + linear attention in place of a softmax attention layer."""
+
+    def __init__(self, base: Attention, args: ModelArgs, layer: int, *, window_size: int = 64,
+                 feature_dim: int = 64, chunk_size: int = 64):
+        super().__init__(base, args, layer)
         self.window_size, self.feature_dim, self.chunk_size = window_size, feature_dim, chunk_size
         device = self.q_proj.weight.device
         self.feature_map_q = FeatureMap(self.heads, self.head_dim, feature_dim).to(device)
@@ -164,11 +178,6 @@ class HybridAttention(nn.Module):
     @property
     def weights(self) -> tuple:
         return self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor
-
-    def teacher(self, q, k, v):
-        """The base layer's softmax attention (its own sliding window, if it has one)."""
-        mask = None if self.base_window is None else causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
-        return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
 
     def attend(self, q, k, v, state: HybridState | None = None, output_state: bool = False):
         """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked."""
@@ -229,23 +238,10 @@ class RingState:
         return RingState(self.k_ring.clone(), self.v_ring.clone(), self.position)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(_LinearizedLayer):
     """A layer that is sliding-window softmax in the base model, left as it is by linearization:
     the same projections and math, with its state a fixed ring of its own window
     (:func:`edge_lolcats.arch.window.window_ring_step`)."""
-
-    def __init__(self, base: Attention, args: ModelArgs, layer: int):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        if args.qk_norm:
-            self.q_norm, self.k_norm = base.q_norm, base.k_norm
-        self.layer_idx = layer
-        self.base_window, self.scale, self.softcap = args.window_of(layer), args.attention_scale, args.attn_softcap
-        self.kv_heads, self.head_dim = args.num_kv_heads, args.head_dim
-
-    def teacher(self, q, k, v):
-        mask = causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
-        return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
 
     def attend(self, q, k, v, state: RingState | None = None, output_state: bool = False):
         if state is None and not output_state:
