@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from edge_lolcats.arch.hybrid import Recurrence
 from edge_lolcats.formats.fileio import atomic_file
 from . import gguf_names as names
 
@@ -116,6 +117,10 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
             writer.add_uint32(key(names.KEY_FEATURE_DIM), int(lol["feature_dim"]))
             writer.add_string(key(names.KEY_FEATURE_MAP), lol.get("feature_map", "hedgehog"))
             writer.add_array(key(names.KEY_LAYER_KINDS), list(state_layout(model).kinds))
+            recurrence = Recurrence.of(lol)
+            writer.add_string(key(names.KEY_FEATURE_MAPS), recurrence.feature_maps)
+            writer.add_bool(key(names.KEY_DECAY), recurrence.decay)
+            writer.add_uint32(key(names.KEY_SINK_TOKENS), recurrence.sink_tokens)
             writer.add_bool(key(names.KEY_QK_PERMUTED), False)
             writer.add_uint32(key(names.KEY_FORMAT_VERSION), names.FORMAT_VERSION)
             writer.add_string(key(names.KEY_SOURCE), json.dumps({"model": source, "lolcats": lol}, default=str))

@@ -13,7 +13,7 @@ expects.
 
 LOLCATS_ARCH = "lolcats"
 LLAMA_ARCH = "llama"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the recurrence options (feature maps before RoPE, decay, sinks)
 
 # metadata keys; "{arch}" is filled with the architecture name
 KEY_CONTEXT_LENGTH = "{arch}.context_length"
@@ -44,6 +44,11 @@ KEY_WINDOW_SIZE = "{arch}.attention.window_size"
 KEY_FEATURE_DIM = "{arch}.attention.feature_dim"
 KEY_FEATURE_MAP = "{arch}.attention.feature_map"  # "hedgehog"
 KEY_QK_PERMUTED = "{arch}.rope.qk_permuted"
+# the hybrid layers' recurrence (edge_lolcats.arch.hybrid.Recurrence): "pre_rope" or "post_rope", a learned
+# decay or not, sink tokens; absent in files before format 3, whose recurrence is Recurrence()
+KEY_FEATURE_MAPS = "{arch}.attention.feature_maps"
+KEY_DECAY = "{arch}.attention.decay"
+KEY_SINK_TOKENS = "{arch}.attention.sink_tokens"
 # per layer "hybrid" or "window" (arch.state); absent in files before it: every layer hybrid
 KEY_LAYER_KINDS = "{arch}.attention.layer_kinds"
 KEY_FORMAT_VERSION = "{arch}.format_version"
@@ -105,11 +110,15 @@ LAYER_TENSORS = {
     "self_attn.feature_map_q": "attn_fmap_q",
     "self_attn.feature_map_k": "attn_fmap_k",
 }
-# a bare parameter (no .weight) of the hybrid layer
+# bare parameters (no .weight) of the hybrid layer, stored as blk.N.<name>.weight
 WINDOW_FACTOR = "self_attn.window_factor"
 WINDOW_FACTOR_GGUF = "attn_window_factor"
-LOLCATS_ONLY = ("attn_fmap_q", "attn_fmap_k", WINDOW_FACTOR_GGUF)
+DECAY = "self_attn.decay_log_rate"  # log(lam) = -exp(this), per head
+DECAY_GGUF = "attn_decay_log_rate"
+BARE_PARAMS = {WINDOW_FACTOR: WINDOW_FACTOR_GGUF, DECAY: DECAY_GGUF}
+LOLCATS_ONLY = ("attn_fmap_q", "attn_fmap_k", WINDOW_FACTOR_GGUF, DECAY_GGUF)
 _FROM_GGUF = {v: k for k, v in LAYER_TENSORS.items()}
+_BARE_FROM_GGUF = {v: k for k, v in BARE_PARAMS.items()}
 
 
 def to_gguf(name: str) -> str:
@@ -120,8 +129,8 @@ def to_gguf(name: str) -> str:
     if prefix or not rest:
         raise KeyError(name)
     n, _, part = rest.partition(".")
-    if part == WINDOW_FACTOR:
-        return f"blk.{n}.{WINDOW_FACTOR_GGUF}.weight"
+    if part in BARE_PARAMS:
+        return f"blk.{n}.{BARE_PARAMS[part]}.weight"
     module, _, suffix = part.rpartition(".")
     return f"blk.{n}.{LAYER_TENSORS[module]}.{suffix}"
 
@@ -134,8 +143,8 @@ def from_gguf(name: str) -> str:
     blk, n, part, suffix = name.split(".", 3)
     if blk != "blk":
         raise KeyError(name)
-    if part == WINDOW_FACTOR_GGUF:
-        return f"model.layers.{n}.{WINDOW_FACTOR}"
+    if part in _BARE_FROM_GGUF:
+        return f"model.layers.{n}.{_BARE_FROM_GGUF[part]}"
     return f"model.layers.{n}.{_FROM_GGUF[part]}.{suffix}"
 
 

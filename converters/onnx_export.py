@@ -3,12 +3,13 @@
 Two graphs over one weights file, each a pure function
 
     (input_ids, position [] int64, state.{i}.kv, state.{i}.z, state.{i}.k_window, state.{i}.v_window
-     for every layer i) -> (logits [B, V] of the last token, the new states)
+     [, state.{i}.k_sink, state.{i}.v_sink] for every layer i) -> (logits [B, V] of the last token,
+     the new states)
 
 - ``model.onnx``: any batch and any number of tokens T per call (prefill in blocks, batches); each
-  layer computes :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_block_step`.
+  layer computes :func:`edge_lolcats.arch.hybrid.block_step`.
 - ``decode.onnx``: one sequence, one token (input_ids [1, 1]); each layer computes
-  :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_decode_step`. Static shapes let
+  :func:`edge_lolcats.arch.hybrid.decode_step`. Static shapes let
   onnxruntime fold every shape computation away, and the step does T = 1's work only: ~2x faster
   per token than the dynamic graph on SmolLM2 (docs/BENCHMARKS.md).
 
@@ -29,12 +30,13 @@ import torch.nn as nn
 
 from edge_lolcats.arch import block
 from edge_lolcats.arch import state as state_layout_names
+from edge_lolcats.arch.hybrid import Recurrence
 from edge_lolcats.arch.ops import TorchOps
 
 from edge_lolcats.formats.fileio import atomic_folder
 from .gguf_export import model_fingerprint
 
-FORMAT_VERSION = 3  # 3: the model description (ModelArgs) in model.json
+FORMAT_VERSION = 4  # 3: the model description (ModelArgs) in model.json; 4: the recurrence, rings per KV head
 WEIGHTS_FILE = "weights.bin"
 # initializers this small stay inside the graph (shape constants, scales): not worth an offset
 INLINE_BYTES = 4096
@@ -123,37 +125,37 @@ class StepGraph(nn.Module):
         self.state_slices = [slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
 
     def forward(self, input_ids, position, *states):
+        from edge_lolcats.arch import hybrid
         from edge_lolcats.arch.window import window_ring_step
-
-        from edge_lolcats.nn.hybrid_attention import hybrid_attention_block_step, hybrid_attention_decode_step
         from edge_lolcats.nn.model import WindowAttention
 
-        step = hybrid_attention_decode_step if self.decode else hybrid_attention_block_step
+        step = hybrid.decode_step if self.decode else hybrid.block_step
         args, inner = self.model.args, self.model.model
         xp = TorchOps()
         t = 1 if self.decode else input_ids.shape[1]
         positions = position + torch.arange(t, dtype=torch.int64)  # [T]
-        if self.decode:
-            rotate = {}
-            for kind in set(args.layer_types):
-                cos, sin = block.rope_tables(xp, torch.from_numpy(args.rope[kind].inv_freq()), positions)
-                matrix = rope_matrix(cos[0], sin[0], args.head_dim)
-                rotate[kind] = lambda x, m=matrix: x @ m
-        else:
-            rotate = block.rotations(xp, args, positions)
+        rotate = block.rotations(xp, args, positions)
+        if self.decode:  # RoPE at the one position as a [D, D] matrix: one MatMul per tensor
+            for r in rotate.values():
+                r.apply = lambda x, m=rope_matrix(r.cos[0], r.sin[0], args.head_dim): x @ m
         x = block.embed(xp, args, inner.embed_tokens, input_ids)
         new_states = []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             layer_states = states[self.state_slices[i]]
 
-            def attend(q, k, v, attn=attn, layer_states=layer_states):
+            def attend(q, k, v, rotate, attn=attn, layer_states=layer_states):
                 if isinstance(attn.module, WindowAttention):  # the base's own window, on its ring
-                    out, *state = window_ring_step(xp, q, k, v, *layer_states, position, scale=attn.scale,
-                                                   softcap=attn.softcap)
+                    out, *state = window_ring_step(xp, rotate(q), rotate(k), v, *layer_states, position,
+                                                   scale=attn.scale, softcap=attn.softcap)
                 else:
-                    out, *state = step(q, k, v, *attn.weights, *layer_states, position,
-                                       scale=attn.scale, softcap=attn.softcap)
+                    rec = attn.recurrence
+                    if rec.feature_maps == hybrid.PRE_ROPE:
+                        rope = rotate.inv_freq
+                    else:
+                        q, k, rope = rotate(q), rotate(k), None
+                    out, state = step(xp, q, k, v, *attn.weights, attn.log_decay, layer_states, position,
+                                      scale=attn.scale, softcap=attn.softcap, rope=rope, sink_tokens=rec.sink_tokens)
                 new_states.extend(state)
                 return out
 
@@ -313,7 +315,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             "heads": args.num_heads, "kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
             "model_args": args.to_dict(),
             "window_size": lol["window_size"], "feature_dim": lol["feature_dim"], "feature_map": "hedgehog",
-            "layer_kinds": list(layout.kinds),
+            "layer_kinds": list(layout.kinds), "recurrence": Recurrence.of(lol).to_dict(),
             "max_position_embeddings": args.max_position_embeddings,
             "state": {n: {"shape": s, "dtype": state_layout_names.DTYPE} for n, s in layout.shapes("batch").items()},
             "state_bytes_per_sequence": layout.bytes_per_sequence,

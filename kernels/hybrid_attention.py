@@ -505,13 +505,21 @@ def _no_softcap(softcap):
         raise NotImplementedError("the Triton kernels do not soft-cap scores; use the chunked PyTorch form")
 
 
+def _first_recurrence_only(rope, log_decay, sink_tokens):
+    # TODO(issue 14): feature maps before RoPE, decay and sinks in the kernels; until then the
+    # PyTorch forms run them (HybridAttention sends only the first recurrence here)
+    if rope is not None or log_decay is not None or sink_tokens:
+        raise NotImplementedError("the Triton kernels run the first models' recurrence only (feature maps after "
+                                  "RoPE, no decay, no sinks); use the chunked PyTorch form")
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
 
 def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, window_size=64, chunk_size=64,
                             initial_state: HybridState | None = None, output_final_state=False, scale=None,
-                            softcap=None):
+                            softcap=None, rope=None, log_decay=None, sink_tokens=0):
     """The chunked hybrid attention on Triton kernels: same signature and result as
     :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_chunked`, differentiable in q, k, v, both
     feature-map weights and window_factor (an initial state enters as a constant).
@@ -521,11 +529,13 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
     """
     _check(q, k, v, fq_weight, fk_weight, window_factor, window_size)
     _no_softcap(softcap)
+    _first_recurrence_only(rope, log_decay, sink_tokens)
     dtype = _kernel_dtype(q, k, v)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.shape[2] == 0:
-        return _no_tokens(q, v, fq_weight, window_size, initial_state, output_final_state)
+        return _no_tokens(q, k, v, fq_weight, window_size, initial_state, output_final_state, 0)
     b, h, n_new, d = q.shape
+    kv_heads = k.shape[1]
     start = initial_state.position if initial_state is not None else 0
     k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
     kv0 = z0 = None
@@ -536,8 +546,8 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
         # as in the PyTorch forms: the state's window keys go back in front, under dummy queries
         prefix = min(start, window_size)
         slots = torch.arange(start - prefix, start, device=q.device) % window_size
-        k = torch.cat([initial_state.k_window[:, :, slots].to(k.dtype), k], dim=2)
-        v = torch.cat([initial_state.v_window[:, :, slots].to(v.dtype), v], dim=2)
+        k = torch.cat([repeat_kv_heads(initial_state.k_window[:, :, slots].to(k.dtype), h), k], dim=2)
+        v = torch.cat([repeat_kv_heads(initial_state.v_window[:, :, slots].to(v.dtype), h), v], dim=2)
         q = torch.cat([q.new_zeros(b, h, prefix, d), q], dim=2)
         kv0 = _flat(initial_state.kv.detach().float())
         z0 = initial_state.z.detach().float().reshape(b * h, -1).contiguous()
@@ -551,40 +561,47 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
     state = None
     if output_final_state:
         with torch.no_grad():
-            state = _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, window_size, chunk_size,
-                                             start - prefix + n)
+            state = _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, kv_heads, window_size,
+                                             chunk_size, start - prefix + n)
     return out, state
 
 
-def _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, window_size, chunk_size, end):
-    """Sums over the keys that left the window (a chunk state plus < C keys), ring of the rest."""
+def _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, kv_heads, window_size, chunk_size, end):
+    """Sums over the keys that left the window (a chunk state plus < C keys), ring of the rest
+    (per KV head: k and v arrive repeated to H heads, head g * H / Hkv is KV head g)."""
     n, d = k.shape[2], k.shape[3]
     n_old = max(0, n - window_size)
     c = n_old // chunk_size
     nf = phi_k.shape[-1]
-    state = empty_state(b, h, d, nf // 2, window_size, device=k.device)  # the layout's shapes (arch.state)
+    state = empty_state(b, h, d, nf // 2, window_size, kv_heads=kv_heads, device=k.device)  # arch.state's shapes
     state.kv += states[:, c].view(b, h, nf, d)
     state.z += z_states[:, c].view(b, h, nf)
     rest = slice(c * chunk_size, n_old)
     state.kv += torch.einsum("bhnf,bhnd->bhfd", phi_k[:, :, rest].float(), v[:, :, rest].float())
     state.z += phi_k[:, :, rest].float().sum(2)
     slots = torch.arange(end - (n - n_old), end, device=k.device) % window_size
-    state.k_window[:, :, slots] = k[:, :, n_old:].float()
-    state.v_window[:, :, slots] = v[:, :, n_old:].float()
+    rep = h // kv_heads
+    state.k_window[:, :, slots] = k[:, ::rep, n_old:].float()
+    state.v_window[:, :, slots] = v[:, ::rep, n_old:].float()
     state.position = end
     return state
 
 
 def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState, *, scale=None,
-                                 softcap=None):
+                                 softcap=None, rope=None, log_decay=None, sink_tokens=0):
     """One decode step on a fused kernel: same contract as
-    :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_step` (pure: the input state is kept)."""
+    :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_step` (pure: the input state is kept).
+    The kernel keeps a ring per query head: the state's ring (per KV head) is repeated for it and
+    every H / Hkv-th head is kept after."""
     b, h, one, d = q.shape
     if one != 1:
         raise ValueError(f"a decode step takes one token; got q {tuple(q.shape)}")
     _no_softcap(softcap)
+    _first_recurrence_only(rope, log_decay, sink_tokens)
+    rep = h // k.shape[1]
     k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
     new = state.clone()
+    new.k_window, new.v_window = repeat_kv_heads(new.k_window, h), repeat_kv_heads(new.v_window, h)
     for name in ("kv", "z", "k_window", "v_window"):
         if not getattr(new, name).is_contiguous():
             setattr(new, name, getattr(new, name).contiguous())
@@ -595,5 +612,6 @@ def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, s
                            new.kv, new.z, new.k_window, new.v_window, out, state.position,
                            h, d, f, _scale(scale, d), W=w, BLOCK_W=_block(w), BLOCK_D=_block(d),
                            BLOCK_F=_block(f))
+    new.k_window, new.v_window = new.k_window[:, ::rep].contiguous(), new.v_window[:, ::rep].contiguous()
     new.position = state.position + 1
     return out, new

@@ -2,7 +2,8 @@
 
 Weights are dequantized to float32 once at load (memory-mapped file, then one float32 copy); the
 decoder is the model's one definition (:mod:`edge_lolcats.arch.block`) run on numpy arrays, its
-attention :func:`hybrid_numpy.block_step` on the fixed state. Same call shape as the ONNX engine:
+attention the block and decode steps of :mod:`edge_lolcats.arch.hybrid` on the fixed state. Same call shape
+as the ONNX engine:
 ``run(tokens, state) -> (logits of the last token [B, V], new state)``.
 
 ``weights="stored"`` keeps q8_0 matrices as stored instead (int8 blocks and their scales, a
@@ -15,17 +16,16 @@ import numpy as np
 
 from types import SimpleNamespace
 
-from edge_lolcats.arch import ArchitectureError, args_from_gguf, block
+from edge_lolcats.arch import ArchitectureError, args_from_gguf, block, hybrid
+from edge_lolcats.arch.hybrid import PRE_ROPE, Recurrence
 from edge_lolcats.arch.ops import NUMPY
-from edge_lolcats.arch.state import HYBRID, PARTS, WINDOW, StateLayout
+from edge_lolcats.arch.state import HYBRID, WINDOW, StateLayout
 from edge_lolcats.arch.window import window_ring_step
-from edge_lolcats.arch.state import name as state_name
 from edge_lolcats.converters import gguf_names as names
 from edge_lolcats.formats.gguf_io import ModelFileError, read_gguf
 from edge_lolcats.formats.tokenizer import Tokenizer
 
 from .generation import large_allocations_unmapped_when_freed
-from .hybrid_numpy import block_step, decode_step
 from .state import State, empty_state
 
 
@@ -123,10 +123,9 @@ class GGUFEngine:
         key = gguf.value
         try:
             self.args = args = args_from_gguf(gguf.metadata, set(gguf.tensors))
-            self.lolcats = {"window_size": int(key(names.KEY_WINDOW_SIZE)),
-                            "feature_dim": int(key(names.KEY_FEATURE_DIM)),
-                            "layers": list(key(names.KEY_LAYER_KINDS) or [HYBRID] * args.num_layers)}
-        except (TypeError, ArchitectureError) as e:
+            self.lolcats = gguf.lolcats(args.num_layers)
+            self.recurrence = Recurrence.of(self.lolcats)
+        except (TypeError, ValueError, ArchitectureError) as e:
             raise ModelFileError(f"{path}: missing or bad {names.LOLCATS_ARCH} metadata ({e})") from None
         if key(names.KEY_QK_PERMUTED):
             raise ModelFileError(f"{path}: q/k rows permuted for llama.cpp; this runtime expects them unpermuted")
@@ -175,6 +174,9 @@ class GGUFEngine:
                 attn.feature_map_q = t(names.layer_tensor(i, "self_attn.feature_map_q"))
                 attn.feature_map_k = t(names.layer_tensor(i, "self_attn.feature_map_k"))
                 attn.window_factor = t(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight")
+                # log(lam) = -exp(decay_log_rate), once at load
+                attn.log_decay = (-np.exp(t(f"blk.{i}.{names.DECAY_GGUF}.weight")).astype(np.float32)
+                                  if self.recurrence.decay else None)
             if args.qk_norm:
                 attn.q_norm = t(names.layer_tensor(i, "self_attn.q_norm"))
                 attn.k_norm = t(names.layer_tensor(i, "self_attn.k_norm"))
@@ -197,6 +199,8 @@ class GGUFEngine:
                 "attn_fmap_q": (attn.feature_map_q.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
                 "attn_fmap_k": (attn.feature_map_k.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
                 "attn_window_factor": (attn.window_factor.shape, (a.num_heads,))})
+            if attn.log_decay is not None:
+                expect["attn_decay_log_rate"] = (attn.log_decay.shape, (a.num_heads,))
         for n, (got, want) in expect.items():
             if tuple(got) != tuple(want):
                 raise ModelFileError(f"{self.path}: blk.{i}.{n} has shape {tuple(got)}, expected {want}")
@@ -223,20 +227,24 @@ class GGUFEngine:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
 
-            def attend(q, k, v, i=i, attn=attn):
+            def attend(q, k, v, rotate, i=i, attn=attn):
                 options = dict(scale=args.attention_scale, softcap=args.attn_softcap)
+                names_ = self.layout.layer_names(i)
                 if attn.kind == WINDOW:  # the base's own window, on its ring
-                    names_ = self.layout.layer_names(i)
-                    out, *rings = window_ring_step(xp, q, k, v, *(tensors[n] for n in names_), state.position,
-                                                   **options)
+                    out, *rings = window_ring_step(xp, rotate(q), rotate(k), v, *(tensors[n] for n in names_),
+                                                   state.position, **options)
                     tensors.update(zip(names_, rings))
                     return out.astype(np.float32)
-                s = [tensors[state_name(i, p)] for p in PARTS]
-                weights = (attn.feature_map_q, attn.feature_map_k, attn.window_factor)
-                if t == 1:  # updates the state's arrays in place
-                    return decode_step(q, k, v, *weights, *s, state.position, **options)
-                out, *s = block_step(q, k, v, *weights, *s, state.position, **options)
-                tensors.update({state_name(i, p): a for p, a in zip(PARTS, s)})
+                rec = self.recurrence
+                if rec.feature_maps == PRE_ROPE:
+                    options["rope"] = rotate.inv_freq
+                else:
+                    q, k = rotate(q), rotate(k)
+                step = hybrid.decode_step if t == 1 else hybrid.block_step  # decode: in place where it can
+                out, parts = step(xp, q, k, v, attn.feature_map_q, attn.feature_map_k, attn.window_factor,
+                                  attn.log_decay, [tensors[n] for n in names_], state.position,
+                                  sink_tokens=rec.sink_tokens, **options)
+                tensors.update(zip(names_, parts))
                 return out
 
             x = block.layer(xp, args, layer, x, rotate[args.layer_types[i]], attend)

@@ -31,7 +31,9 @@ def empty_state(layout: StateLayout, batch: int = 1) -> State:
 # --- state files: a session saved to disk and resumed later -------------------------------------
 
 STATE_FILE_FORMAT = "edge-lolcats-state"
-STATE_FILE_VERSION = 1
+# 2: the window ring per KV head, sink tokens (arch.state). Version 1 files held the ring per query head
+# and cannot be converted exactly for a model with decay or sinks: they are refused with that reason.
+STATE_FILE_VERSION = 2
 
 
 class StateFileError(ValueError):
@@ -74,6 +76,10 @@ def load_state_file(path: str, expected: State) -> tuple[State, dict, dict]:
         raise StateFileError(f"{path}: not an edge-lolcats state file (no header)") from None
     if header.get("format") != STATE_FILE_FORMAT:
         raise StateFileError(f"{path}: not an edge-lolcats state file")
+    if header.get("version") == 1:
+        raise StateFileError(f"{path}: a version 1 state file, from a runtime before the window ring was kept per "
+                             f"key/value head; this runtime reads version {STATE_FILE_VERSION}: run the prompt again "
+                             f"to make a new one")
     if header.get("version") != STATE_FILE_VERSION:
         raise StateFileError(f"{path}: state file version {header.get('version')}; this runtime reads {STATE_FILE_VERSION}")
     extra = {k[len("extra."):]: files.pop(k) for k in list(files) if k.startswith("extra.")}

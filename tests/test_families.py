@@ -297,9 +297,10 @@ def test_sliding_layers_can_be_linearized_too():
         linearize(ours_from_hf(hf_tiny_model("gemma3_text")), sliding_layers="drop")
 
 
-# The tiny llama's state (2 layers, 4 heads of 16, feature dim 8, window 8), written out once:
-# per layer kv [4, 2*8, 16] + z [4, 2*8] + k and v windows [4, 8, 16], float32.
-TINY_STATE_BYTES = 2 * 4 * (16 * 16 + 16 + 2 * 8 * 16) * 4
+# The tiny llama's state (2 layers, 4 heads and 2 KV heads of 16, feature dim 8, window 8, the
+# default 4 sink tokens), written out once: per layer kv [4, 2*8, 16] + z [4, 2*8] + k and v windows
+# [2, 8, 16] + k and v sinks [2, 4, 16], float32.
+TINY_STATE_BYTES = 2 * (4 * 16 * 16 + 4 * 16 + 2 * 2 * 8 * 16 + 2 * 2 * 4 * 16) * 4
 
 
 def test_state_layout_is_the_one_definition_of_the_state():
@@ -308,9 +309,10 @@ def test_state_layout_is_the_one_definition_of_the_state():
     from edge_lolcats.arch.state import HYBRID, WINDOW, StateLayout
     from edge_lolcats.nn.model import forward, linearize, state_bytes, state_layout
 
-    layout = StateLayout(num_layers=2, heads=4, head_dim=16, feature_dim=8, window_size=8, kv_heads=2)
+    layout = StateLayout(num_layers=2, heads=4, head_dim=16, feature_dim=8, window_size=8, kv_heads=2, sink_tokens=4)
     assert layout.bytes_per_sequence == TINY_STATE_BYTES
-    assert layout.names() == [f"state.{i}.{p}" for i in range(2) for p in ("kv", "z", "k_window", "v_window")]
+    parts = ("kv", "z", "k_window", "v_window", "k_sink", "v_sink")
+    assert layout.names() == [f"state.{i}.{p}" for i in range(2) for p in parts]
     assert layout.shapes("b")["state.1.kv"] == ["b", 4, 16, 16]
     model = linearize(ours_from_hf(hf_tiny_model("llama")), window_size=8, feature_dim=8)
     assert state_layout(model) == layout and state_bytes(model) == TINY_STATE_BYTES

@@ -156,22 +156,33 @@ def test_model_dispatch(monkeypatch):
 
     args = ModelArgs(family="llama", vocab_size=8, hidden_size=32, intermediate_size=8, num_layers=1, num_heads=2,
                      num_kv_heads=1, head_dim=16)
-    attn = HybridAttention(Attention(args), args, 0, window_size=8, feature_dim=8, chunk_size=16)
+    from edge_lolcats.arch.block import rotations
+    from edge_lolcats.arch.hybrid import DEFAULT, Recurrence
+    from edge_lolcats.arch.ops import TorchOps
+
+    first = HybridAttention(Attention(args), args, 0, window_size=8, feature_dim=8, chunk_size=16,
+                            recurrence=Recurrence())
+    new = HybridAttention(Attention(args), args, 0, window_size=8, feature_dim=8, chunk_size=16, recurrence=DEFAULT)
     q = torch.randn(1, 2, 30, 16)
-    assert attn.resolved_form(q) == "chunked"
+    assert first.resolved_form(q) == new.resolved_form(q) == "chunked"
     if torch.cuda.is_available():
-        assert attn.resolved_form(q.cuda()) == "triton"
+        assert first.resolved_form(q.cuda()) == "triton"
+        assert new.resolved_form(q.cuda()) == "chunked"  # the kernels have the first recurrence only
     monkeypatch.setenv(ATTENTION_FORM_ENV, "reference")
-    assert attn.resolved_form(q) == "reference"
+    assert first.resolved_form(q) == "reference"
     k, v = torch.randn(1, 1, 30, 16), torch.randn(1, 1, 30, 16)
-    out_ref, _ = attn.attend(q, k, v)
+    rotate = rotations(TorchOps(), args, torch.arange(30))["full_attention"]
+    out_ref, _ = first.attend(q, k, v, rotate)
     monkeypatch.setenv(ATTENTION_FORM_ENV, "triton")
-    attn.to(DEVICE)
-    out_tri, _ = attn.attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
+    first.to(DEVICE)
+    rotate = rotations(TorchOps(DEVICE), args, torch.arange(30, device=DEVICE))["full_attention"]
+    out_tri, _ = first.attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)
     assert rel_err(out_tri.cpu(), out_ref) < 1e-5
+    with pytest.raises(NotImplementedError, match="first models' recurrence"):
+        new.to(DEVICE).attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)
     monkeypatch.setenv(ATTENTION_FORM_ENV, "flash")
     with pytest.raises(ValueError, match="choose from"):
-        attn.attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
+        first.attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA training path needs a GPU")

@@ -58,7 +58,9 @@ def test_model_json_describes_the_graph(tiny_export):
     model, folder = tiny_export
     meta = json.load(open(os.path.join(folder, "model.json")))
     assert meta["inputs"][:2] == ["input_ids", "position"]
-    assert meta["state"]["state.1.k_window"]["shape"] == ["batch", 4, 8, 16]
+    assert meta["state"]["state.1.k_window"]["shape"] == ["batch", 2, 8, 16]  # per KV head
+    assert meta["state"]["state.1.k_sink"]["shape"] == ["batch", 2, 4, 16]
+    assert meta["recurrence"] == {"feature_maps": "pre_rope", "decay": True, "sink_tokens": 4}
     assert meta["state"]["state.0.kv"]["shape"] == ["batch", 4, 16, 16]
     assert meta["state_bytes_per_sequence"] == TINY_STATE_BYTES
     import onnx

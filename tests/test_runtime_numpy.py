@@ -6,54 +6,22 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from test_hybrid_attention import TOL, assert_close, make_inputs
 
 from edge_lolcats.converters.gguf_export import export_gguf
-from edge_lolcats.nn.hybrid_attention import hybrid_attention_reference
+from edge_lolcats.arch.hybrid import DEFAULT, Recurrence
 from edge_lolcats.nn.model import forward, linearize
-from edge_lolcats.runtime.hybrid_numpy import block_step, decode_step
 from edge_lolcats.runtime.numpy_engine import GGUFEngine
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_numpy_block_step_matches_reference(dtype):
-    seed = torch.seed() % 2**31
-    tdtype = torch.float64 if dtype == np.float64 else torch.float32
-    args = make_inputs(2, 6, 3, 60, 16, 8, tdtype, seed=seed)
-    ref, ref_state = hybrid_attention_reference(*args, window_size=16, output_final_state=True)
-    q, k, v, fq, fk, wf = (a.numpy() for a in args)
-    kv, z = np.zeros((2, 6, 16, 16), dtype), np.zeros((2, 6, 16), dtype)
-    kw, vw = np.zeros((2, 6, 16, 16), dtype), np.zeros((2, 6, 16, 16), dtype)
-    pos, outs = 0, []
-    for size in (1, 15, 1, 17, 26):
-        sl = slice(pos, pos + size)
-        o, kv, z, kw, vw = block_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq, fk, wf, kv, z, kw, vw, pos)
-        outs.append(o)
-        pos += size
-    tol = TOL[torch.float32]  # the numpy step returns float32 outputs and state
-    assert_close(torch.from_numpy(np.concatenate(outs, 2)), ref, f"numpy block steps (seed {seed})", **tol)
-    assert_close(torch.from_numpy(kv), ref_state.kv, f"numpy kv (seed {seed})", **tol)
-    assert_close(torch.from_numpy(kw), ref_state.k_window, f"numpy k_window (seed {seed})", **tol)
+# The numpy block and decode steps themselves are tested against the reference with every recurrence
+# option in test_hybrid_attention.py (test_block_and_decode_steps_match_reference[numpy]).
 
 
-def test_numpy_decode_step_matches_reference_across_the_window():
-    """Token by token through 40 positions with W = 16 (the ring wraps twice), float64, grouped heads."""
-    seed = torch.seed() % 2**31
-    args = make_inputs(1, 6, 2, 40, 16, 8, torch.float64, seed=seed)
-    ref, ref_state = hybrid_attention_reference(*args, window_size=16, output_final_state=True)
-    q, k, v, fq, fk, wf = (a.numpy() for a in args)
-    kv, z = np.zeros((1, 6, 16, 16)), np.zeros((1, 6, 16))
-    kw, vw = np.zeros((1, 6, 16, 16)), np.zeros((1, 6, 16, 16))
-    outs = [decode_step(q[:, :, p : p + 1], k[:, :, p : p + 1], v[:, :, p : p + 1], fq, fk, wf, kv, z, kw, vw, p)
-            for p in range(40)]
-    tol = TOL[torch.float32]  # outputs come back as float32
-    assert_close(torch.from_numpy(np.concatenate(outs, 2)), ref, f"numpy decode steps (seed {seed})", **tol)
-    assert_close(torch.from_numpy(kv), ref_state.kv, f"numpy kv (seed {seed})", **TOL[torch.float64])
-    assert_close(torch.from_numpy(z), ref_state.z, f"numpy z (seed {seed})", **TOL[torch.float64])
-
-
-def test_gguf_engine_matches_pytorch(tmp_path, smol_tokenizer):
-    model = linearize(tiny_model("qwen2"), window_size=8, feature_dim=8)
+@pytest.mark.parametrize("recurrence", [Recurrence(), DEFAULT], ids=["first", "default"])
+def test_gguf_engine_matches_pytorch(tmp_path, smol_tokenizer, recurrence):
+    """The export's runtime equals the PyTorch model, with the first models' recurrence and with
+    feature maps before RoPE, decay and sinks (past window + sinks, across prefill blocks and steps)."""
+    model = linearize(tiny_model("qwen2"), window_size=8, feature_dim=8, recurrence=recurrence)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.feature_map_q.weight.normal_()

@@ -52,13 +52,22 @@ def apply_rope(xp, x, cos, sin):
     return out if x_pass.shape[-1] == 0 else xp.concat([out, x_pass], -1)
 
 
+class Rotation:
+    """A layer type's RoPE at the block's positions: ``rotate(x)`` rotates q or k [B, H, T, D];
+    ``inv_freq`` is there for attentions that rotate at other positions themselves (arch.hybrid)."""
+
+    def __init__(self, xp, inv_freq, positions, apply=None):
+        self.xp, self.inv_freq, self.positions = xp, inv_freq, positions
+        self.cos, self.sin = rope_tables(xp, inv_freq, positions)
+        self.apply = apply  # a faster equivalent of apply_rope at these positions, if the caller has one
+
+    def __call__(self, x):
+        return self.apply(x) if self.apply is not None else apply_rope(self.xp, x, self.cos, self.sin)
+
+
 def rotations(xp, args: ModelArgs, positions) -> dict:
-    """{layer type: x -> RoPE(x)} at ``positions`` [T] (each layer type may have its own base)."""
-    out = {}
-    for kind in set(args.layer_types):
-        cos, sin = rope_tables(xp, xp.asarray(args.rope[kind].inv_freq()), positions)
-        out[kind] = lambda x, cos=cos, sin=sin: apply_rope(xp, x, cos, sin)
-    return out
+    """{layer type: :class:`Rotation`} at ``positions`` [T] (each layer type may have its own base)."""
+    return {kind: Rotation(xp, xp.asarray(args.rope[kind].inv_freq()), positions) for kind in set(args.layer_types)}
 
 
 def embed(xp, args: ModelArgs, table, ids):
@@ -66,8 +75,8 @@ def embed(xp, args: ModelArgs, table, ids):
     return x if args.embedding_scale == 1.0 else x * xp.scalar_like(x, args.embedding_scale)
 
 
-def project_qkv(xp, args: ModelArgs, w, x, rotate):
-    """The attention's inputs: q [B, H, T, D], k and v [B, Hkv, T, D], normed (qk_norm) and rotated."""
+def project_qkv(xp, args: ModelArgs, w, x):
+    """The attention's inputs: q [B, H, T, D], k and v [B, Hkv, T, D], normed (qk_norm), before RoPE."""
     attn = w.self_attn
     q, k, v = xp.linears(attn, ("q_proj", "k_proj", "v_proj"), rms_norm(xp, x, w.attn_norm, args))
     q = xp.split_heads(q, args.num_heads, args.head_dim)
@@ -75,7 +84,7 @@ def project_qkv(xp, args: ModelArgs, w, x, rotate):
     v = xp.split_heads(v, args.num_kv_heads, args.head_dim)
     if args.qk_norm:
         q, k = rms_norm(xp, q, attn.q_norm, args), rms_norm(xp, k, attn.k_norm, args)
-    return rotate(q), rotate(k), v
+    return q, k, v
 
 
 def finish_layer(xp, args: ModelArgs, w, x, attn_out):
@@ -92,10 +101,12 @@ def finish_layer(xp, args: ModelArgs, w, x, attn_out):
 
 
 def layer(xp, args: ModelArgs, w, x, rotate, attend):
-    """One decoder layer. ``attend(q, k, v) -> [B, H, T, D]`` is the backend's attention with its
-    state (softmax, hybrid, a teacher target): the block only says where it sits."""
-    q, k, v = project_qkv(xp, args, w, x, rotate)
-    return finish_layer(xp, args, w, x, attend(q, k, v))
+    """One decoder layer. ``attend(q, k, v, rotate) -> [B, H, T, D]`` is the backend's attention
+    with its state (softmax, hybrid, a teacher target): the block only says where it sits. q and k
+    come before RoPE; ``rotate`` (a :class:`Rotation`) applies it: a softmax attention rotates
+    both at once, a hybrid one with its feature maps before RoPE keeps them as they are."""
+    q, k, v = project_qkv(xp, args, w, x)
+    return finish_layer(xp, args, w, x, attend(q, k, v, rotate))
 
 
 def logits(xp, args: ModelArgs, norm, head, x):

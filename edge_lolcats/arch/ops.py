@@ -103,6 +103,41 @@ class NumpyOps:
         return x if x.shape[1] == heads else np.repeat(x, heads // x.shape[1], axis=1)
 
     @staticmethod
+    def maximum(x, value):
+        return np.maximum(x, value)
+
+    @staticmethod
+    def minimum(x, value):
+        return np.minimum(x, value)
+
+    @staticmethod
+    def softmax(x, axis):
+        x = x - x.max(axis, keepdims=True)
+        np.exp(x, out=x)
+        x /= x.sum(axis, keepdims=True)
+        return x
+
+    @staticmethod
+    def sigmoid(x):
+        return 1 / (1 + np.exp(-x))
+
+    @staticmethod
+    def as_float(x, like):
+        """x (bools, integers) in ``like``'s float dtype."""
+        return np.asarray(x).astype(like.dtype)
+
+    @staticmethod
+    def read_slot(x, slot):  # [B, H, N, D] -> a copy of [B, H, 1, D] at index ``slot`` of axis 2
+        return x[:, :, slot : slot + 1].copy()
+
+    @staticmethod
+    def write_slot(x, slot, value):
+        """x with index ``slot`` of axis 2 set to value [B, H, 1, D], in place (no-op out of range)."""
+        if 0 <= slot < x.shape[2]:
+            x[:, :, slot] = value[:, :, 0]
+        return x
+
+    @staticmethod
     def activation(name, x):
         if name == "silu":
             return x / (1 + np.exp(-x))
@@ -198,6 +233,29 @@ class TorchOps:
 
     def repeat_heads(self, x, heads):
         return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+    def maximum(self, x, value):
+        return x.clamp(min=value)
+
+    def minimum(self, x, value):
+        return x.clamp(max=value)
+
+    def softmax(self, x, axis):
+        return x.softmax(axis)
+
+    def sigmoid(self, x):
+        return self.torch.sigmoid(x)
+
+    def as_float(self, x, like):
+        return self.torch.as_tensor(x, device=like.device).to(like.dtype)
+
+    def read_slot(self, x, slot):
+        return x.index_select(2, self.torch.as_tensor(slot, device=x.device).reshape(1))
+
+    def write_slot(self, x, slot, value):
+        """A new x with index ``slot`` of axis 2 set to value [B, H, 1, D] (pure, for graphs)."""
+        hit = (self.torch.arange(x.shape[2], device=x.device) == slot)[:, None]
+        return self.torch.where(hit, value, x)
 
     def activation(self, name, x):
         return self.F.silu(x) if name == "silu" else self.F.gelu(x, approximate="tanh")

@@ -4,13 +4,15 @@ both exporters, both runtime engines, state files and tests all read it from her
 
 Each layer of a linearized model is one of two kinds (``lolcats["layers"]``):
 
-- ``hybrid`` (:data:`HYBRID`): the LoLCATs hybrid attention. For batch B, H query heads of
-  dimension D, F features and a window of W::
+- ``hybrid`` (:data:`HYBRID`): the LoLCATs hybrid attention (arch.hybrid). For batch B, H query
+  heads and Hkv key/value heads of dimension D, F features, a window of W and n_s sink tokens::
 
-    state.{i}.kv        [B, H, 2F, D]   sum over keys that left the window of phi_k(k) v^T
+    state.{i}.kv        [B, H, 2F, D]   sum over keys that left the window of phi_k(k) v^T (decayed)
     state.{i}.z         [B, H, 2F]      sum of phi_k(k) over the same keys
-    state.{i}.k_window  [B, H, W, D]    the last W keys (ring: position p in slot p % W)
-    state.{i}.v_window  [B, H, W, D]    their values
+    state.{i}.k_window  [B, Hkv, W, D]  the last W keys after RoPE (ring: position p in slot p % W)
+    state.{i}.v_window  [B, Hkv, W, D]  their values
+    state.{i}.k_sink    [B, Hkv, n_s, D] the first n_s keys after RoPE (only when n_s > 0)
+    state.{i}.v_sink    [B, Hkv, n_s, D]
 
 - ``window`` (:data:`WINDOW`): a layer that is sliding-window softmax in the base model (Gemma's
   local layers, Mistral), kept as it is over a fixed ring of its own window Wb, per KV head::
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 HYBRID, WINDOW = "hybrid", "window"
 PARTS = ("kv", "z", "k_window", "v_window")  # a hybrid layer's
+SINK_PARTS = ("k_sink", "v_sink")  # and, with sink tokens, these
 RING_PARTS = ("k_ring", "v_ring")  # a kept window layer's
 DTYPE = "float32"
 PREFIX, NEW_PREFIX = "state.", "new_state."  # graph inputs / outputs
@@ -38,26 +41,33 @@ class StateLayout:
     feature_dim: int
     window_size: int
     kinds: tuple = ()  # per layer HYBRID or WINDOW; () means every layer HYBRID
-    kv_heads: int = 0  # ring layers keep KV heads only
+    kv_heads: int = 0  # rings keep KV heads only; 0 means as many as query heads
     base_window: int = 0  # a WINDOW layer's ring length
+    sink_tokens: int = 0  # a HYBRID layer's sinks
 
     def __post_init__(self):
         if not self.kinds:
             object.__setattr__(self, "kinds", (HYBRID,) * self.num_layers)
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
 
     @classmethod
     def of(cls, args, lolcats: dict) -> "StateLayout":
         """The layout of a model described by ``args`` (ModelArgs) linearized with ``lolcats``."""
+        from .hybrid import Recurrence
+
         kinds = tuple(lolcats.get("layers") or (HYBRID,) * args.num_layers)
         return cls(args.num_layers, args.num_heads, args.head_dim, int(lolcats["feature_dim"]),
-                   int(lolcats["window_size"]), kinds, args.num_kv_heads, int(args.sliding_window or 0))
+                   int(lolcats["window_size"]), kinds, args.num_kv_heads, int(args.sliding_window or 0),
+                   Recurrence.of(lolcats).sink_tokens)
 
     def part_shapes(self, layer: int = 0) -> dict:
         """{part: shape without the batch axis} of one layer."""
-        h, d, f, w = self.heads, self.head_dim, self.feature_dim, self.window_size
+        h, hkv, d, f, w, n_s = self.heads, self.kv_heads, self.head_dim, self.feature_dim, self.window_size, self.sink_tokens
         if self.kinds[layer] == WINDOW:
-            return {"k_ring": (self.kv_heads, self.base_window, d), "v_ring": (self.kv_heads, self.base_window, d)}
-        return {"kv": (h, 2 * f, d), "z": (h, 2 * f), "k_window": (h, w, d), "v_window": (h, w, d)}
+            return {"k_ring": (hkv, self.base_window, d), "v_ring": (hkv, self.base_window, d)}
+        shapes = {"kv": (h, 2 * f, d), "z": (h, 2 * f), "k_window": (hkv, w, d), "v_window": (hkv, w, d)}
+        return {**shapes, "k_sink": (hkv, n_s, d), "v_sink": (hkv, n_s, d)} if n_s else shapes
 
     def layer_names(self, layer: int) -> list:
         return [name(layer, p) for p in self.part_shapes(layer)]

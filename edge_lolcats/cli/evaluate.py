@@ -28,13 +28,15 @@ def cmd_eval(args):
                                                     else training["data"])
     seq_len = args.seq_len or config.get("seq_len", 1024)
     seed = args.seed if args.seed is not None else config.get("seed", 0)
+    from edge_lolcats.arch.hybrid import Recurrence
+
     teacher = None
     if args.teacher:
         t = load_model(args.teacher)
         if t.kind == "lolcats-checkpoint":
             raise CLIError(f"--teacher {args.teacher} is linearized; give the softmax base model")
         teacher = linearize(t.model, window_size=lolcats["window_size"], feature_dim=lolcats["feature_dim"],
-                            sliding_layers=lolcats.get("sliding_layers", "linearize"))
+                            sliding_layers=lolcats.get("sliding_layers", "linearize"), recurrence=Recurrence.of(lolcats))
     elif lolcats.get("lora_merged"):
         raise CLIError("LoRA is merged into this checkpoint, so its teacher cannot be recovered: pass --teacher")
     corpus = load_corpus(loaded.tokenizer, data, seq_len=seq_len, seed=seed)

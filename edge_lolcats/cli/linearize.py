@@ -16,8 +16,11 @@ def cmd_linearize(args):
     loaded = load_model(args.base)
     if loaded.kind == "lolcats-checkpoint":
         raise CLIError(f"{args.base} is already linearized")
+    from edge_lolcats.arch.hybrid import Recurrence
+
+    recurrence = Recurrence(args.feature_maps.replace("-", "_"), args.decay, args.sink_tokens)
     model = linearize(loaded.model, window_size=args.window_size, feature_dim=args.feature_dim,
-                      sliding_layers=args.sliding_layers)
+                      sliding_layers=args.sliding_layers, recurrence=recurrence)
     base = args.base if loaded.kind == "gguf" and not os.path.exists(args.base) else os.path.abspath(args.base)
     training = None
     if args.stage1_tokens or args.stage2_tokens:
@@ -58,6 +61,7 @@ def _init_distributed(config):
 
 
 def _train(args, model, tokenizer, base):
+    from edge_lolcats.arch.hybrid import Recurrence
     from edge_lolcats.training.data import load_corpus
     from edge_lolcats.training.train import TrainConfig, train
 
@@ -72,7 +76,8 @@ def _train(args, model, tokenizer, base):
     print(f"data: {len(corpus.train)} training and {len(corpus.heldout)} held-out sequences of {args.seq_len} "
           f"tokens ({len(corpus.train_names)} / {len(corpus.heldout_names)} documents); work dir {work_dir}",
           file=sys.stderr)
-    meta = {"base": base, "window_size": args.window_size, "feature_dim": args.feature_dim}
+    meta = {"base": base, "window_size": args.window_size, "feature_dim": args.feature_dim,
+            "recurrence": Recurrence.of(model.lolcats).to_dict()}
     _init_distributed(config)
     try:
         progress = train(model, corpus, config, work_dir, resume=args.resume, meta=meta,

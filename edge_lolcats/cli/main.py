@@ -27,6 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--sliding-layers", choices=("keep", "linearize"), default="keep",
                      help="layers that are sliding-window softmax in the base (Gemma's local layers, Mistral): "
                           "keep them, exact, on a fixed ring of their own window (default), or linearize them too")
+    lin.add_argument("--feature-maps", choices=("pre-rope", "post-rope"), default="pre-rope",
+                     help="feature maps on q, k before RoPE (default: the linear branch sees no position) or after "
+                          "(the first models')")
+    lin.add_argument("--decay", action=argparse.BooleanOptionalAction, default=True,
+                     help="a learned decay per head on the linear state (default on)")
+    lin.add_argument("--sink-tokens", type=non_negative_int, default=4,
+                     help="first tokens kept in the softmax set for ever (default 4)")
     lin.add_argument("--delta", action="store_true",
                      help="save only the new weights, on top of --base (a few MB instead of the whole model)")
     tr = lin.add_argument_group("training (both budgets 0: swap the attention only, no training)")

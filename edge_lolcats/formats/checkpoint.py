@@ -28,7 +28,7 @@ from .tokenizer import Tokenizer
 WEIGHTS = "model.safetensors"
 CONFIG_FORMAT = 2  # 1: an HF config.json plus "lolcats", HF parameter names
 # Parameter names that linearization (or training) adds on top of the base model.
-DELTA_MARKERS = ("feature_map_q.", "feature_map_k.", "window_factor", "lora_")
+DELTA_MARKERS = ("feature_map_q.", "feature_map_k.", "window_factor", "decay_log_rate", "lora_")
 
 
 def is_delta_param(name: str) -> bool:
@@ -95,8 +95,11 @@ def rebuild(model, dims, lolcats):
     names fit."""
     from edge_lolcats.nn.lora import apply_lora
 
-    # checkpoints from before the option linearized every layer
-    linearize(model, **dims, sliding_layers=lolcats.get("sliding_layers", "linearize"))
+    from edge_lolcats.arch.hybrid import Recurrence
+
+    # checkpoints from before the option linearized every layer; version-1 ones have the first recurrence
+    linearize(model, **dims, sliding_layers=lolcats.get("sliding_layers", "linearize"),
+              recurrence=Recurrence.of(lolcats))
     lora = lolcats.get("lora")
     if lora:
         apply_lora(model, rank=int(lora["rank"]), alpha=float(lora["alpha"]), dropout=float(lora.get("dropout", 0.0)),

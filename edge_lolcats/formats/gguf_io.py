@@ -24,6 +24,19 @@ class GGUFFile:
     def architecture(self) -> str:
         return self.metadata.get(names.KEY_ARCHITECTURE, "?")
 
+    def lolcats(self, num_layers: int) -> dict:
+        """The linearization a lolcats file records, as a model's ``lolcats`` dict: window, feature
+        dim, per-layer kinds (every layer hybrid before the key existed) and the recurrence (the
+        first one before format 3). TypeError where a required key is missing."""
+        from edge_lolcats.arch.hybrid import Recurrence
+        from edge_lolcats.arch.state import HYBRID
+
+        recurrence = Recurrence(self.value(names.KEY_FEATURE_MAPS) or Recurrence.feature_maps,
+                                bool(self.value(names.KEY_DECAY) or False), int(self.value(names.KEY_SINK_TOKENS) or 0))
+        return {"window_size": int(self.value(names.KEY_WINDOW_SIZE)), "feature_dim": int(self.value(names.KEY_FEATURE_DIM)),
+                "feature_map": self.value(names.KEY_FEATURE_MAP),
+                "layers": list(self.value(names.KEY_LAYER_KINDS) or [HYBRID] * num_layers), **recurrence.to_dict()}
+
     def value(self, key: str, default=None):
         """A metadata value by its name in :mod:`edge_lolcats.converters.gguf_names` ("{arch}" filled in)."""
         return self.metadata.get(key.format(arch=self.architecture), default)

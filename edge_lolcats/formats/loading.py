@@ -265,16 +265,21 @@ def load_gguf(path: str, dtype=torch.float32):
     state_dict = state_dict_from_gguf(gguf, args)
     if gguf.architecture != names.LOLCATS_ARCH:
         return build_model(args, state_dict, dtype=dtype), tokenizer
-    window, feature_dim = gguf.value(names.KEY_WINDOW_SIZE), gguf.value(names.KEY_FEATURE_DIM)
-    kind = gguf.value(names.KEY_FEATURE_MAP)
-    if window is None or feature_dim is None or kind != "hedgehog":
-        raise ModelFileError(f"{path}: lolcats file without window size, feature dim or a known feature map "
-                             f"(window_size={window}, feature_dim={feature_dim}, feature_map={kind!r})")
-    kinds = gguf.value(names.KEY_LAYER_KINDS)
+    from edge_lolcats.arch.hybrid import Recurrence
+
+    try:
+        lol = gguf.lolcats(args.num_layers)
+        recurrence = Recurrence.of(lol)
+    except (TypeError, ValueError) as e:
+        lol, problem = {}, e
+    if not lol or lol["feature_map"] != "hedgehog":
+        raise ModelFileError(f"{path}: lolcats file without window size, feature dim, a known feature map or "
+                             f"recurrence ({problem if not lol else lol['feature_map']})")
+    kinds = lol["layers"]
     with torch.device("meta"):
-        model = linearize(Transformer(args), window_size=int(window), feature_dim=int(feature_dim),
-                          sliding_layers="keep" if kinds and "window" in kinds else "linearize")
-    if kinds and list(kinds) != model.lolcats["layers"]:
+        model = linearize(Transformer(args), window_size=lol["window_size"], feature_dim=lol["feature_dim"],
+                          sliding_layers="keep" if "window" in kinds else "linearize", recurrence=recurrence)
+    if kinds != model.lolcats["layers"]:
         raise ModelFileError(f"{path}: layer kinds {list(kinds)} do not follow from the model's layer types")
     model = assign_weights(model, state_dict, dtype)
     model.lolcats = {**model.lolcats, "lora_merged": True, "source": "gguf"}

@@ -8,6 +8,7 @@ fixed-size :class:`HybridState` for hybrid layers, a growing :class:`KVCache` fo
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -16,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edge_lolcats.arch import ModelArgs, block
+from edge_lolcats.arch.hybrid import DEFAULT as DEFAULT_RECURRENCE
+from edge_lolcats.arch.hybrid import PRE_ROPE, Recurrence
 from edge_lolcats.arch.ops import TorchOps
-from edge_lolcats.arch.state import StateLayout
+from edge_lolcats.arch.state import HYBRID, StateLayout
 from .hybrid_attention import FORMS, WINDOW_FACTOR_INIT, HybridState, hybrid_attention_step, repeat_kv_heads
 
 # Forces one form everywhere (for debugging): reference, chunked, recurrent or triton.
@@ -162,32 +165,51 @@ class _LinearizedLayer(nn.Module):
 
 
 class HybridAttention(_LinearizedLayer):
-    """Sliding-window softmax + linear attention in place of a softmax attention layer."""
+    """Sliding-window softmax (and sink tokens) + linear attention in place of a softmax attention
+    layer; its recurrence options are an :class:`~edge_lolcats.arch.hybrid.Recurrence`."""
 
     def __init__(self, base: Attention, args: ModelArgs, layer: int, *, window_size: int = 64,
-                 feature_dim: int = 64, chunk_size: int = 64):
+                 feature_dim: int = 64, chunk_size: int = 64, recurrence: Recurrence = Recurrence()):
         super().__init__(base, args, layer)
         self.window_size, self.feature_dim, self.chunk_size = window_size, feature_dim, chunk_size
+        self.recurrence = recurrence
         device = self.q_proj.weight.device
         self.feature_map_q = FeatureMap(self.heads, self.head_dim, feature_dim).to(device)
         self.feature_map_k = FeatureMap(self.heads, self.head_dim, feature_dim).to(device)
         self.window_factor = nn.Parameter(torch.full((self.heads,), WINDOW_FACTOR_INIT, device=device))
+        if recurrence.decay:
+            # lam = exp(-exp(decay_log_rate)): 1 - lam ~ 1/timescale. Heads start spread over timescales
+            # of 256 .. 8K tokens past the window (RetNet's spread), and learn their own.
+            timescales = torch.logspace(math.log10(256), math.log10(8192), self.heads)
+            self.decay_log_rate = nn.Parameter(-torch.log(timescales).to(device))
         self.form = "chunked"
         self.sink_tokens, self.recent_tokens = 4, None  # for the "sink" baseline form
+
+    @property
+    def log_decay(self) -> torch.Tensor | None:
+        """log(lam) per head, or None without decay."""
+        return -torch.exp(self.decay_log_rate) if self.recurrence.decay else None
 
     @property
     def weights(self) -> tuple:
         return self.feature_map_q.weight, self.feature_map_k.weight, self.window_factor
 
-    def attend(self, q, k, v, state: HybridState | None = None, output_state: bool = False):
-        """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked."""
+    def attend(self, q, k, v, rotate, state: HybridState | None = None, output_state: bool = False):
+        """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked.
+        q, k come before RoPE; ``rotate`` (arch.block.Rotation) is RoPE at their positions."""
         if self.form == "softmax":
-            return self.teacher(q, k, v), None
+            return self.teacher(rotate(q), rotate(k), v), None
         if self.form in FIXED_MEMORY_BASELINES:  # teacher weights under a fixed key budget, no state
             mask = self.baseline_mask(q.shape[2], q.device)
-            return softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask), None
+            return softmax_attention(rotate(q), rotate(k), v, scale=self.scale, softcap=self.softcap, mask=mask), None
+        rec = self.recurrence
+        if rec.feature_maps == PRE_ROPE:
+            rope = rotate.inv_freq
+        else:  # the feature maps see q and k after RoPE, as the caller rotates them
+            q, k, rope = rotate(q), rotate(k), None
+        options = dict(scale=self.scale, softcap=self.softcap, rope=rope, log_decay=self.log_decay,
+                       sink_tokens=rec.sink_tokens)
         name = self.resolved_form(q)
-        options = dict(scale=self.scale, softcap=self.softcap)
         if state is not None and q.shape[2] == 1:
             if name == "triton":
                 from edge_lolcats.kernels.hybrid_attention import hybrid_attention_step_triton
@@ -207,8 +229,8 @@ class HybridAttention(_LinearizedLayer):
         name = os.environ.get(ATTENTION_FORM_ENV) or self.form
         if name not in ATTENTION_FORMS:
             raise ValueError(f"{ATTENTION_FORM_ENV}={name!r}: choose from {', '.join(ATTENTION_FORMS)}")
-        if name == "chunked" and q.is_cuda and self.softcap is None:
-            return "triton"
+        if name == "chunked" and q.is_cuda and self.softcap is None and self.recurrence == Recurrence():
+            return "triton"  # the kernels have the first models' recurrence only (for now)
         return name
 
     def baseline_mask(self, n: int, device) -> torch.Tensor:
@@ -243,7 +265,8 @@ class WindowAttention(_LinearizedLayer):
     the same projections and math, with its state a fixed ring of its own window
     (:func:`edge_lolcats.arch.window.window_ring_step`)."""
 
-    def attend(self, q, k, v, state: RingState | None = None, output_state: bool = False):
+    def attend(self, q, k, v, rotate, state: RingState | None = None, output_state: bool = False):
+        q, k = rotate(q), rotate(k)
         if state is None and not output_state:
             return self.teacher(q, k, v), None
         from edge_lolcats.arch.window import window_ring_step
@@ -261,7 +284,8 @@ def sink_cache_budget(model, sink_tokens: int = 4) -> int:
     """Recent tokens a sink + window KV cache (float32) may keep to match a hybrid layer's state bytes."""
     args = model.args
     layout = StateLayout.of(args, model.lolcats)
-    hybrid = StateLayout(1, args.num_heads, args.head_dim, layout.feature_dim, layout.window_size).bytes_per_sequence // 4
+    layer = next((i for i, kind in enumerate(layout.kinds) if kind == HYBRID), 0)
+    hybrid = sum(math.prod(s) for s in layout.part_shapes(layer).values())  # float32 numbers
     per_token = 2 * args.num_kv_heads * args.head_dim
     return max(1, hybrid // per_token - sink_tokens)
 
@@ -342,8 +366,10 @@ SLIDING_LAYER_CHOICES = ("keep", "linearize")
 
 
 def linearize(model: Transformer, *, window_size: int = 64, feature_dim: int = 64, chunk_size: int = 64,
-              sliding_layers: str = "keep"):
+              sliding_layers: str = "keep", recurrence: Recurrence = DEFAULT_RECURRENCE):
     """Swap every full-attention layer for a :class:`HybridAttention` (in place); returns the model.
+    ``recurrence``: feature maps before RoPE, a learned decay and 4 sink tokens unless told otherwise
+    (``Recurrence()`` is the first models' recurrence).
 
     Layers that are sliding-window softmax in the base (Gemma's local layers, Mistral) stay softmax
     over their own window on a fixed ring (``sliding_layers="keep"``: exact, and fixed memory
@@ -364,10 +390,11 @@ def linearize(model: Transformer, *, window_size: int = 64, feature_dim: int = 6
             kinds.append(WINDOW)
         else:
             layer.self_attn = HybridAttention(layer.self_attn, model.args, i, window_size=window_size,
-                                              feature_dim=feature_dim, chunk_size=chunk_size)
+                                              feature_dim=feature_dim, chunk_size=chunk_size, recurrence=recurrence)
             kinds.append(HYBRID)
     model.lolcats = {"window_size": window_size, "feature_dim": feature_dim, "feature_map": "hedgehog",
-                     "chunk_size": chunk_size, "version": 1, "sliding_layers": sliding_layers, "layers": kinds}
+                     "chunk_size": chunk_size, "version": 2, "sliding_layers": sliding_layers, "layers": kinds,
+                     **recurrence.to_dict()}
     return model
 
 
@@ -406,7 +433,8 @@ def state_bytes(model, batch: int = 1) -> int | None:
 def _softmax_layer_attend(attn: Attention, args: ModelArgs, layer: int, cache: KVCache | None, out: list):
     """attend() for a softmax layer: append to its KV cache, attend causally (own window, if any)."""
 
-    def attend(q, k, v):
+    def attend(q, k, v, rotate):
+        q, k = rotate(q), rotate(k)
         if cache is not None:
             k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
         out.append(KVCache(k, v))
@@ -435,8 +463,8 @@ def forward(model, input_ids: torch.Tensor, state: ModelState | None = None, *, 
         layer_state = state.layers[i] if state is not None else None
         attn = layer.self_attn
         if isinstance(attn, (HybridAttention, WindowAttention)):
-            def attend(q, k, v, attn=attn, layer_state=layer_state):
-                out, new = attn.attend(q, k, v, layer_state, with_state)
+            def attend(q, k, v, rotate, attn=attn, layer_state=layer_state):
+                out, new = attn.attend(q, k, v, rotate, layer_state, with_state)
                 new_layers.append(new)
                 return out
         else:

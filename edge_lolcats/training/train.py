@@ -114,12 +114,12 @@ def stage1_step(model, input_ids: torch.Tensor, mse_weight: float, backward: boo
 
     def transfer(attn):
         if not isinstance(attn, HybridAttention):  # a kept window layer is its own teacher
-            return attn.teacher
+            return lambda q, k, v, rotate: attn.teacher(rotate(q), rotate(k), v)
 
-        def attend(q, k, v):
-            target = attn.teacher(q, k, v).float()  # [B, H, N, D]
+        def attend(q, k, v, rotate):
+            target = attn.teacher(rotate(q), rotate(k), v).float()  # [B, H, N, D]
             with torch.set_grad_enabled(backward):
-                student, _ = attn.attend(q, k, v)
+                student, _ = attn.attend(q, k, v, rotate)
                 loss = F.mse_loss(student.float(), target) * mse_weight
             if backward:
                 loss.backward()
@@ -351,7 +351,7 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
     if resume and found:
         folder, info = found
         saved = info["meta"]
-        for key in ("base", "data_fingerprint", "window_size", "feature_dim"):
+        for key in ("base", "data_fingerprint", "window_size", "feature_dim", "recurrence"):
             if saved.get(key) != meta.get(key):
                 raise TrainingError(f"cannot resume: {key} differs from the saved run "
                                     f"({saved.get(key)!r} vs {meta.get(key)!r})")
