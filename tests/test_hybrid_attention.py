@@ -54,8 +54,9 @@ def rotate_one(x, inv_freq, p):
 
 
 def brute_force(q, k, v, fq, fk, wf, window_size, scale=None, softcap=None, rope=None, log_decay=None,
-                sink_tokens=0):
-    """Per-query Python loop straight from the formula in arch/hybrid.py's docstring."""
+                sink_tokens=0, linear=True):
+    """Per-query Python loop straight from the formula in arch/hybrid.py's docstring (``linear``
+    False: without the linear branch, StreamingLLM's sinks + window)."""
     b, h, n, d = q.shape
     rep = h // k.shape[1]
     W, n_s = window_size, sink_tokens
@@ -65,8 +66,9 @@ def brute_force(q, k, v, fq, fk, wf, window_size, scale=None, softcap=None, rope
         for hi in range(h):
             kh, vh = k[bi, hi // rep].double(), v[bi, hi // rep].double()
             qh = q[bi, hi].double()
-            pq = feature_map(qh[None, None], fq[hi : hi + 1].double())[0, 0]
-            pk = feature_map(kh[None, None], fk[hi : hi + 1].double())[0, 0]
+            if linear:
+                pq = feature_map(qh[None, None], fq[hi : hi + 1].double())[0, 0]
+                pk = feature_map(kh[None, None], fk[hi : hi + 1].double())[0, 0]
             a = torch.sigmoid(wf[hi].double())
             lam = 1.0 if log_decay is None else math.exp(float(log_decay[hi]))
             for i in range(n):
@@ -78,7 +80,7 @@ def brute_force(q, k, v, fq, fk, wf, window_size, scale=None, softcap=None, rope
                 e = torch.exp(sc - sc.max())
                 num = a * sum(e[t] * vh[j] for t, (j, _) in enumerate(soft))
                 den = a * e.sum()
-                for j in range(n_s, i - W + 1):
+                for j in range(n_s, i - W + 1 if linear else n_s):
                     l = lam ** (i - W - j) * (pq[i] @ pk[j])
                     num = num + l * vh[j]
                     den = den + l

@@ -91,7 +91,7 @@ def _scores(xp, q, k, scale, softcap):
 
 
 def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, state, position, *, scale,
-               softcap=None, rope=None, sink_tokens=0):
+               softcap=None, rope=None, sink_tokens=0, linear=True):
     """T new tokens (T >= 1) on the fixed state, as a pure function: prefill blocks and exports.
 
     q [B, H, T, D]; k, v [B, Hkv, T, D], before RoPE when ``rope`` (the layer's inverse frequencies)
@@ -100,6 +100,10 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     seen before (an int, or a 0-d integer tensor when traced). The ring is laid out in time order
     in front of the new keys: extended index e holds position ``position - W + e``; query i sees
     window keys e in (i, i + W] and linear keys e <= i. Returns (out [B, H, T, D], new state).
+
+    ``linear=False`` drops the linear branch (kv and z pass through untouched; the feature maps are
+    not read): softmax over the sinks and the window alone, StreamingLLM's cache, which evaluation
+    runs on the teacher's weights as the fixed-memory baseline.
     """
     kv, z, k_window, v_window, *sinks = state
     h, t, w = q.shape[1], q.shape[2], k_window.shape[2]
@@ -117,7 +121,7 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     real = key_pos >= 0
     i = xp.arange(t)[:, None]
     in_window = (e[None, :] > i) & (e[None, :] <= i + w) & real[None, :]  # [T, W + T]
-    linear = (e[None, :] <= i) & real[None, :] & (key_pos >= n_s)[None, :]
+    older = (e[None, :] <= i) & real[None, :] & (key_pos >= n_s)[None, :]
 
     scores = xp.where(in_window, _scores(xp, q_rot, xp.repeat_heads(k_ext, h), scale, softcap), -float("inf"))
     if n_s:
@@ -131,11 +135,16 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     else:
         v_soft = v_ext
     a_soft = xp.exp(scores - xp.amax(scores, -1))
+    keep = t + (xp.arange(w) - position - t) % w  # the newest W keys back into their ring slots
+    ring_and_sinks = (xp.take(k_ext, keep, 2), xp.take(v_ext, keep, 2)) + ((k_sink, v_sink) if n_s else ())
+    if not linear:
+        out = (a_soft @ xp.repeat_heads(v_soft, h)) / xp.sum(a_soft, -1)
+        return out, (kv, z) + ring_and_sinks
     factor = xp.sigmoid(window_factor)[:, None, None]  # [H, 1, 1]
 
     phi_q = feature_map(xp, q, fq_weight)  # [B, H, T, 2F]
     phi_k = feature_map(xp, xp.repeat_heads(k_ext_pre, h), fk_weight)  # [B, H, W + T, 2F]
-    a_lin = xp.where(linear, phi_q @ xp.swap_last(phi_k), 0.0)
+    a_lin = xp.where(older, phi_q @ xp.swap_last(phi_k), 0.0)
     v_rep = xp.repeat_heads(v_ext, h)
     state_q = phi_q
     if log_decay is not None:  # weight lam^(i - e) on extended key e, lam^(i + 1) on the state
@@ -156,9 +165,7 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     phi_leave = phi_k * leave
     kv = kv + xp.swap_last(phi_leave) @ v_rep
     z = z + xp.sum(xp.swap_last(phi_leave), -1)[..., 0]
-    keep = t + (xp.arange(w) - position - t) % w  # the newest W keys back into their ring slots
-    new = (kv, z, xp.take(k_ext, keep, 2), xp.take(v_ext, keep, 2))
-    return out, (new + (k_sink, v_sink) if n_s else new)
+    return out, (kv, z) + ring_and_sinks
 
 
 def _write_sinks(xp, sinks, k_rot, v, position, t):

@@ -9,8 +9,10 @@ from .common import PROG, CLIError
 
 
 def cmd_eval(args):
-    from edge_lolcats.training.data import load_corpus
-    from edge_lolcats.evaluation.evaluate import evaluate, markdown_table, write_json
+    import numpy as np
+
+    from edge_lolcats.evaluation.evaluate import evaluate, long_texts, markdown_table, plot, write_json
+    from edge_lolcats.training.data import load_corpus, read_documents
     from edge_lolcats.formats.loading import load_model
     from edge_lolcats.nn.model import is_linearized, linearize
 
@@ -39,18 +41,40 @@ def cmd_eval(args):
                             sliding_layers=lolcats.get("sliding_layers", "linearize"), recurrence=Recurrence.of(lolcats))
     elif lolcats.get("lora_merged"):
         raise CLIError("LoRA is merged into this checkpoint, so its teacher cannot be recovered: pass --teacher")
-    corpus = load_corpus(loaded.tokenizer, data, seq_len=seq_len, seed=seed)
-    if training.get("data_fingerprint") and training["data_fingerprint"] != corpus.fingerprint():
-        print(f"{PROG}: warning: this data differs from the training data; held-out text may have been trained on",
-              file=sys.stderr)
+    tok = loaded.tokenizer
+    sep = tok.eos_token_ids[0] if tok.eos_token_ids else None
+    if data is not None and os.path.isfile(data) and data.endswith((".txt", ".md", ".md.gz")):
+        # one text, read whole: it is the held-out text (the model never trained on it, or say so)
+        ids = np.asarray(tok.encode(read_documents(data)[0].text), dtype=np.int64)
+        if len(ids) < 2 * seq_len:
+            raise CLIError(f"{data}: {len(ids)} tokens; give a text of at least {2 * seq_len}")
+        heldout = ids[: len(ids) // seq_len * seq_len].reshape(-1, seq_len)
+        texts, joined = [(os.path.basename(data), ids[: args.max_length + 1])], False
+        source = data
+    else:
+        corpus = load_corpus(tok, data, seq_len=seq_len, seed=seed)
+        if training.get("data_fingerprint") and training["data_fingerprint"] != corpus.fingerprint():
+            print(f"{PROG}: warning: this data differs from the training data; held-out text may have been trained on",
+                  file=sys.stderr)
+        heldout = corpus.heldout
+        texts, joined = long_texts(corpus.long_docs, args.max_length, sep)
+        texts = texts[: args.long_docs]
+        source = data or "default corpus (held-out split)"
+    if joined:
+        print(f"{PROG}: no held-out document reaches {args.max_length} tokens: the position buckets read held-out "
+              f"documents joined end to end ({texts[0][0]})", file=sys.stderr)
     stage2_only = None
     if args.stage2_only:
         stage2_only = load_model(args.stage2_only).model
-    result = evaluate(loaded.model, loaded.tokenizer, corpus, teacher=teacher, max_tokens=args.max_tokens,
-                      long_docs=args.long_docs, passkey_trials=args.passkey_trials,
+    result = evaluate(loaded.model, tok, heldout, texts if args.long_docs else [], teacher=teacher,
+                      max_tokens=args.max_tokens, passkey_trials=args.passkey_trials,
                       passkey_lengths=args.passkey_lengths if args.passkey_trials else (),
                       stage2_only=stage2_only, progress=not args.no_progress)
-    result["model"] = args.model
+    result.update(model=args.model, data=source, long_texts_joined=joined,
+                  teacher_positions=loaded.model.args.max_position_embeddings)
     print(markdown_table(result))
     if args.json:
         write_json(args.json, result)
+    if args.plot:
+        plot(result, args.plot, title=f"{args.model} on {os.path.basename(source)}")
+        print(f"plot: {args.plot}", file=sys.stderr)

@@ -1,19 +1,24 @@
 """``edge-lolcats eval``: a linearized model against its softmax teacher and fixed-memory baselines
-on held-out text.
+on held-out text, to 32K tokens.
 
 Models compared (all from one set of weights where possible):
-- ``teacher``: the base model, softmax attention (the linearized model in teacher mode);
-- ``linearized``: the model under evaluation;
+- ``teacher``: the base model, softmax attention over every key on a growing KV cache (past its
+  trained positions too: what it does there is reported, not hidden);
+- ``linearized``: the model under evaluation, on its fixed state;
 - ``window``: the teacher's weights with softmax over the last W keys only (no linear part);
 - ``sink``: the teacher's weights with a StreamingLLM cache, 4 sink tokens + recent tokens sized
-  to the same bytes as the linearized model's state (float32 both);
+  to the same bytes as the linearized model's state (float32 both), sinks at positions just before
+  the recent keys as StreamingLLM places them;
 - ``stage2_only`` (with ``--stage2-only CKPT``): a linearization trained with LoRA alone.
 
+Every model reads a text in blocks (:data:`BLOCK` tokens) on its own state, as a user's would, so
+memory stays bounded by the models' states however long the text.
+
 Metrics: perplexity on held-out sequences; top-1 next-token agreement with the teacher and
-KL(teacher || model), per token; perplexity by position bucket (0-512, 512-2K, 2K-8K) on long
-held-out documents; passkey retrieval at 1K / 4K / 8K tokens (greedy-exact under teacher forcing:
-the answer counts if every answer token is the argmax given the prompt and the answer so far, which
-is exactly when greedy decoding writes it).
+KL(teacher || model), per token; perplexity by position (buckets to 32K, and a curve for the plot)
+on long held-out texts; passkey retrieval at 1K / 4K / 8K / 16K / 32K tokens (greedy-exact under
+teacher forcing: the answer counts if every answer token is the argmax given the prompt and the
+answer so far, which is exactly when greedy decoding writes it).
 """
 from __future__ import annotations
 
@@ -27,8 +32,10 @@ import torch
 
 from edge_lolcats.nn.model import base_attention, forward, sink_cache_budget
 
-BUCKETS = ((0, 512), (512, 2048), (2048, 8192))
-PASSKEY_LENGTHS = (1024, 4096, 8192)
+BUCKETS = ((0, 512), (512, 2048), (2048, 8192), (8192, 16384), (16384, 32768))
+PASSKEY_LENGTHS = (1024, 4096, 8192, 16384, 32768)
+BLOCK = 1024  # tokens per forward call when a model streams a text
+SINK_TOKENS = 4
 _FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
           "Find it and memorize it. I will quiz you about it.\n\n")
@@ -40,27 +47,40 @@ def _context(model, name, sink_recent):
     if name == "window":
         return base_attention(model, "window")
     if name == "sink":
-        return base_attention(model, "sink", recent_tokens=sink_recent)
+        return base_attention(model, "sink", sink_tokens=SINK_TOKENS, recent_tokens=sink_recent)
     return nullcontext()
 
 
+def _blocks(model, name, ids: torch.Tensor, sink_recent: int, block: int = BLOCK):
+    """Yield (start, hidden [T, hidden]) as ``model`` (as ``name``) reads ``ids`` [N] in blocks on
+    its own state."""
+    state = None
+    for start in range(0, ids.shape[0], block):
+        with _context(model, name, sink_recent):
+            hidden, state = forward(model, ids[None, start : start + block], state, return_hidden=True)
+        yield start, hidden[0]
+
+
 @torch.inference_mode()
-def compare_on(models: dict, ids: torch.Tensor, sink_recent: int, chunk: int = 1024) -> dict:
-    """For each model name: per-token NLL of ``ids[1:]``, and top-1 / KL against the teacher."""
-    hidden = {}
-    for name, m in models.items():
-        with _context(m, name, sink_recent):
-            hidden[name], _ = forward(m, ids[None], with_state=False, return_hidden=True)
+def compare_on(models: dict, ids: torch.Tensor, sink_recent: int, block: int = BLOCK) -> dict:
+    """For each model name: per-token NLL of ``ids[1:]``, and top-1 / KL against the teacher. The
+    models read the text side by side, a block at a time, so no [N, V] matrix is ever held."""
     n = ids.shape[0] - 1
     out = {name: {"nll": np.zeros(n), "top1": np.zeros(n, dtype=bool), "kl": np.zeros(n)} for name in models}
-    target = ids[1:]
-    for start in range(0, n, chunk):
-        end = min(n, start + chunk)
-        logp = {name: models[name].lm_head(h[0, start:end]).float().log_softmax(-1) for name, h in hidden.items()}
+    streams = {name: _blocks(m, name, ids, sink_recent, block) for name, m in models.items()}
+    for start in range(0, ids.shape[0], block):
+        end = min(n, start + block)  # the text's last token has no target
+        if end <= start:
+            break
+        target = ids[start + 1 : end + 1]
+        logp = {}
+        for name, stream in streams.items():
+            _, hidden = next(stream)
+            logp[name] = models[name].lm_head(hidden[: end - start]).float().log_softmax(-1)
         t = logp["teacher"]
         t_top = t.argmax(-1)
         for name, lp in logp.items():
-            out[name]["nll"][start:end] = -lp.gather(-1, target[start:end, None])[:, 0].numpy()
+            out[name]["nll"][start:end] = -lp.gather(-1, target[:, None])[:, 0].numpy()
             out[name]["top1"][start:end] = (lp.argmax(-1) == t_top).numpy()
             out[name]["kl"][start:end] = (t.exp() * (t - lp)).sum(-1).numpy()
     return out
@@ -92,25 +112,49 @@ def passkey_hits(models: dict, tokenizer, length: int, trials: int, sink_recent:
         prompt, answer = passkey_prompt(tokenizer, length, depth, key)
         ids = torch.tensor(prompt + answer)
         for name, m in models.items():
-            with _context(m, name, sink_recent):
-                hidden, _ = forward(m, ids[None], with_state=False, return_hidden=True)
-            logits = m.lm_head(hidden[0, len(prompt) - 1 : -1])
-            hits[name] += int(torch.equal(logits.argmax(-1), torch.tensor(answer)))
+            tail = [h for start, h in _blocks(m, name, ids, sink_recent)]
+            hidden = torch.cat(tail)[len(prompt) - 1 : -1]
+            hits[name] += int(torch.equal(m.lm_head(hidden).argmax(-1), torch.tensor(answer)))
     return {name: h / trials for name, h in hits.items()}
 
 
-def evaluate(model, tokenizer, corpus, *, teacher=None, max_tokens: int = 32768, long_docs: int = 3,
+def long_texts(docs: list, length: int, sep: int | None) -> tuple[list, bool]:
+    """Held-out texts of ``length`` + 1 tokens for the position buckets: documents that long, or,
+    where none is, held-out documents joined end to end (separated by ``sep``). Returns
+    ([(name, ids)], joined)."""
+    whole = [(name, ids[: length + 1]) for name, ids in docs if len(ids) > length]
+    if whole or not docs:
+        return whole, False
+    parts, names, total = [], [], 0
+    for name, ids in docs:
+        parts += [np.asarray(ids)] + ([np.asarray([sep])] if sep is not None else [])
+        names.append(name)
+        total += len(ids) + (sep is not None)
+        if total > length:
+            break
+    return [(" + ".join(names), np.concatenate(parts)[: length + 1])], True
+
+
+def ppl_curve(nll: np.ndarray, points: int = 40, first: int = 64) -> list:
+    """[(position, ppl)] over log-spaced position bins from ``first`` to len(nll)."""
+    edges = np.unique(np.geomspace(first, len(nll), points + 1).astype(int))
+    return [(int(np.sqrt(a * b)), float(math.exp(nll[a:b].mean()))) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def evaluate(model, tokenizer, heldout: np.ndarray, texts: list, *, teacher=None, max_tokens: int = 32768,
              passkey_trials: int = 5, passkey_lengths=PASSKEY_LENGTHS, stage2_only=None, progress=True) -> dict:
     """All metrics as one dict. ``model`` is linearized; ``teacher`` (linearized too, only its softmax
-    forms are used) defaults to ``model`` itself in teacher mode, i.e. its base weights without LoRA."""
+    forms are used) defaults to ``model`` itself in teacher mode, i.e. its base weights without LoRA.
+    ``heldout``: sequences [n, seq_len] for perplexity, agreement and KL (up to ``max_tokens``);
+    ``texts``: long held-out texts [(name, ids)] for perplexity by position."""
     from tqdm import tqdm
 
     teacher = teacher if teacher is not None else model
     models = {"teacher": teacher, "linearized": model, "window": teacher, "sink": teacher}
     if stage2_only is not None:
         models["stage2_only"] = stage2_only
-    sink_recent = sink_cache_budget(model)
-    heldout = torch.from_numpy(corpus.heldout)
+    sink_recent = sink_cache_budget(model, SINK_TOKENS)
+    heldout = torch.from_numpy(np.asarray(heldout))
     n_seq = max(1, min(len(heldout), max_tokens // heldout.shape[1]))
     stats = {name: {"nll": [], "top1": [], "kl": []} for name in models}
     for seq in tqdm(heldout[:n_seq], desc="held-out", disable=not progress):
@@ -118,20 +162,19 @@ def evaluate(model, tokenizer, corpus, *, teacher=None, max_tokens: int = 32768,
             for key in r:
                 stats[name][key].append(r[key])
     result = {"tokens": int(n_seq * (heldout.shape[1] - 1)), "seq_len": int(heldout.shape[1]),
-              "sink_tokens": 4, "sink_recent_tokens": int(sink_recent),
-              "ppl": {}, "top1_agreement": {}, "kl": {}, "ppl_by_position": {}, "passkey": {}}
+              "sink_tokens": SINK_TOKENS, "sink_recent_tokens": int(sink_recent),
+              "ppl": {}, "top1_agreement": {}, "kl": {}, "ppl_by_position": {}, "ppl_curve": {}, "passkey": {}}
     for name, s in stats.items():
         result["ppl"][name] = float(math.exp(np.concatenate(s["nll"]).mean()))
         result["top1_agreement"][name] = float(np.concatenate(s["top1"]).mean())
         result["kl"][name] = float(np.concatenate(s["kl"]).mean())
 
-    docs = [d for _, d in corpus.long_docs][:long_docs]
-    if docs:
+    if texts:
         per_pos = {name: [] for name in models}
-        for doc in tqdm(docs, desc="long documents", disable=not progress):
-            ids = torch.from_numpy(doc[: BUCKETS[-1][1] + 1])
-            for name, r in compare_on(models, ids, sink_recent).items():
+        for _, ids in tqdm(texts, desc="long texts", disable=not progress):
+            for name, r in compare_on(models, torch.from_numpy(np.asarray(ids, dtype=np.int64)), sink_recent).items():
                 per_pos[name].append(r["nll"])
+        shortest = min(len(a) for a in per_pos["teacher"])
         for name, arrays in per_pos.items():
             buckets = {}
             for lo, hi in BUCKETS:
@@ -139,7 +182,9 @@ def evaluate(model, tokenizer, corpus, *, teacher=None, max_tokens: int = 32768,
                 if parts:
                     buckets[f"{lo}-{hi}"] = float(math.exp(np.concatenate(parts).mean()))
             result["ppl_by_position"][name] = buckets
-        result["long_documents"] = len(docs)
+            result["ppl_curve"][name] = ppl_curve(np.mean([a[:shortest] for a in arrays], 0))
+        result["long_texts"] = [name for name, _ in texts]
+        result["long_text_tokens"] = [int(len(ids)) for _, ids in texts]
     for length in tqdm(passkey_lengths if passkey_trials else (), desc="passkey", disable=not progress):
         for name, acc in passkey_hits(models, tokenizer, length, passkey_trials, sink_recent).items():
             result["passkey"].setdefault(name, {})[str(length)] = acc
@@ -149,7 +194,7 @@ def evaluate(model, tokenizer, corpus, *, teacher=None, max_tokens: int = 32768,
 
 def markdown_table(result: dict) -> str:
     names = list(result["ppl"])
-    buckets = [f"{lo}-{hi}" for lo, hi in BUCKETS]
+    buckets = [b for b in (f"{lo}-{hi}" for lo, hi in BUCKETS) if b in result["ppl_by_position"].get("teacher", {})]
     lengths = sorted({k for v in result["passkey"].values() for k in v}, key=int)
     head = (["model", "ppl", "ppl / teacher", "top-1 agree", "KL"] + [f"ppl {b}" for b in buckets]
             + [f"passkey {int(n) // 1024}K" for n in lengths])
@@ -163,6 +208,40 @@ def markdown_table(result: dict) -> str:
         cells += [f"{100 * result['passkey'][name][n]:.0f}%" for n in lengths]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def plot(result: dict, path: str, title: str = ""):
+    """Perplexity against position (log-log) for every model with a curve: the picture of whether
+    a fixed-memory model holds up as the context grows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"teacher": ("black", "-"), "linearized": ("tab:red", "-"), "sink": ("tab:blue", "--"),
+              "window": ("tab:gray", ":"), "stage2_only": ("tab:orange", ":")}
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for name, curve in result["ppl_curve"].items():
+        if curve:
+            x, y = zip(*curve)
+            color, line = styles.get(name, (None, "-"))
+            label = {"sink": f"StreamingLLM ({result['sink_tokens']} + {result['sink_recent_tokens']} tokens)",
+                     "window": "sliding window"}.get(name, name)
+            ax.plot(x, y, line, color=color, label=label, linewidth=1.6)
+    trained = result.get("teacher_positions")
+    if trained:
+        ax.axvline(trained, color="black", alpha=0.3, linewidth=1)
+        ax.text(trained, ax.get_ylim()[1], " teacher's trained length", va="top", fontsize=8, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the text (tokens)")
+    ax.set_ylabel("perplexity (log-spaced bins)")
+    ax.set_title(title or "perplexity by position")
+    ax.grid(True, which="both", alpha=0.2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def write_json(path: str, result: dict):

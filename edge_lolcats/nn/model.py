@@ -183,7 +183,7 @@ class HybridAttention(_LinearizedLayer):
             timescales = torch.logspace(math.log10(256), math.log10(8192), self.heads)
             self.decay_log_rate = nn.Parameter(-torch.log(timescales).to(device))
         self.form = "chunked"
-        self.sink_tokens, self.recent_tokens = 4, None  # for the "sink" baseline form
+        self.baseline_sinks, self.baseline_recent = 4, None  # the "sink" baseline form's cache
 
     @property
     def log_decay(self) -> torch.Tensor | None:
@@ -198,10 +198,9 @@ class HybridAttention(_LinearizedLayer):
         """Per-head attention output [B, H, N, D] (before o_proj), and the new state if asked.
         q, k come before RoPE; ``rotate`` (arch.block.Rotation) is RoPE at their positions."""
         if self.form == "softmax":
-            return self.teacher(rotate(q), rotate(k), v), None
-        if self.form in FIXED_MEMORY_BASELINES:  # teacher weights under a fixed key budget, no state
-            mask = self.baseline_mask(q.shape[2], q.device)
-            return softmax_attention(rotate(q), rotate(k), v, scale=self.scale, softcap=self.softcap, mask=mask), None
+            return self.teacher_with_cache(rotate(q), rotate(k), v, state, output_state)
+        if self.form in FIXED_MEMORY_BASELINES:
+            return self.fixed_memory_baseline(q, k, v, rotate, state)
         rec = self.recurrence
         if rec.feature_maps == PRE_ROPE:
             rope = rotate.inv_freq
@@ -233,15 +232,34 @@ class HybridAttention(_LinearizedLayer):
             return "triton"  # the kernels have the first models' recurrence only (for now)
         return name
 
-    def baseline_mask(self, n: int, device) -> torch.Tensor:
-        """Which keys each query sees under a fixed-memory baseline form ([N, N] bool)."""
-        i = torch.arange(n, device=device)[:, None]
-        j = torch.arange(n, device=device)[None, :]
-        if self.form == "window":  # the same window as the hybrid, no linear part
-            return (j <= i) & (j > i - self.window_size)
-        # "sink": StreamingLLM's cache of the first sink_tokens plus the recent_tokens newest keys
-        # (original positions kept, as in a cache that is never re-indexed)
-        return (j <= i) & ((j < self.sink_tokens) | (j > i - self.recent_tokens))
+    def teacher_with_cache(self, q, k, v, cache: "KVCache | None", output_state: bool):
+        """The teacher (softmax over every key, after RoPE) on a growing KV cache, for evaluating it
+        in blocks over long texts."""
+        if cache is None and not output_state:
+            return self.teacher(q, k, v), None
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+        mask = causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
+        out = softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
+        return out, KVCache(k, v)
+
+    def fixed_memory_baseline(self, q, k, v, rotate, state: HybridState | None):
+        """The teacher's weights under a fixed key budget: softmax over the last W keys ("window") or
+        over ``baseline_sinks`` sinks + the ``baseline_recent`` newest keys ("sink": StreamingLLM,
+        sinks at positions just before the window). The hybrid attention without its linear branch
+        (:func:`edge_lolcats.arch.hybrid.block_step`, ``linear=False``), on its own fixed state."""
+        from edge_lolcats.arch import hybrid
+
+        sinks, recent = (0, self.window_size) if self.form == "window" else (self.baseline_sinks, self.baseline_recent)
+        if state is None:
+            b, _, _, d = q.shape
+            zeros = lambda n, heads: q.new_zeros(b, heads, n, d)  # noqa: E731
+            state = HybridState(zeros(0, self.heads), q.new_zeros(b, self.heads, 0), zeros(recent, self.kv_heads),
+                                zeros(recent, self.kv_heads), zeros(sinks, self.kv_heads), zeros(sinks, self.kv_heads), 0)
+        out, parts = hybrid.block_step(TorchOps(q.device), q, k, v, None, None, None, None, state.parts,
+                                       state.position, scale=self.scale, softcap=self.softcap, rope=rotate.inv_freq,
+                                       sink_tokens=sinks, linear=False)
+        return out, HybridState.from_parts(parts, state.position + q.shape[2])
 
 
 @dataclass
@@ -309,9 +327,10 @@ class base_attention:
         self.saved = []
         for m in self.model.modules():
             if isinstance(m, HybridAttention):
-                self.saved.append((m, "form", m.form))
+                self.saved += [(m, "form", m.form), (m, "baseline_sinks", m.baseline_sinks),
+                               (m, "baseline_recent", m.baseline_recent)]
                 m.form = self.kind
-                m.sink_tokens, m.recent_tokens = self.sink_tokens, self.recent_tokens
+                m.baseline_sinks, m.baseline_recent = self.sink_tokens, self.recent_tokens
             elif isinstance(m, LoRALinear):
                 self.saved.append((m, "enabled", m.enabled))
                 m.enabled = False
