@@ -40,20 +40,34 @@ test: $(STAMP)
 
 DEMO := out/demo
 
+SHIPPED := edge_lolcats/models/smollm2-135m-lolcats
+
+$(DEMO)/lolcats.q8_0.gguf: $(STAMP) $(SHIPPED)/model.safetensors $(SHIPPED)/config.json
+	$(CLI) export smollm2-135m-lolcats --format gguf --dtype q8_0 --out $@
+
+$(DEMO)/teacher.q8_0.gguf: $(STAMP)
+	$(CLI) export smollm2-135m --format gguf --dtype q8_0 --out $@
+
+# a held-out document of the default corpus with 17.5K+ tokens: text no model here trained on
+$(DEMO)/long.txt: $(STAMP)
+	mkdir -p $(DEMO)
+	$(PY) -c "from edge_lolcats.formats.loading import load_model; \
+	  from edge_lolcats.training.data import heldout_text; d = heldout_text(load_model('smollm2-135m').tokenizer, 17500); \
+	  print('held-out text:', d.name); open('$@', 'w').write(d.text)"
+
 demo: $(STAMP)
 	@echo "--- softmax teacher vs the shipped linearization (trained delta in edge_lolcats/models/), PyTorch:"
 	$(CLI) generate smollm2-135m --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
 	$(CLI) generate smollm2-135m-lolcats --chat --prompt "Give me three tips for staying focused." --max-new-tokens 48
 	@echo "--- export it for laptops (one GGUF file, q8_0), and the teacher at the same precision for llama.cpp:"
-	test -f $(DEMO)/lolcats.q8_0.gguf || $(CLI) export smollm2-135m-lolcats --format gguf --dtype q8_0 --out $(DEMO)/lolcats.q8_0.gguf
-	test -f $(DEMO)/teacher.q8_0.gguf || $(CLI) export smollm2-135m --format gguf --dtype q8_0 --out $(DEMO)/teacher.q8_0.gguf
-	$(PY) -c "from edge_lolcats.training.data import default_corpus_documents as d; \
-	  open('$(DEMO)/long.txt', 'w').write(next(x.text for x in d() if x.name == 'shakespeare/as_you_like_it')[:32000])"
-	@echo "--- the torch-free runtime reads the first act of As You Like It and answers, memory printed as it reads"
-	@echo "    (the shipped model was trained on 1K-token sequences and degrades past ~1.5K tokens: see its model card)"
-	head -c 4000 $(DEMO)/long.txt > $(DEMO)/scene.txt
-	$(PY) examples/long_document_qa.py $(DEMO)/lolcats.q8_0.gguf $(DEMO)/scene.txt "Who is Orlando's brother?" \
-	  --piece-chars 1000 --max-new-tokens 48
+	$(MAKE) --no-print-directory $(DEMO)/lolcats.q8_0.gguf $(DEMO)/teacher.q8_0.gguf $(DEMO)/long.txt
+	@echo "--- a held-out text of 17K+ tokens (never trained on) read by the torch-free runtime in fixed memory:"
+	@echo "    its perplexity on the last 512 tokens, then its continuation next to the text's own"
+	$(PY) examples/long_text_demo.py $(DEMO)/lolcats.q8_0.gguf $(DEMO)/long.txt --score-tokens 512 --max-new-tokens 48
+	@echo "--- the same text in PyTorch: perplexity by position for the teacher, the linearization, StreamingLLM at"
+	@echo "    the same state bytes and a sliding window (plot: $(DEMO)/long_text.png)"
+	$(CLI) eval smollm2-135m-lolcats --data $(DEMO)/long.txt --max-length 16384 --long-docs 1 --max-tokens 2048 \
+	  --passkey-trials 0 --plot $(DEMO)/long_text.png --no-progress
 	@echo "--- memory and speed at 1K and 8K tokens of context: our runtime vs llama.cpp (softmax teacher, q8_0)"
 	$(CLI) bench memory $(DEMO)/lolcats.q8_0.gguf --engines gguf --baseline llama.cpp \
 	  --teacher-gguf $(DEMO)/teacher.q8_0.gguf --contexts 1024,8192 --decode-tokens 32 --text $(DEMO)/long.txt \

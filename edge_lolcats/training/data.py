@@ -350,3 +350,14 @@ def build_corpus(tokenizer, documents: list[Document], *, seq_len: int = 1024, h
 def load_corpus(tokenizer, data: str | None = None, **kwargs) -> TokenizedCorpus:
     documents = default_corpus_documents() if data is None else read_documents(data, tokenizer)
     return build_corpus(tokenizer, documents, **kwargs)
+
+
+def heldout_text(tokenizer, min_tokens: int, seed: int = 0) -> Document:
+    """The first held-out document of the default corpus (the split training uses, for ``seed``)
+    with at least ``min_tokens`` tokens: a long text no model trained on it has seen."""
+    documents = default_corpus_documents()
+    corpus = build_corpus(tokenizer, documents, seed=seed)
+    for name, ids in corpus.long_docs:
+        if len(ids) >= min_tokens:
+            return next(d for d in documents if d.name == name)
+    raise DataError(f"no held-out document of the default corpus has {min_tokens} tokens")
