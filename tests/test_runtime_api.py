@@ -172,6 +172,34 @@ def test_state_from_another_model_is_refused(exports, tmp_path):
         load(exports["gguf"]).restore(str(tmp_path / "junk.state"))
 
 
+def test_version_1_state_files_are_refused_with_the_reason(exports, tmp_path, monkeypatch):
+    """A state file from before the ring per KV head (version 1) cannot be read into today's layout."""
+    import edge_lolcats.runtime.state as state_files
+
+    path = str(tmp_path / "old.state")
+    monkeypatch.setattr(state_files, "STATE_FILE_VERSION", 1)
+    load(exports["gguf"]).session().feed("Hello").save(path)
+    monkeypatch.undo()
+    with pytest.raises(StateFileError, match="version 1 state file.*run the prompt again"):
+        load(exports["gguf"]).restore(path)
+
+
+def test_gguf_files_before_the_recurrence_keys_run_the_first_recurrence():
+    """Format 1 and 2 files carry no recurrence keys: they are read as the first models' recurrence
+    (feature maps after RoPE, no decay, no sinks), which is what they were trained with."""
+    from edge_lolcats.arch.hybrid import Recurrence
+    from edge_lolcats.converters import gguf_names as names
+    from edge_lolcats.formats.gguf_io import GGUFFile
+
+    key = lambda k: k.format(arch=names.LOLCATS_ARCH)  # noqa: E731
+    old = {names.KEY_ARCHITECTURE: names.LOLCATS_ARCH, key(names.KEY_WINDOW_SIZE): 64, key(names.KEY_FEATURE_DIM): 64,
+           key(names.KEY_FEATURE_MAP): "hedgehog"}
+    lol = GGUFFile("old.gguf", old, {}).lolcats(num_layers=3)
+    assert Recurrence.of(lol) == Recurrence() and lol["layers"] == ["hybrid"] * 3
+    new = {**old, key(names.KEY_FEATURE_MAPS): "pre_rope", key(names.KEY_DECAY): True, key(names.KEY_SINK_TOKENS): 4}
+    assert Recurrence.of(GGUFFile("new.gguf", new, {}).lolcats(3)) == Recurrence("pre_rope", True, 4)
+
+
 def test_rss_does_not_grow_while_decoding(exports):
     session = load(exports["gguf"]).session().feed("Start")
     session.generate(500, stop_at_eos=False)
