@@ -95,6 +95,22 @@ def test_stage2_trains_only_lora_and_lowers_loss(smol_tokenizer, tmp_path):
     assert len(log) == 60 and all("kl" in r and r["stage"] == 2 for r in log)
 
 
+def test_stage2_reads_the_same_text_in_longer_sequences(smol_tokenizer, tmp_path):
+    """--stage2-seq-len: stage 2's sequences are the training stream cut longer, nothing else."""
+    from edge_lolcats.training.train import repack
+
+    corpus = build_corpus(smol_tokenizer, fake_documents(), seq_len=64, heldout_fraction=0.2)
+    longer = repack(corpus.train, 192)
+    assert longer.shape == (len(corpus.train) // 3, 192)
+    assert np.array_equal(longer[1], corpus.train[3:6].reshape(-1))
+    model = linearize(tiny_model(), window_size=8, feature_dim=8)
+    config = TrainConfig(stage1_tokens=64 * 3, stage2_tokens=192 * 2, seq_len=64, stage2_seq_len=192, lora_rank=4,
+                         save_every=1000)
+    train(model, corpus, config, str(tmp_path / "work"), show_progress=False)
+    log = [json.loads(line) for line in open(tmp_path / "work" / "metrics.jsonl")]
+    assert [(r["stage"], r["tokens"]) for r in log] == [(1, 64), (1, 128), (1, 192), (2, 192), (2, 384)]
+
+
 def _cli(*args):
     return [sys.executable, "-m", "edge_lolcats.cli", *args]
 

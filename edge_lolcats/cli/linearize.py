@@ -67,6 +67,7 @@ def _train(args, model, tokenizer, base):
 
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     config = TrainConfig(stage1_tokens=args.stage1_tokens, stage2_tokens=args.stage2_tokens, seq_len=args.seq_len,
+                         stage2_seq_len=args.stage2_seq_len or 0,
                          batch_size=args.batch_size, stage1_lr=args.stage1_lr, stage2_lr=args.stage2_lr,
                          lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                          lora_targets=targets, kd=args.kd, seed=args.seed, save_every=args.save_every,

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stage2-tokens", type=non_negative_int, default=0, help="LoRA budget in tokens")
     tr.add_argument("--data", metavar="PATH", help=".txt/.md/.jsonl file or folder (default: the installed corpus)")
     tr.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per training sequence")
+    tr.add_argument("--stage2-seq-len", type=positive_int, metavar="N",
+                    help="stage 2's sequences, if longer or shorter than --seq-len (same text)")
     tr.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step")
     tr.add_argument("--stage1-lr", type=float, default=1e-2)
     tr.add_argument("--stage2-lr", type=float, default=1e-4)

@@ -51,6 +51,7 @@ class TrainConfig:
     stage1_tokens: int = 0
     stage2_tokens: int = 0
     seq_len: int = 1024
+    stage2_seq_len: int = 0  # stage 2's sequences, if not seq_len (the same token stream, cut longer)
     batch_size: int = 1
     stage1_lr: float = 1e-2
     stage2_lr: float = 1e-4
@@ -67,12 +68,15 @@ class TrainConfig:
     save_every: int = 25
     device: str = "cpu"
 
+    def stage_seq_len(self, stage: int) -> int:
+        return self.stage2_seq_len if stage == 2 and self.stage2_seq_len else self.seq_len
+
     def steps(self, stage: int) -> int:
         tokens = self.stage1_tokens if stage == 1 else self.stage2_tokens
-        return math.ceil(tokens / (self.seq_len * self.batch_size)) if tokens > 0 else 0
+        return math.ceil(tokens / (self.stage_seq_len(stage) * self.batch_size)) if tokens > 0 else 0
 
     # settings a resumed run must share with the run it continues
-    IDENTITY = ("seq_len", "batch_size", "stage1_lr", "stage2_lr", "weight_decay", "grad_clip", "mse_weight",
+    IDENTITY = ("seq_len", "stage2_seq_len", "batch_size", "stage1_lr", "stage2_lr", "weight_decay", "grad_clip", "mse_weight",
                 "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "kd", "kd_weight", "seed")
 
 
@@ -96,6 +100,17 @@ def batch_indices(n_sequences: int, stage: int, step: int, batch_size: int, seed
         perm = np.random.default_rng([seed, stage, epoch]).permutation(n_sequences)
         out.append(perm[i])
     return np.asarray(out)
+
+
+def repack(sequences: np.ndarray, seq_len: int) -> np.ndarray:
+    """The packed token stream [n, L] cut into sequences of ``seq_len`` instead (the tail dropped)."""
+    if seq_len == sequences.shape[1]:
+        return sequences
+    flat = sequences.reshape(-1)
+    n = len(flat) // seq_len
+    if n == 0:
+        raise TrainingError(f"the training text holds fewer than {seq_len} tokens")
+    return flat[: n * seq_len].reshape(n, seq_len)
 
 
 # --- the two losses -----------------------------------------------------------------------------
@@ -338,7 +353,6 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda: no CUDA device is available")
     model.to(device)
-    train_data = torch.from_numpy(corpus.train)
     progress = Progress()
     found = latest_valid_checkpoint(work_dir)
     if world > 1:
@@ -392,7 +406,9 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
         params = [p for p in model.parameters() if p.requires_grad]
         bar = tqdm(total=n_steps, initial=progress.step, desc=f"stage {stage}", unit="step", disable=not show_progress,
                    dynamic_ncols=True)
-        tokens_per_step = config.seq_len * config.batch_size
+        seq_len = config.stage_seq_len(stage)
+        train_data = torch.from_numpy(repack(corpus.train, seq_len))
+        tokens_per_step = seq_len * config.batch_size
         stepping = False
         try:
             while progress.step < n_steps:
