@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from edge_lolcats.nn.hybrid_attention import FEATURE_MAP_EPS, HybridState, _check, _no_tokens, empty_state, repeat_kv_heads
+from edge_lolcats.nn.hybrid_attention import (FEATURE_MAP_EPS, HybridState, _check, _final_state, _keys, _no_tokens,
+                                              _rotate, empty_state, repeat_kv_heads)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = tl.constexpr(FEATURE_MAP_EPS)
@@ -84,29 +85,57 @@ def _masks(offs_m, offs_n, N, W: tl.constexpr):
 
 
 @triton.jit
-def _chunk_sums(phi_k, v, sums, z_sums, N, NC, D, NF, C: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_F: tl.constexpr, DT: tl.constexpr):
-    """sums[bh, c + 1] = phi_k[block c]^T v[block c]; a cumulative sum over c then gives the states."""
+def _chunk_sums(phi_k, v, log_decay, sums, z_sums, lag_sums, lag_z_sums, N, NC, H, D, NF, C: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, DT: tl.constexpr, DECAY: tl.constexpr):
+    """sums[bh, c + 1] = sum over block c of lam^(C-1-r) phi_k v^T (r: the row in the block; lam = 1
+    without DECAY); with DECAY also the same sums weighted by (C-1-r), for the decay's gradient. A
+    scan over c (torch) then gives the states."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
     rows = c * C + tl.arange(0, C)
-    phi = _rows(phi_k, bh, rows, N, NF, offs_f)
+    phi = _rows(phi_k, bh, rows, N, NF, offs_f).to(tl.float32)
     vb = _rows(v, bh, rows, N, D, offs_d)
-    s = _dot(tl.trans(phi), vb, DT)
-    z = tl.sum(phi.to(tl.float32), axis=0)
     at = bh * (NC + 1) + c + 1
-    tl.store(sums + at * NF * D + offs_f[:, None] * D + offs_d[None, :], s,
-             mask=(offs_f[:, None] < NF) & (offs_d[None, :] < D))
-    tl.store(z_sums + at * NF + offs_f, z, mask=offs_f < NF)
+    fd = offs_f[:, None] * D + offs_d[None, :]
+    fd_mask = (offs_f[:, None] < NF) & (offs_d[None, :] < D)
+    if DECAY:
+        lag = (C - 1 - tl.arange(0, C)).to(tl.float32)
+        w = tl.exp(lag * tl.load(log_decay + bh % H))
+        phi_w = phi * w[:, None]
+        tl.store(lag_sums + at * NF * D + fd, _dot(tl.trans(phi_w * lag[:, None]), vb, DT), mask=fd_mask)
+        tl.store(lag_z_sums + at * NF + offs_f, tl.sum(phi_w * lag[:, None], axis=0), mask=offs_f < NF)
+        phi = phi_w
+    tl.store(sums + at * NF * D + fd, _dot(tl.trans(phi), vb, DT), mask=fd_mask)
+    tl.store(z_sums + at * NF + offs_f, tl.sum(phi, axis=0), mask=offs_f < NF)
 
 
 @triton.jit
-def _hybrid_fwd(q, k, v, phi_q, phi_k, factor, states, z_states, out, m_out, idx_out, den_out,
-                N, NC, H, D, NF, scale,
+def _sink_scores(q_sink, k_sink, bh, offs_m, N, D, S, t_first, scale, offs_d, offs_s, W: tl.constexpr,
+                 DT: tl.constexpr):
+    """[queries, sinks] scores of the sinks (-inf where a sink is not in the query's softmax set:
+    past the S real ones, or still inside the query's window), the queries' sink rows, the keys."""
+    qs = _rows(q_sink, bh, offs_m, N, D, offs_d)
+    ks = _rows(k_sink, bh, offs_s, S, D, offs_d)
+    active = (offs_s[None, :] < S) & (offs_s[None, :] <= t_first + offs_m[:, None] - W)
+    return tl.where(active, _dot(qs, tl.trans(ks), DT) * scale, float("-inf")), qs, ks
+
+
+@triton.jit
+def _decay_powers(log_decay, bh, H, lag, DECAY: tl.constexpr):
+    """lam^lag (lag >= 0; 1 without DECAY)."""
+    if DECAY:
+        return tl.exp(tl.maximum(lag, 0).to(tl.float32) * tl.load(log_decay + bh % H))
+    else:
+        return tl.full(lag.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _hybrid_fwd(q, k, v, phi_q, phi_k, factor, log_decay, states, z_states, q_sink, k_sink, v_sink,
+                out, m_out, idx_out, den_out, N, NC, H, D, NF, S, t_first, scale,
                 W: tl.constexpr, LOOKBACK: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_F: tl.constexpr, DT: tl.constexpr):
+                BLOCK_F: tl.constexpr, DT: tl.constexpr, DECAY: tl.constexpr, BLOCK_S: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     a = tl.load(factor + bh % H)
@@ -145,17 +174,33 @@ def _hybrid_fwd(q, k, v, phi_q, phi_k, factor, states, z_states, out, m_out, idx
         acc_win = acc_win * alpha[:, None] + _dot(p, vt, DT)
         m_i = m_new
 
-        lin = tl.where(older, _dot(pq, tl.trans(pk), DT), 0.0)
+        lag = offs_m[:, None] - W - offs_n[None, :]
+        lin = tl.where(older, _dot(pq, tl.trans(pk), DT) * _decay_powers(log_decay, bh, H, lag, DECAY), 0.0)
         l_lin += tl.sum(lin, axis=1)
         acc_lin += _dot(lin, vt, DT)
 
-    # everything before block kb_start, through its state
+    if BLOCK_S > 0:  # the sinks: in the same softmax (their max index is N + s)
+        offs_s = tl.arange(0, BLOCK_S)
+        s, qs, ks = _sink_scores(q_sink, k_sink, bh, offs_m, N, D, S, t_first, scale, offs_d, offs_s, W, DT)
+        vs = _rows(v_sink, bh, offs_s, S, D, offs_d)
+        blk_max = tl.max(s, axis=1)
+        idx = tl.where(blk_max > m_i, tl.argmax(s, axis=1).to(tl.int32) + N, idx)
+        m_new = tl.maximum(m_i, blk_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_win = l_win * alpha + tl.sum(p, axis=1)
+        acc_win = acc_win * alpha[:, None] + _dot(p, vs, DT)
+        m_i = m_new
+
+    # everything before block kb_start, through its state (referenced to key kb_start * C - 1)
     fd_mask = (offs_f[:, None] < NF) & (offs_d[None, :] < D)
     s_pre = tl.load(states + (bh * (NC + 1) + kb_start) * NF * D + offs_f[:, None] * D + offs_d[None, :],
                     mask=fd_mask, other=0.0)
     z_pre = tl.load(z_states + (bh * (NC + 1) + kb_start) * NF + offs_f, mask=offs_f < NF, other=0.0)
-    acc_lin += _dot(pq, s_pre, DT)
-    l_lin += tl.sum(pq.to(tl.float32) * z_pre[None, :], axis=1)
+    read = _decay_powers(log_decay, bh, H, offs_m - W - kb_start * C + 1, DECAY)
+    acc_lin += read[:, None] * _dot(pq, s_pre, DT)
+    l_lin += read * tl.sum(pq.to(tl.float32) * z_pre[None, :], axis=1)
 
     den = a * l_win + l_lin
     den = tl.where(m_ok, den, 1.0)
@@ -169,11 +214,12 @@ def _hybrid_fwd(q, k, v, phi_q, phi_k, factor, states, z_states, out, m_out, idx
 
 
 @triton.jit
-def _hybrid_bwd_dq(q, k, v, phi_q, phi_k, factor, states, z_states, out, dout, m_in, idx_in, den_in,
-                   dq, dphi_q, dm_out, delta_out, dstates, dz_states,
-                   N, NC, H, D, NF, scale,
+def _hybrid_bwd_dq(q, k, v, phi_q, phi_k, factor, log_decay, states, z_states, q_sink, k_sink, v_sink,
+                   out, dout, m_in, idx_in, den_in,
+                   dq, dphi_q, dm_out, delta_out, dstates, dz_states, dld_out, dq_sink, dk_sink, dv_sink,
+                   N, NC, H, D, NF, S, t_first, scale,
                    W: tl.constexpr, LOOKBACK: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_F: tl.constexpr, DT: tl.constexpr):
+                   BLOCK_F: tl.constexpr, DT: tl.constexpr, DECAY: tl.constexpr, BLOCK_S: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     a = tl.load(factor + bh % H)
@@ -196,6 +242,7 @@ def _hybrid_bwd_dq(q, k, v, phi_q, phi_k, factor, states, z_states, out, dout, m
     k_arg = tl.zeros([C, BLOCK_D], dtype=tl.float32)
     acc_dphi = tl.zeros([C, BLOCK_F], dtype=tl.float32)
     sum_ds = tl.zeros([C], dtype=tl.float32)
+    dld = tl.zeros([C], dtype=tl.float32)  # d loss / d log(lam), per query
     kb_start = tl.maximum(qb - LOOKBACK, 0)
     for kb in range(kb_start, qb + 1):
         offs_n = kb * C + tl.arange(0, C)
@@ -212,35 +259,66 @@ def _hybrid_bwd_dq(q, k, v, phi_q, phi_k, factor, states, z_states, out, dout, m
         acc_dq += _dot(ds, kt, DT)
         at_max = tl.where(offs_n[None, :] == idx[:, None], 1.0, 0.0)
         k_arg += _dot(at_max, kt, tl.float32)  # exact: picks one row of k
-        acc_dphi += _dot(tl.where(older, gv, 0.0), pk, DT)
+        lag = offs_m[:, None] - W - offs_n[None, :]
+        dl = tl.where(older, gv * _decay_powers(log_decay, bh, H, lag, DECAY), 0.0)  # d loss / d (phi_q . phi_k)
+        acc_dphi += _dot(dl, pk, DT)
+        if DECAY:
+            dld += tl.sum(dl * _dot(pq, tl.trans(pk), DT) * tl.maximum(lag, 0).to(tl.float32), axis=1)
 
+    if BLOCK_S > 0:
+        offs_s = tl.arange(0, BLOCK_S)
+        s, qs, ks = _sink_scores(q_sink, k_sink, bh, offs_m, N, D, S, t_first, scale, offs_d, offs_s, W, DT)
+        vs = _rows(v_sink, bh, offs_s, S, D, offs_d)
+        p = tl.where(s == float("-inf"), 0.0, tl.exp(s - m_i[:, None]))
+        ds = p * (a * (_dot(gn, tl.trans(vs), DT) - delta[:, None]))
+        sum_ds += tl.sum(ds, axis=1)
     dm = -sum_ds
     dq_t = scale * (acc_dq + dm[:, None] * k_arg)
     tl.store(dq + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq_t.to(dq.dtype.element_ty), mask=md_mask)
+    if BLOCK_S > 0:
+        # the sink scores read q_sink: their gradient goes there, and to the sinks through partial
+        # sums per query block (summed by the wrapper); the max's gradient where a sink was the max
+        at_sink = tl.where(offs_s[None, :] == (idx[:, None] - N), 1.0, 0.0)
+        ds_all = ds + at_sink * dm[:, None]
+        dqs = scale * _dot(ds_all, ks, tl.float32)
+        tl.store(dq_sink + bh * N * D + offs_m[:, None] * D + offs_d[None, :], dqs, mask=md_mask)
+        sd = offs_s[:, None] * D + offs_d[None, :]
+        sd_mask = (offs_s[:, None] < S) & (offs_d[None, :] < D)
+        qs_ok = tl.where(m_ok[:, None], qs.to(tl.float32), 0.0)
+        at = (bh * NC + qb) * BLOCK_S * D
+        tl.store(dk_sink + at + sd, scale * _dot(tl.trans(tl.where(m_ok[:, None], ds_all, 0.0)), qs_ok, tl.float32),
+                 mask=sd_mask)
+        tl.store(dv_sink + at + sd, _dot(tl.trans(tl.where(m_ok[:, None], a * p, 0.0)), gn, tl.float32), mask=sd_mask)
 
     fd_mask = (offs_f[:, None] < NF) & (offs_d[None, :] < D)
     s_pre = tl.load(states + (bh * (NC + 1) + kb_start) * NF * D + offs_f[:, None] * D + offs_d[None, :],
                     mask=fd_mask, other=0.0)
     z_pre = tl.load(z_states + (bh * (NC + 1) + kb_start) * NF + offs_f, mask=offs_f < NF, other=0.0)
-    acc_dphi += _dot(gn, tl.trans(s_pre), DT) - delta[:, None] * z_pre[None, :]
+    e = offs_m - W - kb_start * C + 1
+    read = _decay_powers(log_decay, bh, H, e, DECAY)
+    d_read = _dot(gn, tl.trans(s_pre), DT) - delta[:, None] * z_pre[None, :]  # d loss / d phi_q, unscaled
+    acc_dphi += read[:, None] * d_read
     tl.store(dphi_q + bh * N * NF + offs_m[:, None] * NF + offs_f[None, :], acc_dphi,
              mask=m_ok[:, None] & (offs_f[None, :] < NF))
     tl.store(dm_out + bh * N + offs_m, dm, mask=m_ok)
     tl.store(delta_out + bh * N + offs_m, delta, mask=m_ok)
-    # this block's part of the gradient of every state it read, stored at NC - 1 - qb so that a
-    # cumulative sum gives the suffix sums dS (see _hybrid_bwd_dkv)
-    at = bh * NC + NC - 1 - qb
-    tl.store(dstates + at * NF * D + offs_f[:, None] * D + offs_d[None, :], _dot(tl.trans(pq), gn, DT),
+    if DECAY:  # the read's own power of lam (the state's inner powers: in the wrapper, from the shares)
+        dld += tl.maximum(e, 0).to(tl.float32) * read * tl.sum(pq.to(tl.float32) * d_read, axis=1)
+        tl.store(dld_out + bh * N + offs_m, tl.where(m_ok, dld, 0.0), mask=m_ok)
+    # this block's share of the gradient of the state it read (state kb_start), stored at qb
+    pq_read = tl.where(m_ok[:, None], pq.to(tl.float32) * read[:, None], 0.0)
+    at = bh * NC + qb
+    tl.store(dstates + at * NF * D + offs_f[:, None] * D + offs_d[None, :], _dot(tl.trans(pq_read), gn, DT),
              mask=fd_mask)
-    tl.store(dz_states + at * NF + offs_f, -tl.sum(pq.to(tl.float32) * delta[:, None], axis=0), mask=offs_f < NF)
+    tl.store(dz_states + at * NF + offs_f, -tl.sum(pq_read * delta[:, None], axis=0), mask=offs_f < NF)
 
 
 @triton.jit
-def _hybrid_bwd_dkv(q, k, v, phi_q, phi_k, factor, dout, m_in, idx_in, den_in, dm_in, delta_in,
-                    dstates, dz_states, dk, dv, dphi_k,
+def _hybrid_bwd_dkv(q, k, v, phi_q, phi_k, factor, log_decay, dout, m_in, idx_in, den_in, dm_in, delta_in,
+                    d_later, dz_later, dk, dv, dphi_k,
                     N, NC, H, D, NF, scale,
                     W: tl.constexpr, LOOKBACK: tl.constexpr, C: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_F: tl.constexpr, DT: tl.constexpr):
+                    BLOCK_F: tl.constexpr, DT: tl.constexpr, DECAY: tl.constexpr):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     a = tl.load(factor + bh % H)
@@ -276,21 +354,19 @@ def _hybrid_bwd_dkv(q, k, v, phi_q, phi_k, factor, dout, m_in, idx_in, den_in, d
         gv = _dot(gn, tl.trans(vt), DT) - delta[:, None]
         ds = p * (a * gv) + tl.where(offs_n[None, :] == idx[:, None], dm[:, None], 0.0)
         acc_dk += _dot(tl.trans(ds), qt, DT)
-        lin = tl.where(older, _dot(pq, tl.trans(pk), DT), 0.0)
+        power = _decay_powers(log_decay, bh, H, offs_m[:, None] - W - offs_n[None, :], DECAY)
+        lin = tl.where(older, _dot(pq, tl.trans(pk), DT) * power, 0.0)
         acc_dv += _dot(tl.trans(a * p + lin), gn, DT)
-        acc_dphi += _dot(tl.trans(tl.where(older, gv, 0.0)), pq, DT)
+        acc_dphi += _dot(tl.trans(tl.where(older, gv * power, 0.0)), pq, DT)
 
-    # dS for block kb: the query blocks qb >= kb + LOOKBACK + 1 read it through their state;
-    # dstates[r] holds the sum over qb >= NC - 1 - r
-    r = NC - 2 - kb - LOOKBACK
-    keep = tl.where(r >= 0, 1.0, 0.0)  # no such query block: no state gradient
-    r = tl.maximum(r, 0)
+    # through the states: d_later[kb] is the gradient of the sum this block adds to the states after
+    # it (the wrapper's decayed suffix sum); key row r enters it weighted lam^(C-1-r)
     fd_mask = (offs_f[:, None] < NF) & (offs_d[None, :] < D)
-    d_state = keep * tl.load(dstates + (bh * NC + r) * NF * D + offs_f[:, None] * D + offs_d[None, :],
-                             mask=fd_mask, other=0.0)
-    d_z = keep * tl.load(dz_states + (bh * NC + r) * NF + offs_f, mask=offs_f < NF, other=0.0)
-    acc_dv += _dot(pk, d_state, DT)
-    acc_dphi += _dot(vt, tl.trans(d_state), DT) + d_z[None, :]
+    d_state = tl.load(d_later + (bh * NC + kb) * NF * D + offs_f[:, None] * D + offs_d[None, :], mask=fd_mask, other=0.0)
+    d_z = tl.load(dz_later + (bh * NC + kb) * NF + offs_f, mask=offs_f < NF, other=0.0)
+    w = _decay_powers(log_decay, bh, H, C - 1 - tl.arange(0, C), DECAY)
+    acc_dv += w[:, None] * _dot(pk, d_state, DT)
+    acc_dphi += w[:, None] * (_dot(vt, tl.trans(d_state), DT) + d_z[None, :])
     tl.store(dk + bh * N * D + offs_n[:, None] * D + offs_d[None, :], (scale * acc_dk).to(dk.dtype.element_ty),
              mask=nd_mask)
     tl.store(dv + bh * N * D + offs_n[:, None] * D + offs_d[None, :], acc_dv.to(dv.dtype.element_ty),
@@ -403,16 +479,24 @@ def _launch_shape(chunk_size: int, window_size: int, n: int):
     return -(-n // chunk_size), -(-(window_size - 1) // chunk_size)
 
 
-class HybridAttentionFunction(torch.autograd.Function):
-    """out = hybrid attention of (q, k, v, phi_q, phi_k, factor) on [B*H, N, X] tensors.
+def _per_row(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-head [H] tensor as one value per flattened (batch, head) row [B*H]."""
+    return x.repeat(rows // x.shape[0])
 
-    ``kv0``/``z0`` (an initial state's sums, or None) enter the forward only: they get no gradient.
-    Returns (out, states, z_states); the chunk states serve the final state and carry no gradient.
+
+class HybridAttentionFunction(torch.autograd.Function):
+    """out = hybrid attention of (q, k, v, phi_q, phi_k, factor) on [B*H, N, X] tensors, with the
+    decay ``log_decay`` [H] (or None) and the sinks (``q_sink`` [B*H, N, D]: each query as it meets
+    the sinks; ``k_sink``, ``v_sink`` [B*H, S, D]; or None).
+
+    ``kv0``/``z0`` (an initial state's sums, or None) are constants: no gradient. The chunk states
+    are S_c = sum_{j < cC} lam^(cC-1-j) phi_k(k_j) v_j^T (+ the initial state, weighted alike), made
+    by a scan over the blocks' sums.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, phi_q, phi_k, factor, kv0, z0, heads: int, window_size: int, chunk_size: int,
-                scale: float):
+    def forward(ctx, q, k, v, phi_q, phi_k, factor, log_decay, q_sink, k_sink, v_sink, kv0, z0, heads: int,
+                window_size: int, chunk_size: int, scale: float, t_first: int, prefix: int):
         bh, n, d = q.shape
         nf = phi_q.shape[-1]
         nc, lookback = _launch_shape(chunk_size, window_size, n)
@@ -420,57 +504,123 @@ class HybridAttentionFunction(torch.autograd.Function):
         block_d, block_f = _block(d), _block(nf)
         dt = _dot_dtype(q.dtype)
         launch = _launch_options(block_d, block_f, q.dtype)
-        # states[:, c] = the linear state before block c (c = 0 .. nc): per-block sums, then a cumsum
-        states = torch.empty(bh, nc + 1, nf, d, device=dev, dtype=torch.float32)
-        z_states = torch.empty(bh, nc + 1, nf, device=dev, dtype=torch.float32)
-        states[:, 0] = kv0 if kv0 is not None else 0.0
-        z_states[:, 0] = z0 if z0 is not None else 0.0
-        _chunk_sums[(nc, bh)](phi_k, v, states, z_states, n, nc, d, nf, C=chunk_size, BLOCK_D=block_d,
-                              BLOCK_F=block_f, DT=dt, **launch)
-        states.cumsum_(1)
-        z_states.cumsum_(1)
+        decay = log_decay is not None
+        ld = log_decay if decay else factor  # a placeholder pointer when there is no decay
+        sums = torch.zeros(bh, nc + 1, nf, d, device=dev, dtype=torch.float32)
+        z_sums = torch.zeros(bh, nc + 1, nf, device=dev, dtype=torch.float32)
+        lag_sums = torch.zeros_like(sums) if decay else sums
+        lag_z_sums = torch.zeros_like(z_sums) if decay else z_sums
+        _chunk_sums[(nc, bh)](phi_k, v, ld, sums, z_sums, lag_sums, lag_z_sums, n, nc, heads, d, nf, C=chunk_size,
+                              BLOCK_D=block_d, BLOCK_F=block_f, DT=dt, DECAY=decay, **launch)
+        # the scan: S_0 is the initial state (weighted for key -1: lam^(W - prefix)), S_{c+1} = lam^C S_c + sums_c
+        lam_c = torch.exp(_per_row(log_decay, bh) * chunk_size) if decay else None
+        first = torch.exp(_per_row(log_decay, bh) * (window_size - prefix)) if decay else None
+        states, z_states = sums, z_sums  # in place: sums[:, c + 1] becomes S_{c + 1}
+        if kv0 is not None:
+            states[:, 0] = kv0 * (first[:, None, None] if decay else 1.0)
+            z_states[:, 0] = z0 * (first[:, None] if decay else 1.0)
+        if decay:
+            for c in range(nc):
+                states[:, c + 1] += lam_c[:, None, None] * states[:, c]
+                z_states[:, c + 1] += lam_c[:, None] * z_states[:, c]
+        else:
+            states.cumsum_(1)
+            z_states.cumsum_(1)
+        sinks = q_sink is not None
+        s_count = k_sink.shape[1] if sinks else 0
+        block_s = _block(s_count) if sinks else 0
+        dummy = q
         out = torch.empty_like(v)
         m = torch.empty(bh, n, device=dev, dtype=torch.float32)
         idx = torch.empty(bh, n, device=dev, dtype=torch.int32)
         den = torch.empty(bh, n, device=dev, dtype=torch.float32)
-        _hybrid_fwd[(nc, bh)](q, k, v, phi_q, phi_k, factor, states, z_states, out, m, idx, den,
-                              n, nc, heads, d, nf, scale, W=window_size, LOOKBACK=lookback, C=chunk_size,
-                              BLOCK_D=block_d, BLOCK_F=block_f, DT=dt, **launch)
-        ctx.save_for_backward(q, k, v, phi_q, phi_k, factor, states, z_states, out, m, idx, den)
-        ctx.config = (heads, window_size, chunk_size, scale)
+        _hybrid_fwd[(nc, bh)](q, k, v, phi_q, phi_k, factor, ld, states, z_states,
+                              q_sink if sinks else dummy, k_sink if sinks else dummy, v_sink if sinks else dummy,
+                              out, m, idx, den, n, nc, heads, d, nf, s_count, t_first, scale,
+                              W=window_size, LOOKBACK=lookback, C=chunk_size, BLOCK_D=block_d, BLOCK_F=block_f,
+                              DT=dt, DECAY=decay, BLOCK_S=block_s, **launch)
+        ctx.save_for_backward(q, k, v, phi_q, phi_k, factor, log_decay, q_sink, k_sink, v_sink, states, z_states,
+                              lag_sums, lag_z_sums, out, m, idx, den)
+        ctx.config = (heads, window_size, chunk_size, scale, t_first, prefix, kv0 is not None)
         ctx.mark_non_differentiable(states, z_states)
         return out, states, z_states
 
     @staticmethod
     def backward(ctx, dout, _dstates, _dz_states):
-        q, k, v, phi_q, phi_k, factor, states, z_states, out, m, idx, den = ctx.saved_tensors
-        heads, window_size, chunk_size, scale = ctx.config
+        (q, k, v, phi_q, phi_k, factor, log_decay, q_sink, k_sink, v_sink, states, z_states, lag_sums, lag_z_sums,
+         out, m, idx, den) = ctx.saved_tensors
+        heads, window_size, chunk_size, scale, t_first, prefix, has_kv0 = ctx.config
         bh, n, d = q.shape
         nf = phi_q.shape[-1]
         nc, lookback = _launch_shape(chunk_size, window_size, n)
+        dev = q.device
         dout = dout.contiguous()
         block_d, block_f = _block(d), _block(nf)
         dt = _dot_dtype(q.dtype)
+        decay, sinks = log_decay is not None, q_sink is not None
+        ld = log_decay if decay else factor
+        s_count = k_sink.shape[1] if sinks else 0
+        block_s = _block(s_count) if sinks else 0
         common = dict(W=window_size, LOOKBACK=lookback, C=chunk_size, BLOCK_D=block_d, BLOCK_F=block_f, DT=dt,
-                      **_launch_options(block_d, block_f, q.dtype))
+                      DECAY=decay, **_launch_options(block_d, block_f, q.dtype))
+        f32 = dict(device=dev, dtype=torch.float32)
         dq = torch.empty_like(q)
-        dphi_q = torch.empty(bh, n, nf, device=q.device, dtype=torch.float32)
-        dm = torch.empty(bh, n, device=q.device, dtype=torch.float32)
+        dphi_q = torch.empty(bh, n, nf, **f32)
+        dm = torch.empty(bh, n, **f32)
         delta = torch.empty_like(dm)
-        dstates = torch.empty(bh, nc, nf, d, device=q.device, dtype=torch.float32)
-        dz_states = torch.empty(bh, nc, nf, device=q.device, dtype=torch.float32)
-        _hybrid_bwd_dq[(nc, bh)](q, k, v, phi_q, phi_k, factor, states, z_states, out, dout, m, idx, den,
-                                 dq, dphi_q, dm, delta, dstates, dz_states, n, nc, heads, d, nf, scale, **common)
-        dstates.cumsum_(1)  # suffix sums over query blocks, stored in reverse (see _hybrid_bwd_dkv)
-        dz_states.cumsum_(1)
+        shares = torch.empty(bh, nc, nf, d, **f32)  # query block qb's part of the gradient of the state it read
+        z_shares = torch.empty(bh, nc, nf, **f32)
+        dld_q = torch.zeros(bh, n, **f32) if decay else dm
+        dq_sink = torch.empty(bh, n, d, **f32) if sinks else dm
+        dk_sink = torch.zeros(bh, nc, block_s, d, **f32) if sinks else dm
+        dv_sink = torch.zeros(bh, nc, block_s, d, **f32) if sinks else dm
+        dummy = q
+        _hybrid_bwd_dq[(nc, bh)](q, k, v, phi_q, phi_k, factor, ld, states, z_states,
+                                 q_sink if sinks else dummy, k_sink if sinks else dummy, v_sink if sinks else dummy,
+                                 out, dout, m, idx, den, dq, dphi_q, dm, delta, shares, z_shares, dld_q,
+                                 dq_sink, dk_sink, dv_sink, n, nc, heads, d, nf, s_count, t_first, scale,
+                                 BLOCK_S=block_s, **common)
+        # R_c: the gradient of state c (query block qb reads state max(qb - LOOKBACK, 0)); the keys of
+        # block kb reach every later state: d_later[kb] = sum_{c > kb} lam^((c - kb - 1) C) R_c
+        r = torch.zeros(bh, nc + 1, nf, d, **f32)
+        rz = torch.zeros(bh, nc + 1, nf, **f32)
+        r[:, 0] = shares[:, : lookback + 1].sum(1)
+        rz[:, 0] = z_shares[:, : lookback + 1].sum(1)
+        if nc > lookback + 1:
+            r[:, 1 : nc - lookback] = shares[:, lookback + 1 :]
+            rz[:, 1 : nc - lookback] = z_shares[:, lookback + 1 :]
+        lam_c = torch.exp(_per_row(log_decay, bh) * chunk_size)[:, None] if decay else None
+        d_later = torch.zeros(bh, nc + 1, nf, d, **f32)
+        dz_later = torch.zeros(bh, nc + 1, nf, **f32)
+        for c in range(nc - 1, -1, -1):  # d_later[c] = R_{c+1} + lam^C d_later[c+1]
+            carry = lam_c if decay else 1.0
+            d_later[:, c] = r[:, c + 1] + (carry[..., None] if decay else carry) * d_later[:, c + 1]
+            dz_later[:, c] = rz[:, c + 1] + carry * dz_later[:, c + 1]
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dphi_k = torch.empty(bh, n, nf, device=q.device, dtype=torch.float32)
-        _hybrid_bwd_dkv[(nc, bh)](q, k, v, phi_q, phi_k, factor, dout, m, idx, den, dm, delta, dstates,
-                                  dz_states, dk, dv, dphi_k, n, nc, heads, d, nf, scale, **common)
+        dphi_k = torch.empty(bh, n, nf, **f32)
+        _hybrid_bwd_dkv[(nc, bh)](q, k, v, phi_q, phi_k, factor, ld, dout, m, idx, den, dm, delta,
+                                  d_later[:, :nc].contiguous(), dz_later[:, :nc].contiguous(), dk, dv, dphi_k,
+                                  n, nc, heads, d, nf, scale, **common)
         # da_h = -sum_i dm_i / a_h  (see the module docstring)
         dfactor = -(dm.view(-1, heads, n).sum((0, 2))) / factor
+        dlog_decay = None
+        if decay:
+            # d state c / d log(lam) = T_c = sum_j (cC-1-j) lam^(cC-1-j) phi v^T (the initial state's lag:
+            # cC + W - prefix), by the same scan: T_{c+1} = lam^C (T_c + C S_c) + lag_sums_c
+            t = (window_size - prefix) * states[:, 0] if has_kv0 else torch.zeros_like(states[:, 0])
+            tz = (window_size - prefix) * z_states[:, 0] if has_kv0 else torch.zeros_like(z_states[:, 0])
+            inner = (r[:, 0] * t).sum((1, 2)) + (rz[:, 0] * tz).sum(1)
+            for c in range(nc - 1):
+                t = lam_c[..., None] * (t + chunk_size * states[:, c]) + lag_sums[:, c + 1]
+                tz = lam_c * (tz + chunk_size * z_states[:, c]) + lag_z_sums[:, c + 1]
+                inner = inner + (r[:, c + 1] * t).sum((1, 2)) + (rz[:, c + 1] * tz).sum(1)
+            dlog_decay = (dld_q.sum(1) + inner).view(-1, heads).sum(0)
+        grads_sink = (None, None, None)
+        if sinks:
+            grads_sink = (dq_sink.to(q_sink.dtype), dk_sink.sum(1)[:, :s_count].to(k_sink.dtype),
+                          dv_sink.sum(1)[:, :s_count].to(v_sink.dtype))
         return (dq, dk, dv, dphi_q.to(phi_q.dtype), dphi_k.to(phi_k.dtype), dfactor.to(factor.dtype),
-                None, None, None, None, None, None)
+                dlog_decay, *grads_sink, None, None, None, None, None, None, None, None)
 
 
 def _kernel_dtype(q, k, v) -> torch.dtype:
@@ -506,11 +656,9 @@ def _no_softcap(softcap):
 
 
 def _first_recurrence_only(rope, log_decay, sink_tokens):
-    # TODO(issue 14): feature maps before RoPE, decay and sinks in the kernels; until then the
-    # PyTorch forms run them (HybridAttention sends only the first recurrence here)
     if rope is not None or log_decay is not None or sink_tokens:
-        raise NotImplementedError("the Triton kernels run the first models' recurrence only (feature maps after "
-                                  "RoPE, no decay, no sinks); use the chunked PyTorch form")
+        raise NotImplementedError("the Triton decode kernel runs the first models' recurrence only (feature maps "
+                                  "after RoPE, no decay, no sinks); use the PyTorch step")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -521,70 +669,50 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
                             initial_state: HybridState | None = None, output_final_state=False, scale=None,
                             softcap=None, rope=None, log_decay=None, sink_tokens=0):
     """The chunked hybrid attention on Triton kernels: same signature and result as
-    :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_chunked`, differentiable in q, k, v, both
-    feature-map weights and window_factor (an initial state enters as a constant).
+    :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_chunked`, every recurrence option
+    included, differentiable in q, k, v, both feature-map weights, window_factor and log_decay (an
+    initial state enters as a constant).
 
-    q, k, v in float32, bfloat16 or float16 (see :func:`_kernel_dtype`); the output is in that
-    dtype, the final state float32.
+    What the kernels see is laid out here with the PyTorch forms' own front (``_keys``): keys and
+    queries as the softmax reads them (after RoPE) and as the feature maps read them, the initial
+    state's ring in front, the sinks and each query's rotation for them; feature maps and RoPE run
+    in PyTorch (autograd included). q, k, v in float32, bfloat16 or float16 (see
+    :func:`_kernel_dtype`); the output is in that dtype, the final state float32.
     """
-    _check(q, k, v, fq_weight, fk_weight, window_factor, window_size)
+    _check(q, k, v, fq_weight, fk_weight, window_factor, window_size, log_decay, sink_tokens)
     _no_softcap(softcap)
-    _first_recurrence_only(rope, log_decay, sink_tokens)
     dtype = _kernel_dtype(q, k, v)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.shape[2] == 0:
-        return _no_tokens(q, k, v, fq_weight, window_size, initial_state, output_final_state, 0)
-    b, h, n_new, d = q.shape
-    kv_heads = k.shape[1]
-    start = initial_state.position if initial_state is not None else 0
-    k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
+        return _no_tokens(q, k, v, fq_weight, window_size, initial_state, output_final_state, sink_tokens)
+    b, h, _, d = q.shape
+    keys = _keys(q, k, v, window_size, initial_state, rope, sink_tokens)
+    n = keys.q_soft.shape[2]
+    phi_q = _feature_map(keys.q_feat.to(dtype), fq_weight)
+    phi_k = _feature_map(repeat_kv_heads(keys.k_feat, h).to(dtype), fk_weight)
+    if sink_tokens:  # sinks never enter the linear sums
+        phi_k = phi_k * (keys.positions >= sink_tokens).to(phi_k.dtype)[:, None]
+    sink_args = (None, None, None)
+    if sink_tokens:
+        q_sink = keys.q_soft if rope is None else _rotate(keys.q_feat, rope, keys.positions.clamp(
+            max=window_size + sink_tokens - 1))
+        sink_args = (_flat(q_sink.to(dtype)), _flat(repeat_kv_heads(keys.k_sink, h).to(dtype)),
+                     _flat(repeat_kv_heads(keys.v_sink, h).to(dtype)))
     kv0 = z0 = None
-    prefix = 0
-    if initial_state is not None:
-        if initial_state.window_size != window_size:
-            raise ValueError(f"state window {initial_state.window_size} != window_size {window_size}")
-        # as in the PyTorch forms: the state's window keys go back in front, under dummy queries
-        prefix = min(start, window_size)
-        slots = torch.arange(start - prefix, start, device=q.device) % window_size
-        k = torch.cat([repeat_kv_heads(initial_state.k_window[:, :, slots].to(k.dtype), h), k], dim=2)
-        v = torch.cat([repeat_kv_heads(initial_state.v_window[:, :, slots].to(v.dtype), h), v], dim=2)
-        q = torch.cat([q.new_zeros(b, h, prefix, d), q], dim=2)
-        kv0 = _flat(initial_state.kv.detach().float())
-        z0 = initial_state.z.detach().float().reshape(b * h, -1).contiguous()
-    n = q.shape[2]
-    phi_q, phi_k = _feature_map(q, fq_weight), _feature_map(k, fk_weight)
+    if keys.kv0 is not None:
+        kv0 = _flat(keys.kv0.detach().float())
+        z0 = keys.z0.detach().float().reshape(b * h, -1).contiguous()
     factor = torch.sigmoid(window_factor.float())
-    out, states, z_states = HybridAttentionFunction.apply(
-        _flat(q), _flat(k), _flat(v), _flat(phi_q), _flat(phi_k), factor, kv0, z0, h, window_size, chunk_size,
-        _scale(scale, d))
-    out = out.view(b, h, n, d)[:, :, prefix:]
+    out, _, _ = HybridAttentionFunction.apply(
+        _flat(keys.q_soft.to(dtype)), _flat(repeat_kv_heads(keys.k_soft, h).to(dtype)),
+        _flat(repeat_kv_heads(keys.v, h).to(dtype)), _flat(phi_q), _flat(phi_k), factor,
+        None if log_decay is None else log_decay.float(), *sink_args, kv0, z0, h, window_size, chunk_size,
+        _scale(scale, d), int(keys.positions[0]), keys.prefix)
+    out = out.view(b, h, n, d)[:, :, keys.prefix:]
     state = None
     if output_final_state:
         with torch.no_grad():
-            state = _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, kv_heads, window_size,
-                                             chunk_size, start - prefix + n)
+            state = _final_state(keys, phi_k.float(), window_size, sink_tokens, log_decay).to(torch.float32)
     return out, state
-
-
-def _final_state_from_chunks(states, z_states, phi_k, k, v, b, h, kv_heads, window_size, chunk_size, end):
-    """Sums over the keys that left the window (a chunk state plus < C keys), ring of the rest
-    (per KV head: k and v arrive repeated to H heads, head g * H / Hkv is KV head g)."""
-    n, d = k.shape[2], k.shape[3]
-    n_old = max(0, n - window_size)
-    c = n_old // chunk_size
-    nf = phi_k.shape[-1]
-    state = empty_state(b, h, d, nf // 2, window_size, kv_heads=kv_heads, device=k.device)  # arch.state's shapes
-    state.kv += states[:, c].view(b, h, nf, d)
-    state.z += z_states[:, c].view(b, h, nf)
-    rest = slice(c * chunk_size, n_old)
-    state.kv += torch.einsum("bhnf,bhnd->bhfd", phi_k[:, :, rest].float(), v[:, :, rest].float())
-    state.z += phi_k[:, :, rest].float().sum(2)
-    slots = torch.arange(end - (n - n_old), end, device=k.device) % window_size
-    rep = h // kv_heads
-    state.k_window[:, :, slots] = k[:, ::rep, n_old:].float()
-    state.v_window[:, :, slots] = v[:, ::rep, n_old:].float()
-    state.position = end
-    return state
 
 
 def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, state: HybridState, *, scale=None,
