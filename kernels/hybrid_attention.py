@@ -1,12 +1,20 @@
 """Triton kernels for the hybrid attention: forward, backward and the decode step.
 
-The math is the one in :mod:`edge_lolcats.nn.hybrid_attention` (read its docstring first); these
-kernels compute exactly that, in blocks, and are tested against its quadratic reference.
+The math is the one in :mod:`edge_lolcats.arch.hybrid` (read its docstring first), every
+recurrence option included; these kernels compute exactly that, in blocks, and are tested against
+the quadratic reference of :mod:`edge_lolcats.nn.hybrid_attention`.
 
-Layout. Grouped kv heads are repeated up to H in the wrapper, and q, k, v, phi_q, phi_k become
-contiguous [B*H, N, X]. The feature maps phi = feature_map(x, weight) are computed by PyTorch
-(a small matmul and a softmax, autograd included); the kernels take phi_q, phi_k as inputs and
-return their gradients. Queries and keys are cut into blocks of C (the chunk size).
+Layout. The wrapper lays out what the kernels see with the PyTorch forms' own front: q, k as the
+softmax reads them (after RoPE) and, separately, phi_q, phi_k of q, k as the feature maps read them
+(before RoPE with ``pre_rope``; zero for sink positions, which never enter the linear sums); the
+sinks' keys and values and each query's rotation for them (``q_sink``). Grouped kv heads are
+repeated up to H, and everything becomes contiguous [B*H, N, X]. Feature maps and RoPE run in
+PyTorch (autograd included); the kernels take phi_q, phi_k as inputs and return their gradients.
+Queries and keys are cut into blocks of C (the chunk size). With the decay, a linear weight is
+lam^(i-W-j) and the states below are decayed sums (S_{c+1} = lam^C S_c + block sum c); the
+gradient of log(lam) gathers the lags times the linear terms (per query, in the dq kernel) and the
+states' own lags (in the wrapper, from each state's gradient share and its lag-weighted sums).
+Sinks join the window's online softmax (their max index is N + s).
 
 Forward:
 1. ``_chunk_sums`` (one program per block, in parallel): phi_k^T v and sum phi_k of each block;
@@ -392,24 +400,28 @@ def _feature_halves(x, w, h, D, F, offs_d, offs_f):
 
 
 @triton.jit
-def _decode_step(q, k, v, fq, fk, factor, kv, z, k_window, v_window, out, position,
-                 H, D, F, scale, W: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_F: tl.constexpr):
-    """One token for one (batch, head) program; updates kv, z and the ring slot in place."""
+def _decode_step(q, q_feat, k_leave, v_leave, fq, fk, factor, log_decay, enters, kv, z, k_window, v_window,
+                 q_sink, k_sink, v_sink, out, position, H, REP, D, F, S, scale, W: tl.constexpr,
+                 BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, DECAY: tl.constexpr,
+                 BLOCK_S: tl.constexpr):
+    """One token for one (batch, head) program: the key leaving the window (as the feature maps read
+    it) into kv and z (decayed), in place; then softmax over the ring (already holding the new key,
+    per KV head: this program reads KV head h // REP) and the sinks, plus the linear part."""
     bh = tl.program_id(0)
     h = bh % H
+    kvh = bh // REP  # (batch, KV head) row of the ring and the sinks
     a = tl.load(factor + h)
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
     offs_w = tl.arange(0, BLOCK_W)
     d_ok = offs_d < D
-    slot = position % W
     qt = tl.load(q + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    kt = tl.load(k + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    vt = tl.load(v + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    qf = tl.load(q_feat + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    kl = tl.load(k_leave + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    vl = tl.load(v_leave + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     wd_mask = (offs_w[:, None] < W) & d_ok[None, :]
-    kw = tl.load(k_window + bh * W * D + offs_w[:, None] * D + offs_d[None, :], mask=wd_mask, other=0.0).to(tl.float32)
-    vw = tl.load(v_window + bh * W * D + offs_w[:, None] * D + offs_d[None, :], mask=wd_mask, other=0.0).to(tl.float32)
+    kw = tl.load(k_window + kvh * W * D + offs_w[:, None] * D + offs_d[None, :], mask=wd_mask, other=0.0).to(tl.float32)
+    vw = tl.load(v_window + kvh * W * D + offs_w[:, None] * D + offs_d[None, :], mask=wd_mask, other=0.0).to(tl.float32)
     fd_mask = (offs_f[:, None] < F) & d_ok[None, :]
     kv_pos = tl.load(kv + bh * 2 * F * D + offs_f[:, None] * D + offs_d[None, :], mask=fd_mask, other=0.0).to(tl.float32)
     kv_neg = tl.load(kv + bh * 2 * F * D + (F + offs_f[:, None]) * D + offs_d[None, :], mask=fd_mask,
@@ -417,26 +429,37 @@ def _decode_step(q, k, v, fq, fk, factor, kv, z, k_window, v_window, out, positi
     z_pos = tl.load(z + bh * 2 * F + offs_f, mask=offs_f < F, other=0.0).to(tl.float32)
     z_neg = tl.load(z + bh * 2 * F + F + offs_f, mask=offs_f < F, other=0.0).to(tl.float32)
 
-    # the key at position t - W leaves the window of query t: into the linear sums
-    at_slot = offs_w == slot
-    k_leave = tl.sum(tl.where(at_slot[:, None], kw, 0.0), axis=0)
-    v_leave = tl.sum(tl.where(at_slot[:, None], vw, 0.0), axis=0)
-    lp, ln = _feature_halves(k_leave, fk, h, D, F, offs_d, offs_f)
-    leave = tl.where(position >= W, 1.0, 0.0)
-    kv_pos += leave * lp[:, None] * v_leave[None, :]
-    kv_neg += leave * ln[:, None] * v_leave[None, :]
+    # the key at position t - W leaves the window of query t: into the (decayed) linear sums
+    if DECAY:
+        lam = tl.exp(tl.load(log_decay + h))
+        kv_pos, kv_neg, z_pos, z_neg = kv_pos * lam, kv_neg * lam, z_pos * lam, z_neg * lam
+    lp, ln = _feature_halves(kl, fk, h, D, F, offs_d, offs_f)
+    leave = tl.load(enters)
+    kv_pos += leave * lp[:, None] * vl[None, :]
+    kv_neg += leave * ln[:, None] * vl[None, :]
     z_pos += leave * lp
     z_neg += leave * ln
-    kw = tl.where(at_slot[:, None], kt[None, :], kw)
-    vw = tl.where(at_slot[:, None], vt[None, :], vw)
 
     valid = (offs_w <= position) & (offs_w < W)
     s = tl.where(valid, tl.sum(kw * qt[None, :], axis=1) * scale, float("-inf"))
-    p = tl.exp(s - tl.max(s, axis=0))
-    qp, qn = _feature_halves(qt, fq, h, D, F, offs_d, offs_f)
+    m = tl.max(s, axis=0)
+    if BLOCK_S > 0:
+        offs_s = tl.arange(0, BLOCK_S)
+        sd_mask = (offs_s[:, None] < S) & d_ok[None, :]
+        qs = tl.load(q_sink + bh * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        ks = tl.load(k_sink + kvh * S * D + offs_s[:, None] * D + offs_d[None, :], mask=sd_mask, other=0.0).to(tl.float32)
+        vs = tl.load(v_sink + kvh * S * D + offs_s[:, None] * D + offs_d[None, :], mask=sd_mask, other=0.0).to(tl.float32)
+        ss = tl.where((offs_s < S) & (offs_s <= position - W), tl.sum(ks * qs[None, :], axis=1) * scale, float("-inf"))
+        m = tl.maximum(m, tl.max(ss, axis=0))
+        ps = tl.exp(ss - m)
+    p = tl.exp(s - m)
+    qp, qn = _feature_halves(qf, fq, h, D, F, offs_d, offs_f)
     num = (a * tl.sum(p[:, None] * vw, axis=0) + tl.sum(qp[:, None] * kv_pos, axis=0)
            + tl.sum(qn[:, None] * kv_neg, axis=0))
     den = a * tl.sum(p, axis=0) + tl.sum(qp * z_pos, axis=0) + tl.sum(qn * z_neg, axis=0)
+    if BLOCK_S > 0:
+        num += a * tl.sum(ps[:, None] * vs, axis=0)
+        den += a * tl.sum(ps, axis=0)
     tl.store(out + bh * D + offs_d, (num / den).to(out.dtype.element_ty), mask=d_ok)
 
     tl.store(kv + bh * 2 * F * D + offs_f[:, None] * D + offs_d[None, :], kv_pos.to(kv.dtype.element_ty), mask=fd_mask)
@@ -444,8 +467,6 @@ def _decode_step(q, k, v, fq, fk, factor, kv, z, k_window, v_window, out, positi
              mask=fd_mask)
     tl.store(z + bh * 2 * F + offs_f, z_pos.to(z.dtype.element_ty), mask=offs_f < F)
     tl.store(z + bh * 2 * F + F + offs_f, z_neg.to(z.dtype.element_ty), mask=offs_f < F)
-    tl.store(k_window + bh * W * D + slot * D + offs_d, kt.to(k_window.dtype.element_ty), mask=d_ok)
-    tl.store(v_window + bh * W * D + slot * D + offs_d, vt.to(v_window.dtype.element_ty), mask=d_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,12 +676,6 @@ def _no_softcap(softcap):
         raise NotImplementedError("the Triton kernels do not soft-cap scores; use the chunked PyTorch form")
 
 
-def _first_recurrence_only(rope, log_decay, sink_tokens):
-    if rope is not None or log_decay is not None or sink_tokens:
-        raise NotImplementedError("the Triton decode kernel runs the first models' recurrence only (feature maps "
-                                  "after RoPE, no decay, no sinks); use the PyTorch step")
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
@@ -719,27 +734,44 @@ def hybrid_attention_step_triton(q, k, v, fq_weight, fk_weight, window_factor, s
                                  softcap=None, rope=None, log_decay=None, sink_tokens=0):
     """One decode step on a fused kernel: same contract as
     :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_step` (pure: the input state is kept).
-    The kernel keeps a ring per query head: the state's ring (per KV head) is repeated for it and
-    every H / Hkv-th head is kept after."""
+    The ring and sink writes, RoPE and the rotation back of the leaving key are a few small tensor
+    ops here; the kernel does the feature maps, the decayed state update and both softmax parts."""
     b, h, one, d = q.shape
     if one != 1:
         raise ValueError(f"a decode step takes one token; got q {tuple(q.shape)}")
+    if state.sink_tokens != sink_tokens:
+        raise ValueError(f"state has {state.sink_tokens} sink tokens, the call {sink_tokens}")
     _no_softcap(softcap)
-    _first_recurrence_only(rope, log_decay, sink_tokens)
-    rep = h // k.shape[1]
-    k, v = repeat_kv_heads(k, h), repeat_kv_heads(v, h)
+    hkv, w, f, t = k.shape[1], state.window_size, fq_weight.shape[-1], state.position
+    f32 = torch.float32
+    here = torch.tensor([t], device=q.device)
+    q_soft = q if rope is None else _rotate(q, rope, here)
+    k_soft = k if rope is None else _rotate(k, rope, here)
+    slot = t % w
+    k_leave = state.k_window[:, :, slot : slot + 1]  # position t - W (rotated), leaving the window
+    v_leave = state.v_window[:, :, slot : slot + 1]
+    if rope is not None:
+        k_leave = _rotate(k_leave, rope, w - here)  # back to before RoPE
     new = state.clone()
-    new.k_window, new.v_window = repeat_kv_heads(new.k_window, h), repeat_kv_heads(new.v_window, h)
-    for name in ("kv", "z", "k_window", "v_window"):
-        if not getattr(new, name).is_contiguous():
-            setattr(new, name, getattr(new, name).contiguous())
-    w, f = state.window_size, fq_weight.shape[-1]
+    new.kv, new.z = new.kv.to(f32).contiguous(), new.z.to(f32).contiguous()
+    new.k_window[:, :, slot] = k_soft[:, :, 0].to(new.k_window.dtype)
+    new.v_window[:, :, slot] = v[:, :, 0].to(new.v_window.dtype)
+    if t < sink_tokens:
+        new.k_sink[:, :, t] = k_soft[:, :, 0].to(new.k_sink.dtype)
+        new.v_sink[:, :, t] = v[:, :, 0].to(new.v_sink.dtype)
+    q_sink = q_soft
+    if sink_tokens and rope is not None:
+        q_sink = _rotate(q, rope, here.clamp(max=w + sink_tokens - 1))
+    rows = lambda x: repeat_kv_heads(x, h).to(f32).contiguous()  # noqa: E731  [B, H, 1, D] per query head
+    enters = torch.tensor([1.0 if t - w >= sink_tokens else 0.0], device=q.device)
     out = torch.empty(b, h, 1, d, device=q.device, dtype=v.dtype)
-    _decode_step[(b * h,)](q.contiguous(), k.contiguous(), v.contiguous(), fq_weight.contiguous(),
-                           fk_weight.contiguous(), torch.sigmoid(window_factor.float()).contiguous(),
-                           new.kv, new.z, new.k_window, new.v_window, out, state.position,
-                           h, d, f, _scale(scale, d), W=w, BLOCK_W=_block(w), BLOCK_D=_block(d),
-                           BLOCK_F=_block(f))
-    new.k_window, new.v_window = new.k_window[:, ::rep].contiguous(), new.v_window[:, ::rep].contiguous()
-    new.position = state.position + 1
+    ld = log_decay.float().contiguous() if log_decay is not None else enters
+    _decode_step[(b * h,)](q_soft.to(f32).contiguous(), q.to(f32).contiguous(), rows(k_leave), rows(v_leave),
+                           fq_weight.contiguous(), fk_weight.contiguous(),
+                           torch.sigmoid(window_factor.float()).contiguous(), ld, enters, new.kv, new.z,
+                           new.k_window.to(f32).contiguous(), new.v_window.to(f32).contiguous(), q_sink.to(f32).contiguous(),
+                           new.k_sink.to(f32).contiguous(), new.v_sink.to(f32).contiguous(), out, t, h, h // hkv, d, f,
+                           sink_tokens, _scale(scale, d), W=w, BLOCK_W=_block(w), BLOCK_D=_block(d), BLOCK_F=_block(f),
+                           DECAY=log_decay is not None, BLOCK_S=_block(sink_tokens) if sink_tokens else 0)
+    new.position = t + 1
     return out, new

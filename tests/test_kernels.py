@@ -21,9 +21,11 @@ from edge_lolcats.nn.hybrid_attention import (
     hybrid_attention_step,
 )
 from edge_lolcats.kernels.hybrid_attention import hybrid_attention_step_triton, hybrid_attention_triton
+from test_hybrid_attention import OPTION_SETS, options
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("q", "k", "v", "fq_weight", "fk_weight", "window_factor")
+NAMES = ("q", "k", "v", "fq_weight", "fk_weight", "window_factor", "log_decay")
+STATE_PARTS = ("kv", "z", "k_window", "v_window", "k_sink", "v_sink")
 
 
 def make_inputs(b, h, hkv, n, d, f, seed, dtype=torch.float64, device="cpu"):
@@ -44,22 +46,39 @@ def rel_err(x, ref, floor=1e-30):
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=floor)).item()
 
 
+def split_options(kind, h, d, device):
+    """(float64 CPU options for the reference, the kernels' float32 options on ``device``, the
+    differentiable leaves of each: the decay)."""
+    ref = options(kind, h, d, torch.float64)
+    tri = {k: (v.float().to(device) if torch.is_tensor(v) else v) for k, v in ref.items()}
+    leaves = []
+    for o in (ref, tri):
+        if "log_decay" in o:
+            o["log_decay"] = o["log_decay"].detach().requires_grad_()
+        leaves.append([o["log_decay"]] if "log_decay" in o else [])
+    return ref, tri, leaves[0], leaves[1]
+
+
 def check_against_reference(b, h, hkv, n, d, f, window, chunk, seed, dtype=torch.float32, tol=1e-4,
-                            device=DEVICE):
+                            device=DEVICE, kind=""):
     xs = make_inputs(b, h, hkv, n, d, f, seed, dtype=dtype, device=device)
+    opts_ref, opts, extra_ref, extra = split_options(kind, h, d, device)
     ref_in = [x.detach().double().cpu().requires_grad_() for x in xs]
-    out_ref, state_ref = hybrid_attention_reference(*ref_in, window_size=window, output_final_state=True)
+    out_ref, state_ref = hybrid_attention_reference(*ref_in, window_size=window, output_final_state=True, **opts_ref)
     grad_out = torch.randn(out_ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    grads_ref = torch.autograd.grad((out_ref * grad_out).sum(), ref_in)
+    grads_ref = torch.autograd.grad((out_ref * grad_out).sum(), ref_in + extra_ref)
 
     tri_in = [x.detach().requires_grad_() for x in xs]
-    out, state = hybrid_attention_triton(*tri_in, window_size=window, chunk_size=chunk, output_final_state=True)
+    out, state = hybrid_attention_triton(*tri_in, window_size=window, chunk_size=chunk, output_final_state=True,
+                                         **opts)
     assert out.dtype == dtype and out.shape == out_ref.shape
-    grads = torch.autograd.grad((out.float() * grad_out.to(device=out.device, dtype=torch.float32)).sum(), tri_in)
+    grads = torch.autograd.grad((out.float() * grad_out.to(device=out.device, dtype=torch.float32)).sum(),
+                                tri_in + extra)
 
     assert rel_err(out.cpu(), out_ref) < tol
-    for name in ("kv", "z", "k_window", "v_window"):
-        assert rel_err(getattr(state, name).cpu(), getattr(state_ref, name)) < tol, name
+    for name in STATE_PARTS:
+        if getattr(state_ref, name).numel():
+            assert rel_err(getattr(state, name).cpu(), getattr(state_ref, name)) < tol, name
     assert state.position == state_ref.position == n
     for name, gx, gr in zip(NAMES, grads, grads_ref):
         assert gx.shape == gr.shape
@@ -85,6 +104,14 @@ def test_forward_backward_match_reference(case):
     check_against_reference(*case, seed=sum(case))
 
 
+@pytest.mark.parametrize("kind", [k for k in OPTION_SETS if k])
+@pytest.mark.parametrize("case", CASES[1:5:2], ids=lambda c: "B{}H{}Hkv{}N{}D{}F{}W{}C{}".format(*c))
+def test_recurrence_options_forward_backward_match_reference(case, kind):
+    """Feature maps before RoPE, the decay (its gradient included), sinks: outputs, final state and
+    every gradient against the float64 reference."""
+    check_against_reference(*case, seed=sum(case), kind=kind)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 products need a GPU (the interpreter mishandles them)")
 @pytest.mark.parametrize("d", [64, 128])
 def test_bfloat16_on_gpu(d):
@@ -97,45 +124,53 @@ def test_float32_on_gpu_llama_shapes(d, chunk):
     check_against_reference(1, 8, 2, 700, d, 64, 64, chunk, seed=d + chunk)
 
 
-def test_initial_state_continues_a_sequence():
+@pytest.mark.parametrize("kind", ["", "rope+decay+sinks"])
+def test_initial_state_continues_a_sequence(kind):
     """Prefill in two calls (second from the first's state) == one reference call on the whole."""
     b, h, hkv, d, f, w = 2, 2, 1, 16, 8, 16
     xs = make_inputs(b, h, hkv, 90, d, f, seed=7, dtype=torch.float32, device=DEVICE)
+    opts_ref, opts, _, _ = split_options(kind, h, d, DEVICE)
     out_ref, state_ref = hybrid_attention_reference(*[x.double().cpu() for x in xs], window_size=w,
-                                                    output_final_state=True)
+                                                    output_final_state=True, **opts_ref)
     q, k, v, *weights = xs
-    for split in (10, 40):  # inside the first window, and past it
+    for split in (2, 10, 40):  # among the sinks, inside the first window, and past it
         out1, state = hybrid_attention_triton(q[:, :, :split], k[:, :, :split], v[:, :, :split], *weights,
-                                              window_size=w, chunk_size=16, output_final_state=True)
+                                              window_size=w, chunk_size=16, output_final_state=True, **opts)
         out2, state = hybrid_attention_triton(q[:, :, split:], k[:, :, split:], v[:, :, split:], *weights,
                                               window_size=w, chunk_size=16, initial_state=state,
-                                              output_final_state=True)
-        assert rel_err(torch.cat([out1, out2], 2).cpu(), out_ref) < 1e-4
+                                              output_final_state=True, **opts)
+        assert rel_err(torch.cat([out1, out2], 2).detach().cpu(), out_ref) < 1e-4
         assert state.position == 90
-        for name in ("kv", "z", "k_window", "v_window"):
-            assert rel_err(getattr(state, name).cpu(), getattr(state_ref, name)) < 1e-4, name
+        for name in STATE_PARTS:
+            if getattr(state_ref, name).numel():
+                assert rel_err(getattr(state, name).cpu(), getattr(state_ref, name)) < 1e-4, name
 
 
-def test_decode_step_matches_torch_step_across_the_window():
-    """The fused step on a state, token by token past the window, == the PyTorch step (float64)."""
+@pytest.mark.parametrize("kind", ["", "rope+decay+sinks"])
+def test_decode_step_matches_torch_step_across_the_window(kind):
+    """The fused step on a state, token by token past the window and the sinks, == the PyTorch step
+    (float64)."""
     b, h, hkv, d, f, w, n = 2, 3, 1, 24, 8, 6, 15
     xs = make_inputs(b, h, hkv, n, d, f, seed=3, dtype=torch.float32, device=DEVICE)
+    opts_ref, opts, _, _ = split_options(kind, h, d, DEVICE)
+    sinks = opts.get("sink_tokens", 0)
     q, k, v, *weights = xs
-    state = empty_state(b, h, d, f, w, device=DEVICE)
-    state_ref = empty_state(b, h, d, f, w, dtype=torch.float64)
+    state = empty_state(b, h, d, f, w, kv_heads=hkv, sink_tokens=sinks, device=DEVICE)
+    state_ref = empty_state(b, h, d, f, w, kv_heads=hkv, sink_tokens=sinks, dtype=torch.float64)
     weights_ref = [x.double().cpu() for x in weights]
     for t in range(n):
         sl = slice(t, t + 1)
-        out, state = hybrid_attention_step_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], *weights, state)
+        out, state = hybrid_attention_step_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], *weights, state, **opts)
         out_ref, state_ref = hybrid_attention_step(q[:, :, sl].double().cpu(), k[:, :, sl].double().cpu(),
-                                                   v[:, :, sl].double().cpu(), *weights_ref, state_ref)
-        assert rel_err(out.cpu(), out_ref) < 1e-5
+                                                   v[:, :, sl].double().cpu(), *weights_ref, state_ref, **opts_ref)
+        assert rel_err(out.cpu(), out_ref.detach()) < 1e-5
         assert state.position == state_ref.position == t + 1
-        for name in ("kv", "z", "k_window", "v_window"):
-            assert rel_err(getattr(state, name).cpu(), getattr(state_ref, name)) < 1e-5, name
+        for name in STATE_PARTS:
+            if getattr(state_ref, name).numel():
+                assert rel_err(getattr(state, name).cpu(), getattr(state_ref, name).detach()) < 1e-5, name
     # the step is pure: the state it was given is untouched
     kv_prev = state.kv.clone()
-    hybrid_attention_step_triton(q[:, :, :1], k[:, :, :1], v[:, :, :1], *weights, state)
+    hybrid_attention_step_triton(q[:, :, :1], k[:, :, :1], v[:, :, :1], *weights, state, **opts)
     assert torch.equal(state.kv, kv_prev)
 
 
@@ -166,8 +201,7 @@ def test_model_dispatch(monkeypatch):
     q = torch.randn(1, 2, 30, 16)
     assert first.resolved_form(q) == new.resolved_form(q) == "chunked"
     if torch.cuda.is_available():
-        assert first.resolved_form(q.cuda()) == "triton"
-        assert new.resolved_form(q.cuda()) == "chunked"  # the kernels have the first recurrence only
+        assert first.resolved_form(q.cuda()) == new.resolved_form(q.cuda()) == "triton"
     monkeypatch.setenv(ATTENTION_FORM_ENV, "reference")
     assert first.resolved_form(q) == "reference"
     k, v = torch.randn(1, 1, 30, 16), torch.randn(1, 1, 30, 16)
@@ -178,8 +212,11 @@ def test_model_dispatch(monkeypatch):
     rotate = rotations(TorchOps(DEVICE), args, torch.arange(30, device=DEVICE))["full_attention"]
     out_tri, _ = first.attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)
     assert rel_err(out_tri.cpu(), out_ref) < 1e-5
-    with pytest.raises(NotImplementedError, match="first models' recurrence"):
-        new.to(DEVICE).attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)
+    monkeypatch.setenv(ATTENTION_FORM_ENV, "reference")
+    new_ref, _ = new.attend(q, k, v, rotations(TorchOps(), args, torch.arange(30))["full_attention"])
+    monkeypatch.setenv(ATTENTION_FORM_ENV, "triton")
+    new_tri, _ = new.to(DEVICE).attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)
+    assert rel_err(new_tri.detach().cpu(), new_ref.detach()) < 1e-5
     monkeypatch.setenv(ATTENTION_FORM_ENV, "flash")
     with pytest.raises(ValueError, match="choose from"):
         first.attend(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), rotate)

@@ -228,8 +228,8 @@ class HybridAttention(_LinearizedLayer):
         name = os.environ.get(ATTENTION_FORM_ENV) or self.form
         if name not in ATTENTION_FORMS:
             raise ValueError(f"{ATTENTION_FORM_ENV}={name!r}: choose from {', '.join(ATTENTION_FORMS)}")
-        if name == "chunked" and q.is_cuda and self.softcap is None and self.recurrence == Recurrence():
-            return "triton"  # the kernels have the first models' recurrence only (for now)
+        if name == "chunked" and q.is_cuda and self.softcap is None:
+            return "triton"
         return name
 
     def teacher_with_cache(self, q, k, v, cache: "KVCache | None", output_state: bool):
