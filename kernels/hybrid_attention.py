@@ -685,8 +685,9 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
                             softcap=None, rope=None, log_decay=None, sink_tokens=0):
     """The chunked hybrid attention on Triton kernels: same signature and result as
     :func:`edge_lolcats.nn.hybrid_attention.hybrid_attention_chunked`, every recurrence option
-    included, differentiable in q, k, v, both feature-map weights, window_factor and log_decay (an
-    initial state enters as a constant).
+    included, differentiable in q, k, v, both feature-map weights, window_factor and log_decay. An
+    initial state's sums (kv, z) enter as constants (no gradient); its ring and sinks are
+    differentiable, as in the PyTorch forms.
 
     What the kernels see is laid out here with the PyTorch forms' own front (``_keys``): keys and
     queries as the softmax reads them (after RoPE) and as the feature maps read them, the initial

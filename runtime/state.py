@@ -31,8 +31,8 @@ def empty_state(layout: StateLayout, batch: int = 1) -> State:
 # --- state files: a session saved to disk and resumed later -------------------------------------
 
 STATE_FILE_FORMAT = "edge-lolcats-state"
-# 2: the window ring per KV head, sink tokens (arch.state). Version 1 files held the ring per query head
-# and cannot be converted exactly for a model with decay or sinks: they are refused with that reason.
+# 2: the window ring per KV head, sink tokens (arch.state). Version 1 files held the ring per query head:
+# they are refused with that reason.
 STATE_FILE_VERSION = 2
 
 

@@ -383,3 +383,18 @@ def test_pre_rope_linear_branch_ignores_positions():
     shifted = [tuple(hybrid.rotate(xp, x, rope, torch.arange(60) + s) for x in (q, k)) for s in (0, 4096)]
     near, far = (linear_branch(None, qk=qk) for qk in shifted)
     assert (near - far).abs().max() > 1e-2  # post-RoPE: the shift is seen
+
+
+def test_strong_decay_and_chunks_longer_than_the_window_stay_finite():
+    """lam^(1 - W) overflows where chunk 0 holds real queries (C > W) after a state: every form must
+    weight the state per row with a non-negative exponent (found in review: the chunked form gave NaN)."""
+    q, k, v, fq, fk, wf = make_inputs(1, 2, 1, 120, 8, 4, torch.float64, seed=8)
+    ld = torch.full((2,), -2.0, dtype=torch.float64, requires_grad=True)
+    opts = dict(window_size=8, chunk_size=32, log_decay=ld, sink_tokens=2, rope=rope_of(8))
+    full, _ = hybrid_attention_recurrent(q, k, v, fq, fk, wf, **opts)
+    for form in (hybrid_attention_reference, hybrid_attention_chunked):
+        _, st = form(q[:, :, :100], k[:, :, :100], v[:, :, :100], fq, fk, wf, output_final_state=True, **opts)
+        out, _ = form(q[:, :, 100:], k[:, :, 100:], v[:, :, 100:], fq, fk, wf, initial_state=st, **opts)
+        assert_close(out, full[:, :, 100:], f"{form.__name__} after a state", **TOL[torch.float64])
+        (grad,) = torch.autograd.grad(out.sum(), ld)
+        assert torch.isfinite(grad).all(), form.__name__

@@ -74,19 +74,35 @@ def feature_map(xp, x, weight):
     return xp.maximum(xp.concat([xp.softmax(proj, -1), xp.softmax(-proj, -1)], -1), FEATURE_MAP_EPS)
 
 
-def rotate(xp, x, inv_freq, positions):
-    """RoPE of x [B, Hx, T, D] at ``positions`` [T] (any integers, negative ones too). float32 x
-    gets the model's float32 angles; float64 x (tests) exact ones, so that R(a) R(b) = R(a + b)."""
-    if str(x.dtype).endswith("float64"):
-        angles = xp.as_float(positions, x)[:, None] * xp.as_float(inv_freq, x)[None, :]
+def rope_tables(xp, inv_freq, positions, like):
+    """cos, sin [T, R] at ``positions`` [T] (any integers, negative ones too). For float32 ``like``
+    the model's float32 angles; for float64 (tests) exact ones, so that R(a) R(b) = R(a + b)."""
+    if like.dtype.itemsize == 8:
+        angles = xp.as_float(positions, like)[:, None] * xp.as_float(inv_freq, like)[None, :]
     else:
         angles = xp.outer(positions, inv_freq)
     emb = xp.concat([angles, angles], -1)
-    return block.apply_rope(xp, x, xp.cos(emb), xp.sin(emb))
+    return xp.cos(emb), xp.sin(emb)
+
+
+def rotate(xp, x, inv_freq, positions):
+    """RoPE of x [B, Hx, T, D] at ``positions`` [T]."""
+    return block.apply_rope(xp, x, *rope_tables(xp, inv_freq, positions, x))
+
+
+def grouped(a, b):
+    """a [B, H, T, X] @ b [B, Hkv, X, Y] -> [B, H, T, Y], query head h reading KV head h // (H / Hkv)
+    (as repeating b's heads would, without the copy)."""
+    bsz, h, t, x = a.shape
+    hkv = b.shape[1]
+    if h == hkv:
+        return a @ b
+    return (a.reshape(bsz, hkv, (h // hkv) * t, x) @ b).reshape(bsz, h, t, b.shape[-1])
 
 
 def _scores(xp, q, k, scale, softcap):
-    s = (q @ xp.swap_last(k)) * scale
+    """scale * q . k over grouped KV heads: q [B, H, T, D], k [B, Hkv, N, D] -> [B, H, T, N]."""
+    s = grouped(q, xp.swap_last(k)) * scale
     return s if not softcap else xp.tanh(s / softcap) * softcap
 
 
@@ -115,7 +131,6 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     k_old = xp.take(k_window, ring, 2)
     k_ext = xp.concat([k_old, k_rot], 2)  # [B, Hkv, W + T, D], as the softmax reads them
     v_ext = xp.concat([xp.take(v_window, ring, 2), v], 2)
-    k_ext_pre = k_ext if rope is None else xp.concat([rotate(xp, k_old, rope, -(xp.arange(w) + (position - w))), k], 2)
     e = xp.arange(w + t)
     key_pos = e + (position - w)
     real = key_pos >= 0
@@ -123,13 +138,13 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     in_window = (e[None, :] > i) & (e[None, :] <= i + w) & real[None, :]  # [T, W + T]
     older = (e[None, :] <= i) & real[None, :] & (key_pos >= n_s)[None, :]
 
-    scores = xp.where(in_window, _scores(xp, q_rot, xp.repeat_heads(k_ext, h), scale, softcap), -float("inf"))
+    scores = xp.where(in_window, _scores(xp, q_rot, k_ext, scale, softcap), -float("inf"))
     if n_s:
         k_sink, v_sink = _write_sinks(xp, sinks, k_rot, v, position, t)
         q_sink = q_rot if rope is None else rotate(xp, q, rope, xp.minimum(new_pos, w + n_s - 1))
         s_idx = xp.arange(n_s)
         active = s_idx[None, :] <= (new_pos[:, None] - w)  # [T, n_s]: sinks the window has passed
-        s_scores = xp.where(active, _scores(xp, q_sink, xp.repeat_heads(k_sink, h), scale, softcap), -float("inf"))
+        s_scores = xp.where(active, _scores(xp, q_sink, k_sink, scale, softcap), -float("inf"))
         scores = xp.concat([scores, s_scores], -1)
         v_soft = xp.concat([v_ext, v_sink], 2)
     else:
@@ -138,20 +153,21 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
     keep = t + (xp.arange(w) - position - t) % w  # the newest W keys back into their ring slots
     ring_and_sinks = (xp.take(k_ext, keep, 2), xp.take(v_ext, keep, 2)) + ((k_sink, v_sink) if n_s else ())
     if not linear:
-        out = (a_soft @ xp.repeat_heads(v_soft, h)) / xp.sum(a_soft, -1)
+        out = grouped(a_soft, v_soft) / xp.sum(a_soft, -1)
         return out, (kv, z) + ring_and_sinks
     factor = xp.sigmoid(window_factor)[:, None, None]  # [H, 1, 1]
 
+    # the feature maps read the ring's keys back before RoPE (pre_rope), the new ones as given
+    k_ext_pre = k_ext if rope is None else xp.concat([rotate(xp, k_old, rope, -(xp.arange(w) + (position - w))), k], 2)
     phi_q = feature_map(xp, q, fq_weight)  # [B, H, T, 2F]
     phi_k = feature_map(xp, xp.repeat_heads(k_ext_pre, h), fk_weight)  # [B, H, W + T, 2F]
     a_lin = xp.where(older, phi_q @ xp.swap_last(phi_k), 0.0)
-    v_rep = xp.repeat_heads(v_ext, h)
     state_q = phi_q
     if log_decay is not None:  # weight lam^(i - e) on extended key e, lam^(i + 1) on the state
         lag = xp.as_float(xp.maximum(i - e[None, :], 0), log_decay)  # [T, W + T]
         a_lin = a_lin * xp.exp(lag[None] * log_decay[:, None, None])
         state_q = phi_q * xp.exp(xp.as_float(i + 1, log_decay)[None] * log_decay[:, None, None])
-    num = factor * (a_soft @ xp.repeat_heads(v_soft, h)) + a_lin @ v_rep + state_q @ kv
+    num = factor * grouped(a_soft, v_soft) + grouped(a_lin, v_ext) + state_q @ kv
     den = factor * xp.sum(a_soft, -1) + xp.sum(a_lin, -1) + state_q @ z[..., None]
     out = num / den
 
@@ -163,7 +179,7 @@ def block_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, stat
         carry = xp.exp(log_decay * t)[:, None]  # [H, 1]
         kv, z = kv * carry[..., None], z * carry
     phi_leave = phi_k * leave
-    kv = kv + xp.swap_last(phi_leave) @ v_rep
+    kv = kv + grouped(xp.swap_last(phi_leave), v_ext)
     z = z + xp.sum(xp.swap_last(phi_leave), -1)[..., 0]
     return out, (kv, z) + ring_and_sinks
 
@@ -184,45 +200,47 @@ def decode_step(xp, q, k, v, fq_weight, fk_weight, window_factor, log_decay, sta
     runtime's and the PyTorch model's token steps). The key at ``position - W`` (ring slot
     ``position % W``) leaves the window: rotated back, featurised and folded into S and z (unless
     it is a sink); its slot takes the new key; the query reads the filled slots in slot order (the
-    sums need no sorting). numpy updates the state's arrays in place (``xp.write_slot``); torch
-    returns new tensors. Same arguments and result as :func:`block_step`.
+    sums need no sorting). numpy updates every array of the state in place (``xp.decay_add``,
+    ``xp.write_slot``) and returns them; torch returns new tensors. Same arguments and result as
+    :func:`block_step`.
     """
     kv, z, k_window, v_window, *sinks = state
     h, w = q.shape[1], k_window.shape[2]
     n_s = sink_tokens
     here = xp.arange(1) + position  # [1]
-    q_rot = q if rope is None else rotate(xp, q, rope, here)
-    k_rot = k if rope is None else rotate(xp, k, rope, here)
+    q_rot, k_rot = q, k
     slot = position % w
     k_leave = xp.read_slot(k_window, slot)  # [B, Hkv, 1, D], position - W
     v_leave = xp.read_slot(v_window, slot)
-    if rope is not None:
-        k_leave = rotate(xp, k_leave, rope, w - here)  # back to before RoPE
+    if rope is not None:  # one table for the three rotations: this position, back from position - W, the sinks'
+        cos, sin = rope_tables(xp, rope, xp.concat([here, w - here, xp.minimum(here, w + n_s - 1)], 0), q)
+        at = lambda x, i: block.apply_rope(xp, x, cos[i : i + 1], sin[i : i + 1])  # noqa: E731
+        q_rot, k_rot, k_leave = at(q, 0), at(k, 0), at(k_leave, 1)
     enters = xp.as_float(position - w >= n_s, kv)  # 0 before W + n_s tokens: nothing or a sink leaves
     phi_leave = feature_map(xp, xp.repeat_heads(k_leave, h), fk_weight) * enters  # [B, H, 1, 2F]
-    if log_decay is not None:
-        lam = xp.exp(log_decay)
-        kv, z = kv * lam[:, None, None], z * lam[:, None]
-    kv = kv + xp.swap_last(phi_leave) @ xp.repeat_heads(v_leave, h)
-    z = z + phi_leave[:, :, 0]
+    lam = None if log_decay is None else xp.exp(log_decay)
+    # one key: an outer product, as a broadcast product (numpy's matmul over a length-1 axis is 3x slower)
+    update = xp.swap_last(phi_leave) * xp.repeat_heads(v_leave, h)  # [B, H, 2F, 1] * [B, H, 1, D]
+    kv = xp.decay_add(kv, None if lam is None else lam[:, None, None], update)
+    z = xp.decay_add(z, None if lam is None else lam[:, None], phi_leave[:, :, 0])
     k_window = xp.write_slot(k_window, slot, k_rot)
     v_window = xp.write_slot(v_window, slot, v)
 
     filled = xp.arange(w) <= position
-    scores = xp.where(filled, _scores(xp, q_rot, xp.repeat_heads(k_window, h), scale, softcap), -float("inf"))
+    scores = xp.where(filled, _scores(xp, q_rot, k_window, scale, softcap), -float("inf"))
     values = v_window
     if n_s:
         k_sink = xp.write_slot(sinks[0], position, k_rot)  # no-op once position >= n_s
         v_sink = xp.write_slot(sinks[1], position, v)
-        q_sink = q_rot if rope is None else rotate(xp, q, rope, xp.minimum(here, w + n_s - 1))
+        q_sink = q_rot if rope is None else at(q, 2)
         active = xp.arange(n_s) <= position - w
-        s_scores = xp.where(active, _scores(xp, q_sink, xp.repeat_heads(k_sink, h), scale, softcap), -float("inf"))
+        s_scores = xp.where(active, _scores(xp, q_sink, k_sink, scale, softcap), -float("inf"))
         scores = xp.concat([scores, s_scores], -1)
         values = xp.concat([v_window, v_sink], 2)
     a_soft = xp.exp(scores - xp.amax(scores, -1))
     factor = xp.sigmoid(window_factor)[:, None, None]
     phi_q = feature_map(xp, q, fq_weight)
-    num = factor * (a_soft @ xp.repeat_heads(values, h)) + phi_q @ kv
+    num = factor * grouped(a_soft, values) + phi_q @ kv
     den = factor * xp.sum(a_soft, -1) + phi_q @ z[..., None]
     new = (kv, z, k_window, v_window)
     return num / den, (new + (k_sink, v_sink) if n_s else new)

@@ -131,6 +131,15 @@ class NumpyOps:
         return x[:, :, slot : slot + 1].copy()
 
     @staticmethod
+    def decay_add(acc, decay, update):
+        """acc * decay + update (decay None: 1), in place: the decode step's state sums, whose
+        arrays the runtime owns (one pass over them instead of three and two temporaries)."""
+        if decay is not None:
+            acc *= decay
+        acc += update
+        return acc
+
+    @staticmethod
     def write_slot(x, slot, value):
         """x with index ``slot`` of axis 2 set to value [B, H, 1, D], in place (no-op out of range)."""
         if 0 <= slot < x.shape[2]:
@@ -251,6 +260,10 @@ class TorchOps:
 
     def read_slot(self, x, slot):
         return x.index_select(2, self.torch.as_tensor(slot, device=x.device).reshape(1))
+
+    def decay_add(self, acc, decay, update):
+        """acc * decay + update (decay None: 1), as a new tensor (pure, for autograd and graphs)."""
+        return update + (acc if decay is None else acc * decay)
 
     def write_slot(self, x, slot, value):
         """A new x with index ``slot`` of axis 2 set to value [B, H, 1, D] (pure, for graphs)."""

@@ -43,8 +43,11 @@ def cmd_eval(args):
         raise CLIError("LoRA is merged into this checkpoint, so its teacher cannot be recovered: pass --teacher")
     tok = loaded.tokenizer
     sep = tok.eos_token_ids[0] if tok.eos_token_ids else None
-    if data is not None and os.path.isfile(data) and data.endswith((".txt", ".md", ".md.gz")):
-        # one text, read whole: it is the held-out text (the model never trained on it, or say so)
+    if args.data is not None and os.path.isfile(args.data) and args.data.endswith((".txt", ".md", ".md.gz")):
+        # one text given here, read whole: the held-out text (the training data's own file is split as in training)
+        if args.data == training.get("data"):
+            print(f"{PROG}: warning: {args.data} is the training data; read whole, it includes trained-on text",
+                  file=sys.stderr)
         ids = np.asarray(tok.encode(read_documents(data)[0].text), dtype=np.int64)
         if len(ids) < 2 * seq_len:
             raise CLIError(f"{data}: {len(ids)} tokens; give a text of at least {2 * seq_len}")

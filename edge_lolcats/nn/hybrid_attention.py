@@ -64,7 +64,7 @@ class HybridState:
         return base + ((self.k_sink, self.v_sink) if self.sink_tokens else ())
 
     @classmethod
-    def from_parts(cls, parts, position: int, like: "HybridState | None" = None) -> "HybridState":
+    def from_parts(cls, parts, position: int) -> "HybridState":
         parts = list(parts)
         if len(parts) == 4:
             b, hkv, _, d = parts[2].shape
@@ -259,10 +259,6 @@ def _no_tokens(q, k, v, fq_weight, window_size, initial_state, output_final_stat
     return v.new_zeros(b, h, 0, d), state
 
 
-def _options(kw):
-    return kw.get("rope"), kw.get("log_decay"), int(kw.get("sink_tokens") or 0)
-
-
 def hybrid_attention_reference(q, k, v, fq_weight, fk_weight, window_factor, *, window_size=64,
                                chunk_size=None, initial_state=None, output_final_state=False, scale=None,
                                softcap=None, rope=None, log_decay=None, sink_tokens=0):
@@ -294,7 +290,7 @@ def hybrid_attention_reference(q, k, v, fq_weight, fk_weight, window_factor, *, 
         a_lin = a_lin * torch.exp((t - W - j).clamp(min=0).to(ct) * ld)
         if keys.kv0 is not None:  # the state's sums are weighted for position t0
             t0 = keys.positions[keys.prefix]
-            state_q = phi_q * torch.exp((t - t0 + 1).to(ct) * ld)
+            state_q = phi_q * torch.exp((t - t0 + 1).clamp(min=0).to(ct) * ld)  # prefix rows: dropped
     factor = torch.sigmoid(window_factor.to(ct))[None, :, None, None]
     num = factor * (a_soft @ values) + a_lin @ v_rep
     den = factor * a_soft.sum(-1, keepdim=True) + a_lin.sum(-1, keepdim=True)
@@ -393,22 +389,26 @@ def hybrid_attention_chunked(q, k, v, fq_weight, fk_weight, window_factor, *, wi
         prefix_z = torch.einsum("hcx,bhxf->bhcf", powers, block_z)
         a_lin = a_lin * torch.exp((a - 1 - e).clamp(min=0).to(ct) * ld[:, None, None])[None, :, None]
         query_decay = torch.exp(a.to(ct) * ld[:, None, None])[None, :, None]  # [1, H, 1, C, 1]: lam^a
-        # the initial state, weighted for position t0, read at chunk c's first query: lam^(first + cC - t0 + 1)
+        # the initial state is weighted for position t0: query (c, a) reads it with lam^(first + cC + a - t0 + 1),
+        # one exponent per row (>= 0 for every kept row; the state's prefix rows are dropped, clamped)
         t0 = int(keys.positions[keys.prefix])
-        state_carry = torch.exp((first + ci * C - t0 + 1).to(ct)[None, :] * ld[:, None])  # [H, nc]
+        lag = (first + ci[:, None] * C + torch.arange(C, device=q.device)[None, :] - t0 + 1).clamp(min=0)
+        state_carry = torch.exp(lag.to(ct)[None] * ld[:, None, None])[None, :, :, :, None]  # [1, H, nc, C, 1]
+    phi_read = phi_qc if query_decay is None else phi_qc * query_decay
+    state_num = state_den = 0.0
     if keys.kv0 is not None:
         if state_carry is None:
             prefix_kv = prefix_kv + keys.kv0[:, :, None]
             prefix_z = prefix_z + keys.z0[:, :, None]
         else:
-            prefix_kv = prefix_kv + keys.kv0[:, :, None] * state_carry[..., None, None]
-            prefix_z = prefix_z + keys.z0[:, :, None] * state_carry[..., None]
-    phi_read = phi_qc if query_decay is None else phi_qc * query_decay
+            phi_state = phi_qc * state_carry
+            state_num = phi_state @ keys.kv0[:, :, None]
+            state_den = phi_state @ keys.z0[:, :, None, :, None]
 
     factor = torch.sigmoid(window_factor.to(ct))[None, :, None, None, None]
-    num = factor * (a_win @ vb) + a_lin @ vb + phi_read @ prefix_kv
+    num = factor * (a_win @ vb) + a_lin @ vb + phi_read @ prefix_kv + state_num
     den = (factor * a_win.sum(-1, keepdim=True) + a_lin.sum(-1, keepdim=True)
-           + (phi_read @ prefix_z.unsqueeze(-1)))
+           + (phi_read @ prefix_z.unsqueeze(-1)) + state_den)
     if sink_tokens:
         num = num + factor * (a_sink @ repeat_kv_heads(keys.v_sink, h)[:, :, None])
         den = den + factor * a_sink.sum(-1, keepdim=True)

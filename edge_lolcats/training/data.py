@@ -103,19 +103,19 @@ class _HTMLText(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
+        if tag in self.VOID:
+            if tag in self.BLOCKS and not self.skipping and self._inside():
+                self.parts.append("\n\n")
+            return
+        if self.skipping:  # inside a skipped element: only its depth counts
+            self.skipping.append(tag)
+            return
         if self.main_depth is not None and tag == "div":
             if self.main_depth > 0:
                 self.main_depth += 1
             elif a.get("role") == "main":
                 self.main_depth = 1
                 return
-        if tag in self.VOID:
-            if tag in self.BLOCKS and not self.skipping and self._inside():
-                self.parts.append("\n\n")
-            return
-        if self.skipping:
-            self.skipping.append(tag)
-            return
         classes = set((a.get("class") or "").split())
         if tag in self.SKIP or classes & self.SKIP_CLASSES or a.get("role") == "navigation":
             self.skipping.append(tag)

@@ -365,6 +365,9 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
     if resume and found:
         folder, info = found
         saved = info["meta"]
+        # runs from before these settings existed had their defaults
+        saved.setdefault("recurrence", {"feature_maps": "post_rope", "decay": False, "sink_tokens": 0})
+        saved["config"].setdefault("stage2_seq_len", 0)
         for key in ("base", "data_fingerprint", "window_size", "feature_dim", "recurrence"):
             if saved.get(key) != meta.get(key):
                 raise TrainingError(f"cannot resume: {key} differs from the saved run "
