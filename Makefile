@@ -56,11 +56,12 @@ $(DEMO)/lolcats.q8_0.gguf: $(STAMP) $(SHIPPED)/model.safetensors $(SHIPPED)/conf
 $(DEMO)/teacher.q8_0.gguf: $(STAMP)
 	$(CLI) export smollm2-135m --format gguf --dtype q8_0 --out $@
 
-# a held-out document of the default corpus with 17.5K+ tokens: text no model here trained on
+# a held-out document of the default corpus with 17.5K+ tokens: text no model here trained on (Theodore
+# Roosevelt's 1906 State of the Union address, 27K tokens, prose to its last line)
 $(DEMO)/long.txt: $(STAMP)
 	mkdir -p $(DEMO)
 	$(PY) -c "from edge_lolcats.formats.loading import load_model; \
-	  from edge_lolcats.training.data import heldout_text; d = heldout_text(load_model('smollm2-135m').tokenizer, 17500); \
+	  from edge_lolcats.training.data import heldout_text; d = heldout_text(load_model('smollm2-135m').tokenizer, 17500, 'sotu/1906'); \
 	  print('held-out text:', d.name); open('$@', 'w').write(d.text)"
 
 demo: $(STAMP)

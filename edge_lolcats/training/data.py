@@ -358,15 +358,16 @@ def load_corpus(tokenizer, data: str | None = None, **kwargs) -> TokenizedCorpus
     return build_corpus(tokenizer, documents, **kwargs)
 
 
-def heldout_text(tokenizer, min_tokens: int, seed: int = 0) -> Document:
+def heldout_text(tokenizer, min_tokens: int, source: str = "", seed: int = 0) -> Document:
     """The first held-out document of the default corpus (the split training uses, for ``seed``)
-    with at least ``min_tokens`` tokens: a long text no model trained on it has seen."""
+    whose name starts with ``source`` and that has at least ``min_tokens`` tokens: a long text no
+    model trained on it has seen."""
     documents = default_corpus_documents()
     corpus = build_corpus(tokenizer, documents, seed=seed)
     for name, ids in corpus.long_docs:
-        if len(ids) >= min_tokens:
+        if len(ids) >= min_tokens and name.startswith(source):
             return next(d for d in documents if d.name == name)
-    raise DataError(f"no held-out document of the default corpus has {min_tokens} tokens")
+    raise DataError(f"no held-out document of the default corpus named {source}* has {min_tokens} tokens")
 
 
 def write_out_of_domain_text(path: str = OUT_OF_DOMAIN_TXT) -> str:
