@@ -61,7 +61,6 @@ def _init_distributed(config):
 
 
 def _train(args, model, tokenizer, base):
-    from edge_lolcats.arch.hybrid import Recurrence
     from edge_lolcats.training.data import load_corpus
     from edge_lolcats.training.train import TrainConfig, train
 
@@ -77,8 +76,7 @@ def _train(args, model, tokenizer, base):
     print(f"data: {len(corpus.train)} training and {len(corpus.heldout)} held-out sequences of {args.seq_len} "
           f"tokens ({len(corpus.train_names)} / {len(corpus.heldout_names)} documents); work dir {work_dir}",
           file=sys.stderr)
-    meta = {"base": base, "window_size": args.window_size, "feature_dim": args.feature_dim,
-            "recurrence": Recurrence.of(model.lolcats).to_dict()}
+    meta = {"base": base, "window_size": args.window_size, "feature_dim": args.feature_dim}
     _init_distributed(config)
     try:
         progress = train(model, corpus, config, work_dir, resume=args.resume, meta=meta,

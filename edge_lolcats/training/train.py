@@ -344,8 +344,10 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
         raise TrainingError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes")
     show_progress = show_progress and rank == 0
 
+    from edge_lolcats.arch.hybrid import Recurrence
+
     meta = {**(meta or {}), "config": {k: getattr(config, k) for k in TrainConfig.IDENTITY},
-            "data_fingerprint": corpus.fingerprint()}
+            "data_fingerprint": corpus.fingerprint(), "recurrence": Recurrence.of(model.lolcats or {}).to_dict()}
     meta["config"]["lora_targets"] = list(config.lora_targets)
     os.makedirs(work_dir, exist_ok=True)
     log_path = os.path.join(work_dir, "metrics.jsonl")
