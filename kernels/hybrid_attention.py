@@ -705,10 +705,9 @@ def hybrid_attention_triton(q, k, v, fq_weight, fk_weight, window_factor, *, win
     n = keys.q_soft.shape[2]
     phi_q = _feature_map(keys.q_feat.to(dtype), fq_weight)
     phi_k = _feature_map(repeat_kv_heads(keys.k_feat, h).to(dtype), fk_weight)
-    if sink_tokens:  # sinks never enter the linear sums
-        phi_k = phi_k * (keys.positions >= sink_tokens).to(phi_k.dtype)[:, None]
     sink_args = (None, None, None)
     if sink_tokens:
+        phi_k = phi_k * (keys.positions >= sink_tokens).to(phi_k.dtype)[:, None]  # sinks never enter the linear sums
         q_sink = keys.q_soft if rope is None else _rotate(keys.q_feat, rope, keys.positions.clamp(
             max=window_size + sink_tokens - 1))
         sink_args = (_flat(q_sink.to(dtype)), _flat(repeat_kv_heads(keys.k_sink, h).to(dtype)),

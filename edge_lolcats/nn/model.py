@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edge_lolcats.arch import ModelArgs, block
+from edge_lolcats.arch import ModelArgs, block, hybrid
 from edge_lolcats.arch.hybrid import DEFAULT as DEFAULT_RECURRENCE
 from edge_lolcats.arch.hybrid import PRE_ROPE, Recurrence
 from edge_lolcats.arch.ops import TorchOps
@@ -237,19 +237,13 @@ class HybridAttention(_LinearizedLayer):
         in blocks over long texts."""
         if cache is None and not output_state:
             return self.teacher(q, k, v), None
-        if cache is not None:
-            k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
-        mask = causal_mask(q.shape[2], k.shape[2], self.base_window, q.device)
-        out = softmax_attention(q, k, v, scale=self.scale, softcap=self.softcap, mask=mask)
-        return out, KVCache(k, v)
+        return cached_softmax_attention(q, k, v, cache, window=self.base_window, scale=self.scale, softcap=self.softcap)
 
     def fixed_memory_baseline(self, q, k, v, rotate, state: HybridState | None):
         """The teacher's weights under a fixed key budget: softmax over the last W keys ("window") or
         over ``baseline_sinks`` sinks + the ``baseline_recent`` newest keys ("sink": StreamingLLM,
         sinks at positions just before the window). The hybrid attention without its linear branch
         (:func:`edge_lolcats.arch.hybrid.block_step`, ``linear=False``), on its own fixed state."""
-        from edge_lolcats.arch import hybrid
-
         sinks, recent = (0, self.window_size) if self.form == "window" else (self.baseline_sinks, self.baseline_recent)
         if state is None:
             b, _, _, d = q.shape
@@ -449,16 +443,24 @@ def state_bytes(model, batch: int = 1) -> int | None:
 # --- forward with state -------------------------------------------------------------------------
 
 
+def cached_softmax_attention(q, k, v, cache: KVCache | None, *, window: int | None, scale: float,
+                             softcap: float | None):
+    """Softmax attention of new q, k, v (after RoPE) after a KV cache (or none), causal within its
+    own ``window`` if any: (out, the grown cache). A softmax layer's step, and the teacher's."""
+    if cache is not None:
+        k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+    mask = causal_mask(q.shape[2], k.shape[2], window, q.device)
+    return softmax_attention(q, k, v, scale=scale, softcap=softcap, mask=mask), KVCache(k, v)
+
+
 def _softmax_layer_attend(attn: Attention, args: ModelArgs, layer: int, cache: KVCache | None, out: list):
     """attend() for a softmax layer: append to its KV cache, attend causally (own window, if any)."""
 
     def attend(q, k, v, rotate):
-        q, k = rotate(q), rotate(k)
-        if cache is not None:
-            k, v = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
-        out.append(KVCache(k, v))
-        mask = causal_mask(q.shape[2], k.shape[2], args.window_of(layer), q.device)
-        return softmax_attention(q, k, v, scale=args.attention_scale, softcap=args.attn_softcap, mask=mask)
+        o, new = cached_softmax_attention(rotate(q), rotate(k), v, cache, window=args.window_of(layer),
+                                          scale=args.attention_scale, softcap=args.attn_softcap)
+        out.append(new)
+        return o
 
     return attend
 
