@@ -11,7 +11,8 @@ from conftest import run_cli, tiny_model
 from test_train import fake_documents
 
 from edge_lolcats.training.data import build_corpus
-from edge_lolcats.evaluation.evaluate import evaluate, markdown_table, passkey_prompt
+from edge_lolcats.evaluation.evaluate import (evaluate, long_context_targets, markdown_table, passkey_prompt,
+                                              targets_table)
 from edge_lolcats.nn.model import HybridAttention, base_attention, forward, linearize, sink_cache_budget
 
 
@@ -148,6 +149,7 @@ def test_eval_command_json(tmp_path, tiny_model_dir):
     assert len(result["ppl_curve"]["sink"]) > 10 and result["ppl_curve"]["sink"][-1][0] > 3000
     assert set(result["passkey"]["sink"]) == {"1024"}
     assert "| linearized |" in r.stdout
+    assert result["targets"] == long_context_targets(result) and "| top-1 agreement >= 85% |" in r.stdout
     assert (tmp_path / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = tmp_path / "one.txt"
     text.write_text(fake_documents(n_docs=1, words=3000, seed=9)[0].text, encoding="utf-8")
@@ -158,3 +160,26 @@ def test_eval_command_json(tmp_path, tiny_model_dir):
     assert result["long_texts"] == ["one.txt"] and result["long_text_tokens"] == [1001] and result["data"] == str(text)
     r = run_cli("eval", base)
     assert r.returncode == 2 and "not a linearized checkpoint" in r.stderr
+
+
+def test_long_context_targets_compare_the_right_numbers():
+    result = {"ppl": {"teacher": 20.0, "linearized": 21.0},
+              "top1_agreement": {"teacher": 1.0, "linearized": 0.84},
+              "ppl_by_position": {"teacher": {"0-512": 18.0, "512-2048": 20.0, "2048-8192": 22.0},
+                                  "sink": {"0-512": 18.0, "2048-8192": 26.0},
+                                  "linearized": {"0-512": 19.9, "2048-8192": 27.0, "8192-16384": 28.0,
+                                                 "16384-32768": 28.5}}}
+    rows = {r["target"]: r for r in long_context_targets(result)}
+    assert rows["ppl 2K-8K <= 1.25 x teacher"]["limit"] == pytest.approx(27.5)
+    assert rows["ppl 2K-8K <= 1.25 x teacher"]["met"]
+    assert not rows["ppl 2K-8K <= StreamingLLM at equal bytes"]["met"]  # 27 > 26
+    assert rows["ppl 8K-16K <= 1.05 x own 2K-8K"]["met"]  # 28 <= 28.35
+    assert not rows["ppl 16K-32K <= 1.05 x own 2K-8K"]["met"]  # 28.5 > 28.35
+    assert not rows["ppl 0-512 <= 1.10 x teacher"]["met"]  # 19.9 > 19.8
+    assert rows["held-out ppl <= 1.10 x teacher"]["met"]
+    assert not rows["top-1 agreement >= 85%"]["met"] and rows["top-1 agreement >= 85%"]["value"] == 0.84
+    table = targets_table(result)
+    assert "| top-1 agreement >= 85% | 84.0% | 85.0% | no |" in table and table.count("\n") == 1 + len(rows)
+    # buckets the texts did not reach are not targets met by default
+    del result["ppl_by_position"]["linearized"]["16384-32768"]
+    assert "ppl 16K-32K <= 1.05 x own 2K-8K" not in {r["target"] for r in long_context_targets(result)}

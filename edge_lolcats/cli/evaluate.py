@@ -11,7 +11,8 @@ from .common import PROG, CLIError
 def cmd_eval(args):
     import numpy as np
 
-    from edge_lolcats.evaluation.evaluate import evaluate, long_texts, markdown_table, plot, write_json
+    from edge_lolcats.evaluation.evaluate import (evaluate, long_context_targets, long_texts, markdown_table, plot, targets_table,
+                                                    write_json)
     from edge_lolcats.training.data import load_corpus, read_documents
     from edge_lolcats.formats.loading import load_model
     from edge_lolcats.nn.model import is_linearized, linearize
@@ -75,7 +76,10 @@ def cmd_eval(args):
                       stage2_only=stage2_only, progress=not args.no_progress)
     result.update(model=args.model, data=source, long_texts_joined=joined,
                   teacher_positions=loaded.model.args.max_position_embeddings)
+    result["targets"] = long_context_targets(result)
     print(markdown_table(result))
+    print()
+    print(targets_table(result))
     if args.json:
         write_json(args.json, result)
     if args.plot:

@@ -210,6 +210,41 @@ def markdown_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def long_context_targets(result: dict) -> list[dict]:
+    """The long-context targets (issue 14) checked on one evaluation: each row names the target, the
+    measured value, the limit it must stay under (or reach) and whether it does. A bucket the texts
+    did not reach is left out rather than counted as met."""
+    pos = result["ppl_by_position"]
+    lin, teacher, sink = pos.get("linearized", {}), pos.get("teacher", {}), pos.get("sink", {})
+    rows = []
+
+    def row(target, value, limit, at_most=True):
+        rows.append({"target": target, "value": value, "limit": limit,
+                     "met": bool(value <= limit if at_most else value >= limit)})
+
+    if "2048-8192" in lin:
+        row("ppl 2K-8K <= 1.25 x teacher", lin["2048-8192"], 1.25 * teacher["2048-8192"])
+        if "2048-8192" in sink:
+            row("ppl 2K-8K <= StreamingLLM at equal bytes", lin["2048-8192"], sink["2048-8192"])
+        for bucket in ("8192-16384", "16384-32768"):
+            if bucket in lin:
+                lo, hi = (int(b) // 1024 for b in bucket.split("-"))
+                row(f"ppl {lo}K-{hi}K <= 1.05 x own 2K-8K", lin[bucket], 1.05 * lin["2048-8192"])
+    if "0-512" in lin:
+        row("ppl 0-512 <= 1.10 x teacher", lin["0-512"], 1.10 * teacher["0-512"])
+    row("held-out ppl <= 1.10 x teacher", result["ppl"]["linearized"], 1.10 * result["ppl"]["teacher"])
+    row("top-1 agreement >= 85%", result["top1_agreement"]["linearized"], 0.85, at_most=False)
+    return rows
+
+
+def targets_table(result: dict) -> str:
+    lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
+    for r in long_context_targets(result):
+        fmt = (lambda x: f"{100 * x:.1f}%") if "%" in r["target"] else (lambda x: f"{x:.2f}")
+        lines.append(f"| {r['target']} | {fmt(r['value'])} | {fmt(r['limit'])} | {'yes' if r['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str, title: str = ""):
     """Perplexity against position (log-log) for every model with a curve: the picture of whether
     a fixed-memory model holds up as the context grows."""
