@@ -178,7 +178,7 @@ def test_long_context_targets_compare_the_right_numbers():
     assert not rows["ppl 0-512 <= 1.10 x teacher"]["met"]  # 19.9 > 19.8
     assert rows["held-out ppl <= 1.10 x teacher"]["met"]
     assert not rows["top-1 agreement >= 85%"]["met"] and rows["top-1 agreement >= 85%"]["value"] == 0.84
-    table = targets_table(result)
+    table = targets_table(long_context_targets(result))
     assert "| top-1 agreement >= 85% | 84.0% | 85.0% | no |" in table and table.count("\n") == 1 + len(rows)
     # buckets the texts did not reach are not targets met by default
     del result["ppl_by_position"]["linearized"]["16384-32768"]

@@ -11,8 +11,8 @@ from .common import PROG, CLIError
 def cmd_eval(args):
     import numpy as np
 
-    from edge_lolcats.evaluation.evaluate import (evaluate, long_context_targets, long_texts, markdown_table, plot, targets_table,
-                                                    write_json)
+    from edge_lolcats.evaluation.evaluate import (evaluate, long_context_targets, long_texts, markdown_table, plot,
+                                                  targets_table, write_json)
     from edge_lolcats.training.data import load_corpus, read_documents
     from edge_lolcats.formats.loading import load_model
     from edge_lolcats.nn.model import is_linearized, linearize
@@ -79,7 +79,7 @@ def cmd_eval(args):
     result["targets"] = long_context_targets(result)
     print(markdown_table(result))
     print()
-    print(targets_table(result))
+    print(targets_table(result["targets"]))
     if args.json:
         write_json(args.json, result)
     if args.plot:

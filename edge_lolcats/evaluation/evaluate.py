@@ -237,9 +237,10 @@ def long_context_targets(result: dict) -> list[dict]:
     return rows
 
 
-def targets_table(result: dict) -> str:
+def targets_table(targets: list[dict]) -> str:
+    """:func:`long_context_targets`' rows as a markdown table."""
     lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
-    for r in long_context_targets(result):
+    for r in targets:
         fmt = (lambda x: f"{100 * x:.1f}%") if "%" in r["target"] else (lambda x: f"{x:.2f}")
         lines.append(f"| {r['target']} | {fmt(r['value'])} | {fmt(r['limit'])} | {'yes' if r['met'] else 'no'} |")
     return "\n".join(lines)

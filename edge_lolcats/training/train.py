@@ -36,6 +36,7 @@ from edge_lolcats.formats.checkpoint import is_delta_param
 from edge_lolcats.formats.fileio import atomic_folder
 from edge_lolcats.nn.lora import DEFAULT_TARGETS, apply_lora, lora_modules
 from edge_lolcats.arch import block
+from edge_lolcats.arch.hybrid import Recurrence
 from edge_lolcats.arch.ops import TorchOps
 from edge_lolcats.nn.model import HybridAttention, forward, teacher_mode
 
@@ -344,8 +345,6 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
         raise TrainingError(f"--batch-size {config.batch_size} is not a multiple of the {world} processes")
     show_progress = show_progress and rank == 0
 
-    from edge_lolcats.arch.hybrid import Recurrence
-
     meta = {**(meta or {}), "config": {k: getattr(config, k) for k in TrainConfig.IDENTITY},
             "data_fingerprint": corpus.fingerprint(), "recurrence": Recurrence.of(model.lolcats or {}).to_dict()}
     meta["config"]["lora_targets"] = list(config.lora_targets)
@@ -368,7 +367,7 @@ def train(model, corpus, config: TrainConfig, work_dir: str, *, resume: bool = F
         folder, info = found
         saved = info["meta"]
         # runs from before these settings existed had their defaults
-        saved.setdefault("recurrence", {"feature_maps": "post_rope", "decay": False, "sink_tokens": 0})
+        saved.setdefault("recurrence", Recurrence().to_dict())  # the first models'
         saved["config"].setdefault("stage2_seq_len", 0)
         for key in ("base", "data_fingerprint", "window_size", "feature_dim", "recurrence"):
             if saved.get(key) != meta.get(key):
