@@ -30,18 +30,35 @@ from .state import StateFileError, load_state_file, save_state_file
 HISTORY_TOKENS = 4096  # recent ids a session keeps (and saves) for the repetition penalty
 
 
-def open_engine(path: str, threads: int | None = None, gguf_weights: str = "float32"):
-    """The engine for ``path``: a ``.gguf`` file (numpy engine; ``gguf_weights`` "float32" or
-    "stored", see :mod:`.numpy_engine`) or an ONNX export folder."""
+# how a GGUF file runs: compiled code over the stored weights (the default), or the numpy reference
+# with its weights dequantized to float32 ("numpy") or q8_0 kept as stored ("numpy-stored", slow)
+GGUF_ENGINES = ("compiled", "numpy", "numpy-stored")
+
+
+def open_engine(path: str, threads: int | None = None, gguf_engine: str = "compiled"):
+    """The engine for ``path``: a ``.gguf`` file (``gguf_engine``, one of :data:`GGUF_ENGINES`)
+    or an ONNX export folder (onnxruntime). ``threads``: compute threads (default: all cores)."""
+    if gguf_engine not in GGUF_ENGINES:
+        raise ValueError(f"gguf_engine must be one of {', '.join(GGUF_ENGINES)}; got {gguf_engine!r}")
     if os.path.isdir(path):
         from .onnx_engine import OnnxEngine
 
         return OnnxEngine(path, threads=threads)
-    if os.path.isfile(path):
-        from .numpy_engine import GGUFEngine
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such file or folder (expected a lolcats .gguf file or an ONNX export folder)")
+    if gguf_engine == "compiled":
+        try:
+            from .compiled_engine import CompiledEngine
+        except ImportError as e:  # numba missing or broken on this platform: the reference still runs
+            import sys
 
-        return GGUFEngine(path, weights=gguf_weights)
-    raise ModelFileError(f"{path}: no such file or folder (expected a lolcats .gguf file or an ONNX export folder)")
+            print(f"warning: the compiled engine is unavailable ({e}); running the numpy engine (much slower)",
+                  file=sys.stderr)
+        else:
+            return CompiledEngine(path, threads=threads)
+    from .numpy_engine import GGUFEngine
+
+    return GGUFEngine(path, weights="stored" if gguf_engine == "numpy-stored" else "float32")
 
 
 class Model:
@@ -207,10 +224,10 @@ class Session:
         return session
 
 
-def load(path: str, threads: int | None = None, gguf_weights: str = "float32") -> Model:
-    """Load a lolcats GGUF file (numpy engine) or an ONNX export folder (onnxruntime).
-    ``gguf_weights="stored"`` keeps q8_0 weights as stored (less memory, much slower)."""
-    return Model(open_engine(path, threads=threads, gguf_weights=gguf_weights), path)
+def load(path: str, threads: int | None = None, gguf_engine: str = "compiled") -> Model:
+    """Load a lolcats GGUF file (the compiled engine unless ``gguf_engine`` says otherwise, see
+    :func:`open_engine`) or an ONNX export folder (onnxruntime)."""
+    return Model(open_engine(path, threads=threads, gguf_engine=gguf_engine), path)
 
 
 __all__ = ["load", "Model", "Session", "Stats", "current_rss_mb", "ModelFileError", "StateFileError"]

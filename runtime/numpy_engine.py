@@ -16,16 +16,15 @@ import numpy as np
 
 from types import SimpleNamespace
 
-from edge_lolcats.arch import ArchitectureError, args_from_gguf, block, hybrid
-from edge_lolcats.arch.hybrid import PRE_ROPE, Recurrence
+from edge_lolcats.arch import block, hybrid
+from edge_lolcats.arch.hybrid import PRE_ROPE
 from edge_lolcats.arch.ops import NUMPY
-from edge_lolcats.arch.state import HYBRID, WINDOW, StateLayout
+from edge_lolcats.arch.state import HYBRID, WINDOW
 from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.converters import gguf_names as names
-from edge_lolcats.formats.gguf_io import ModelFileError, read_gguf
-from edge_lolcats.formats.tokenizer import Tokenizer
 
 from .generation import large_allocations_unmapped_when_freed
+from .gguf_model import check_shapes, open_lolcats_gguf
 from .state import State, empty_state
 
 
@@ -116,23 +115,10 @@ class GGUFEngine:
     def _load(self, path: str, weights: str):
         from gguf import GGMLQuantizationType
 
-        gguf = read_gguf(path)
-        if gguf.architecture != names.LOLCATS_ARCH:
-            raise ModelFileError(f"{path}: architecture {gguf.architecture!r}; the runtime runs "
-                                 f"{names.LOLCATS_ARCH!r} files (export a linearized model)")
-        key = gguf.value
-        try:
-            self.args = args = args_from_gguf(gguf.metadata, set(gguf.tensors))
-            self.lolcats = gguf.lolcats(args.num_layers)
-            self.recurrence = Recurrence.of(self.lolcats)
-        except (TypeError, ValueError, ArchitectureError) as e:
-            raise ModelFileError(f"{path}: missing or bad {names.LOLCATS_ARCH} metadata ({e})") from None
-        if key(names.KEY_QK_PERMUTED):
-            raise ModelFileError(f"{path}: q/k rows permuted for llama.cpp; this runtime expects them unpermuted")
-        self.layout = StateLayout.of(args, self.lolcats)
-        self.tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+        f = open_lolcats_gguf(path)
+        gguf, self.args, self.lolcats, self.recurrence = f.gguf, f.args, f.lolcats, f.recurrence
+        args, self.layout, self.tokenizer, self.fingerprint = f.args, f.layout, f.tokenizer, f.fingerprint
         self.path = path
-        self.fingerprint = key(names.KEY_MODEL_FINGERPRINT)
         self.max_position_embeddings = args.max_position_embeddings
 
         def t(name):  # an owned float32 copy, so the mapped file's pages can be let go
@@ -159,13 +145,14 @@ class GGUFEngine:
         self.embed = stored("token_embd.weight") or Table(t("token_embd.weight"))
         self.head = (stored("output.weight") or Table(t("output.weight"))) if "output.weight" in gguf.tensors \
             else self.embed
-        self.weights = names.file_type_name(gguf.value(names.KEY_FILE_TYPE))
+        self.weights = f.weights
         if weights == "stored" and isinstance(self.embed, Q8Matrix):
             self.weights += " as stored"
         self.norm = t("output_norm.weight")
         self.layers = []
         norms = ["attn_norm", "ffn_norm"] + (["attn_post_norm", "ffn_post_norm"] if args.sandwich_norms else [])
         for i in range(args.num_layers):
+            check_shapes(f, i)
             attn = SimpleNamespace(
                 kind=self.layout.kinds[i], o_proj=linear(("o_proj",), "self_attn"),
                 fused={FUSED["self_attn"]: (linear(FUSED["self_attn"], "self_attn"),
@@ -183,27 +170,10 @@ class GGUFEngine:
             mlp = SimpleNamespace(down_proj=linear(("down_proj",), "mlp"),
                                   fused={FUSED["mlp"]: (linear(FUSED["mlp"], "mlp"), [args.intermediate_size] * 2)})
             layer = SimpleNamespace(self_attn=attn, mlp=mlp, **{n: t(names.layer_tensor(i, n)) for n in norms})
-            self._check_layer(i, layer)
             self.layers.append(layer)
             gguf.release_pages()  # peak RSS: the float32 weights, not those plus the whole file
 
     format = "gguf"
-
-    def _check_layer(self, i: int, layer):
-        a, attn = self.args, layer.self_attn
-        fused, _ = attn.fused[FUSED["self_attn"]]
-        expect = {"q/k/v": (fused.shape, (a.q_size + 2 * a.kv_size, a.hidden_size)),
-                  "attn_output": (attn.o_proj.shape, (a.hidden_size, a.q_size))}
-        if attn.kind == HYBRID:
-            expect.update({
-                "attn_fmap_q": (attn.feature_map_q.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
-                "attn_fmap_k": (attn.feature_map_k.shape, (a.num_heads, a.head_dim, self.layout.feature_dim)),
-                "attn_window_factor": (attn.window_factor.shape, (a.num_heads,))})
-            if attn.log_decay is not None:
-                expect["attn_decay_log_rate"] = (attn.log_decay.shape, (a.num_heads,))
-        for n, (got, want) in expect.items():
-            if tuple(got) != tuple(want):
-                raise ModelFileError(f"{self.path}: blk.{i}.{n} has shape {tuple(got)}, expected {want}")
 
     def empty_state(self, batch: int = 1) -> State:
         return empty_state(self.layout, batch)

@@ -4,7 +4,7 @@ the same state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,6 +14,8 @@ from edge_lolcats.arch.state import DTYPE, StateLayout
 class State:
     tensors: dict  # name -> np.ndarray [B, ...]
     position: int  # tokens seen
+    # the compiled engine's buffer [B, size] that ``tensors`` are views of (None: separate arrays)
+    flat: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:

@@ -109,7 +109,7 @@ def run(args):
                 print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
                 continue
             r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
-                                             gguf_weights=args.gguf_weights) for _ in range(args.repeats)])
+                                             gguf_engine=args.gguf_engine) for _ in range(args.repeats)])
             results.append(r)
             print(f"{engine:9s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} MiB, "
                   f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",

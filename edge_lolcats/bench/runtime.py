@@ -46,16 +46,17 @@ def context_ids(tokenize, context: int, text_file: str | None = None):
 
 
 def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK,
-                    gguf_weights: str = "float32") -> dict:
+                    gguf_engine: str = "compiled") -> dict:
     from edge_lolcats.runtime.api import load
 
-    model = load(path, threads=threads, gguf_weights=gguf_weights)
+    model = load(path, threads=threads, gguf_engine=gguf_engine)
     ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context, text_file)
     session = model.session()
     session.feed(ids, chunk_size=chunk_size)
     prefill = session.stats
     session.generate(decode_tokens + 1, stop_at_eos=False)  # the first new token comes from the prefill
-    return {"engine": model.engine.format, "context": context, "weights": model.engine.weights,
+    return {"engine": model.engine.format, "runtime": getattr(model.engine, "name", model.engine.format),
+            "context": context, "weights": model.engine.weights,
             "peak_rss_mb": peak_rss_mb(), "state_bytes": model.engine.state_bytes,
             "prefill_tokens_per_s": prefill.prefill_tokens_per_s,
             "decode_tokens_per_s": session.stats.decode_tokens_per_s}
@@ -103,7 +104,7 @@ def _kv_width(llm) -> int:
 
 
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-            timeout: float | None = None, gguf_weights: str = "float32") -> dict:
+            timeout: float | None = None, gguf_engine: str = "compiled") -> dict:
     """One measurement in a fresh Python process."""
     cmd = [sys.executable, "-m", "edge_lolcats.bench.runtime", "--worker", engine, path, str(context),
            str(decode_tokens)]
@@ -112,7 +113,7 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
     if threads:
         cmd += ["--threads", str(threads)]
     if engine == "gguf":
-        cmd += ["--gguf-weights", gguf_weights]
+        cmd += ["--gguf-engine", gguf_engine]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if engine == "llama.cpp" and r.returncode < 0:
         # llama-cpp-python 0.3.36 built for this CPU crashes (SIGSEGV) in its extra CPU buffer types
@@ -286,14 +287,14 @@ def _worker(argv):
     p.add_argument("decode_tokens", type=int)
     p.add_argument("--text")
     p.add_argument("--threads", type=int)
-    p.add_argument("--gguf-weights", default="float32")
+    p.add_argument("--gguf-engine", default="compiled")
     p.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp without its extra CPU buffer types")
     a = p.parse_args(argv)
     if a.engine == "llama.cpp":
         result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads,
                                    extra_bufts=not a.no_extra_bufts)
     else:
-        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads, gguf_weights=a.gguf_weights)
+        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads, gguf_engine=a.gguf_engine)
         if result["engine"] != a.engine:
             raise SystemExit(f"{a.path} is a {result['engine']} model, not {a.engine}")
     print(json.dumps(result))

@@ -9,6 +9,7 @@ import sys
 
 from . import bench, evaluate, export, generate, info, linearize
 from .common import PROG, _user_errors, int_list, non_negative_int, positive_int
+from edge_lolcats.runtime.api import GGUF_ENGINES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     rt.add_argument("--save-state", metavar="FILE", help="save the session's state here at the end (a few MB)")
     rt.add_argument("--load-state", metavar="FILE", help="resume a saved session; the prompt continues it")
-    rt.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
+    rt.add_argument("--threads", type=positive_int, help="compute threads (default: all cores)")
+    rt.add_argument("--gguf-engine", choices=GGUF_ENGINES, default="compiled",
+                    help="a .gguf file's engine: compiled (default) or the numpy reference (numpy, numpy-stored)")
 
     ev = sub.add_parser("eval", help="a linearized model against its teacher and fixed-memory baselines")
     ev.add_argument("model", metavar="MODEL", help="linearized checkpoint")
@@ -142,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--baseline-max", type=positive_int, help="longest context to run the baseline at")
     bm.add_argument("--dtype", default="q8_0", help="GGUF weight precision, ours and the teacher's (default q8_0)")
     bm.add_argument("--onnx-weights", choices=["f32", "int8"], default="int8")
-    bm.add_argument("--gguf-weights", choices=["float32", "stored"], default="float32",
-                    help="the numpy engine's weights: dequantized to float32 at load, or q8_0 kept as stored")
+    bm.add_argument("--gguf-engine", choices=GGUF_ENGINES, default="compiled",
+                    help="how the GGUF file runs: compiled (default), or the numpy reference with float32 weights "
+                    "(numpy) or q8_0 as stored (numpy-stored)")
     bm.add_argument("--onnx", metavar="DIR", help="an ONNX export to measure (default: exported into --work-dir)")
     bm.add_argument("--teacher-gguf", metavar="FILE", help="the llama.cpp baseline's file (default: exported)")
     bm.add_argument("--work-dir", default="out/bench-memory", help="exports are made and kept here")

@@ -1,0 +1,249 @@
+"""The compiled engine over a ``lolcats`` GGUF file: the whole model step as one compiled call per
+token (or per block of prefill tokens) on the weights as the file stores them. No torch.
+
+At load every matrix is repacked once into the kernels' flat buffers (:mod:`.compiled_kernels`):
+q8_0 quants as int8, q4_0 quants as the file's bytes, their block scales widened to float32, f16
+matrices widened to float32; q/k/v and gate/up joined along their rows, so each is one product.
+A quantized matrix is never copied to float32. The state of a sequence is one flat float32 buffer
+laid out as :class:`~edge_lolcats.arch.state.StateLayout` says; ``State.tensors`` are views of it,
+so state files, the numpy engine and the ONNX engine read and write the same arrays.
+
+Same interface as the numpy engine (``run``, ``empty_state``, ``state_bytes``, ``tokenizer``,
+``fingerprint``, ``format``, ``weights``), which stays as the slow reference it is tested against.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from edge_lolcats.arch.hybrid import PRE_ROPE
+from edge_lolcats.arch.state import HYBRID
+from edge_lolcats.converters import gguf_names as names
+from edge_lolcats.formats.gguf_io import ModelFileError
+
+from . import compiled_kernels as ck
+from .gguf_model import check_shapes, open_lolcats_gguf
+from .state import State
+
+FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+def _kind(tensor) -> int:
+    from gguf import GGMLQuantizationType as QT
+
+    kinds = {QT.Q8_0: ck.Q8, QT.Q4_0: ck.Q4, QT.F16: ck.F32, QT.F32: ck.F32}
+    if tensor.tensor_type not in kinds:
+        raise ModelFileError(f"tensor {tensor.name}: {tensor.tensor_type.name} is not read by the compiled engine "
+                             f"(it reads f32, f16, q8_0 and q4_0; the numpy engine reads the rest)")
+    return kinds[tensor.tensor_type]
+
+
+class _Packer:
+    """Lays out matrices (each one or several GGUF tensors joined along rows) and small float32
+    parameters in the kernels' flat buffers: sizes first, then one allocation per buffer, then
+    the copies straight out of the mapped file."""
+
+    def __init__(self):
+        self.size = {ck.Q8: 0, ck.Q4: 0, "scales": 0, ck.F32: 0}
+        self.matrices, self.params = [], []  # (entry index, tensors); (offset, source)
+
+    def matrix(self, tensors: list) -> int:
+        kinds = {_kind(t) for t in tensors}
+        if len(kinds) > 1:
+            raise ModelFileError(f"tensors {', '.join(t.name for t in tensors)} are stored in different precisions; "
+                                 f"the compiled engine joins them into one product")
+        kind, k = kinds.pop(), int(tensors[0].shape[0])
+        n = sum(int(t.shape[1]) for t in tensors)
+        entry = [kind, self.size[kind], self.size["scales"], n, k]
+        self.size[kind] += n * k // (2 if kind == ck.Q4 else 1)
+        if kind != ck.F32:
+            self.size["scales"] += n * k // ck.BLOCK
+        self.matrices.append((entry, tensors))
+        return len(self.matrices) - 1
+
+    def param(self, values) -> int:
+        """A float32 parameter (an array, or a GGUF tensor read as float32); its offset in f32."""
+        offset = self.size[ck.F32]
+        self.size[ck.F32] += int(np.prod(values.shape))
+        self.params.append((offset, values))
+        return offset
+
+    def fill(self, read_float32, release):
+        self.q8 = np.empty(max(1, self.size[ck.Q8]), np.int8)
+        self.q4 = np.empty(max(1, self.size[ck.Q4]), np.uint8)
+        self.scales = np.empty(max(1, self.size["scales"]), np.float32)
+        self.f32 = np.empty(max(1, self.size[ck.F32]), np.float32)
+        for offset, values in self.params:
+            values = values if isinstance(values, np.ndarray) else read_float32(values)
+            self.f32[offset : offset + values.size] = values.ravel()
+        for entry, tensors in self.matrices:
+            kind, off, soff, _, k = entry
+            for t in tensors:
+                rows = int(t.shape[1])
+                if kind == ck.F32:
+                    self.f32[off : off + rows * k] = np.asarray(t.data).ravel()  # f16 widened
+                    off += rows * k
+                    continue
+                raw = np.asarray(t.data).view(np.uint8).reshape(rows, k // ck.BLOCK, -1)  # blocks: f16 d, quants
+                quants = raw[..., 2:]
+                width = quants.shape[-1] * rows * (k // ck.BLOCK)
+                target = self.q8 if kind == ck.Q8 else self.q4
+                target[off : off + width].reshape(quants.shape)[...] = quants.view(target.dtype)
+                d = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]
+                self.scales[soff : soff + d.size] = d.ravel()
+                off, soff = off + width, soff + d.size
+            release()
+        self.entries = np.array([e for e, _ in self.matrices], np.int64)
+        del self.matrices, self.params
+
+
+class CompiledEngine:
+    format = "gguf"
+    name = "compiled"
+
+    def __init__(self, path: str, threads: int | None = None):
+        import numba
+
+        f = open_lolcats_gguf(path)
+        self.path, self.args, self.lolcats, self.recurrence = path, f.args, f.lolcats, f.recurrence
+        self.layout, self.tokenizer, self.fingerprint, self.weights = f.layout, f.tokenizer, f.fingerprint, f.weights
+        self.max_position_embeddings = f.args.max_position_embeddings
+        self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+        self._pack(f)
+        self._offsets = self.layout_offsets()
+        self.compile_seconds, self.compiled = self._warm_up()
+
+    def _pack(self, f):
+        args, layout, gguf = f.args, f.layout, f.gguf
+        p = _Packer()
+        tensor = lambda name: gguf.tensors[name] if name in gguf.tensors else self._missing(name)  # noqa: E731
+        dims = np.zeros(ck.DIMS, np.int64)
+        dims[ck.D_EMBED] = p.matrix([tensor("token_embd.weight")])
+        dims[ck.D_HEAD] = p.matrix([tensor("output.weight")]) if "output.weight" in gguf.tensors else dims[ck.D_EMBED]
+        dims[ck.D_FINAL_NORM] = p.param(tensor("output_norm.weight"))
+        ropes = {t: args.rope[t].inv_freq() for t in sorted(set(args.layer_types))}
+        if len({r.shape for r in ropes.values()}) > 1:
+            raise ModelFileError(f"{self.path}: layer types rotate different numbers of dimensions")
+        rope_row = {t: i for i, t in enumerate(ropes)}
+        layers = np.full((args.num_layers, ck.LAYER_COLUMNS), -1, np.int64)
+        state_offset = 0
+        for i in range(args.num_layers):
+            check_shapes(f, i)
+            lay = layers[i]
+            t = lambda ours, suffix="weight": tensor(names.layer_tensor(i, ours, suffix))  # noqa: E731
+            has = lambda ours, suffix="bias": names.layer_tensor(i, ours, suffix) in gguf.tensors  # noqa: E731
+            lay[ck.L_KIND] = ck.KIND_HYBRID if layout.kinds[i] == HYBRID else ck.KIND_WINDOW
+            lay[ck.L_QKV] = p.matrix([t(f"self_attn.{n}") for n in FUSED["self_attn"]])
+            lay[ck.L_O] = p.matrix([t("self_attn.o_proj")])
+            lay[ck.L_GATE_UP] = p.matrix([t(f"mlp.{n}") for n in FUSED["mlp"]])
+            lay[ck.L_DOWN] = p.matrix([t("mlp.down_proj")])
+            if has("self_attn.q_proj"):
+                lay[ck.L_QKV_BIAS] = p.param(np.concatenate([f.gguf.tensor(names.layer_tensor(i, f"self_attn.{n}", "bias"))
+                                                             for n in FUSED["self_attn"]]))
+            if has("self_attn.o_proj"):
+                lay[ck.L_O_BIAS] = p.param(t("self_attn.o_proj", "bias"))
+            if has("mlp.gate_proj"):
+                lay[ck.L_GATE_UP_BIAS] = p.param(np.concatenate([f.gguf.tensor(names.layer_tensor(i, f"mlp.{n}", "bias"))
+                                                                 for n in FUSED["mlp"]]))
+            if has("mlp.down_proj"):
+                lay[ck.L_DOWN_BIAS] = p.param(t("mlp.down_proj", "bias"))
+            lay[ck.L_ATTN_NORM], lay[ck.L_FFN_NORM] = p.param(t("attn_norm")), p.param(t("ffn_norm"))
+            if args.sandwich_norms:
+                lay[ck.L_ATTN_POST_NORM], lay[ck.L_FFN_POST_NORM] = p.param(t("attn_post_norm")), p.param(t("ffn_post_norm"))
+            if args.qk_norm:
+                lay[ck.L_Q_NORM], lay[ck.L_K_NORM] = p.param(t("self_attn.q_norm")), p.param(t("self_attn.k_norm"))
+            if layout.kinds[i] == HYBRID:
+                lay[ck.L_FMAP_Q], lay[ck.L_FMAP_K] = p.param(t("self_attn.feature_map_q")), p.param(t("self_attn.feature_map_k"))
+                lay[ck.L_WINDOW_FACTOR] = p.param(tensor(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight"))
+                if self.recurrence.decay:  # log(lam) = -exp(decay_log_rate), once at load
+                    rate = f.gguf.tensor(f"blk.{i}.{names.DECAY_GGUF}.weight")
+                    lay[ck.L_LOG_DECAY] = p.param(-np.exp(rate).astype(np.float32))
+            lay[ck.L_STATE] = state_offset
+            state_offset += sum(math.prod(s) for s in layout.part_shapes(i).values())
+            lay[ck.L_ROPE] = rope_row[args.layer_types[i]]
+        p.fill(lambda tensor_: f.gguf.tensor(tensor_.name), gguf.release_pages)
+        self.q8, self.q4, self.scales, self.f32, self.entries = p.q8, p.q4, p.scales, p.f32, p.entries
+        self.layers = layers
+        self.inv_freq = np.stack(list(ropes.values())).astype(np.float32)
+        dims[[ck.D_HIDDEN, ck.D_HEADS, ck.D_KV_HEADS, ck.D_HEAD_DIM, ck.D_FEATURES, ck.D_WINDOW, ck.D_SINKS,
+              ck.D_INTERMEDIATE, ck.D_VOCAB, ck.D_BASE_WINDOW]] = [
+            args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, layout.feature_dim,
+            layout.window_size, layout.sink_tokens, args.intermediate_size, args.vocab_size, layout.base_window]
+        dims[ck.D_PRE_ROPE] = self.recurrence.feature_maps == PRE_ROPE
+        dims[ck.D_QK_NORM], dims[ck.D_SANDWICH] = args.qk_norm, args.sandwich_norms
+        dims[ck.D_ACTIVATION] = {"silu": ck.ACT_SILU, "gelu_tanh": ck.ACT_GELU_TANH}[args.activation]
+        self.dims = dims
+        self.consts = np.array([args.norm_eps, args.norm_offset, args.attention_scale, args.embedding_scale,
+                                args.attn_softcap or 0.0, args.final_softcap or 0.0], np.float32)
+        self.state_size = state_offset
+
+    def _missing(self, name):
+        raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
+
+    def layout_offsets(self) -> dict:
+        """{state name: (offset, shape)} in a sequence's flat buffer (the layer table's order)."""
+        out, offset = {}, 0
+        for i in range(self.layout.num_layers):
+            for part_name, shape in zip(self.layout.layer_names(i), self.layout.part_shapes(i).values()):
+                out[part_name] = (offset, shape)
+                offset += math.prod(shape)
+        return out
+
+    @property
+    def state_bytes(self) -> int:
+        return self.layout.bytes_per_sequence
+
+    def empty_state(self, batch: int = 1) -> State:
+        return self._views(np.zeros((batch, self.state_size), np.float32), 0)
+
+    def _views(self, flat: np.ndarray, position: int) -> State:
+        b = flat.shape[0]
+        tensors = {n: flat[:, o : o + math.prod(s)].reshape(b, *s) for n, (o, s) in self._offsets.items()}
+        return State(tensors, position, flat=flat)
+
+    def _flat(self, state: State) -> np.ndarray:
+        """The state's flat buffer; a state whose arrays are not its views (a copy, a state file,
+        another engine's) is packed into one, and its tensors become the views."""
+        flat = state.flat
+        if flat is not None and all(a.base is flat for a in state.tensors.values()):
+            return flat
+        batch = len(next(iter(state.tensors.values())))
+        packed = self._views(np.empty((batch, self.state_size), np.float32), state.position)
+        for n, a in packed.tensors.items():
+            a[...] = state.tensors[n]
+        state.tensors, state.flat = packed.tensors, packed.flat
+        return packed.flat
+
+    def run(self, tokens, state: State, want_logits: bool = True):
+        """Feed ``tokens`` ([T] or [B, T]) after ``state``, which is updated in place and returned
+        with the logits of the last token [B, V] (None when ``want_logits`` is false)."""
+        import numba
+
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[1] == 0:
+            raise ValueError("no tokens to run")
+        if ids.min() < 0 or ids.max() >= self.args.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.args.vocab_size}); got {ids.min()}..{ids.max()}")
+        flat = self._flat(state)
+        numba.set_num_threads(self.threads)
+        logits = np.zeros((ids.shape[0], self.args.vocab_size if want_logits else 0), np.float32)
+        for b in range(ids.shape[0]):
+            ck.forward(ids[b], state.position, self.q8, self.q4, self.scales, self.f32, self.entries, self.layers,
+                       self.dims, self.consts, self.inv_freq, flat[b], logits[b : b + 1])
+        state.position += ids.shape[1]
+        return (logits if want_logits else None), state
+
+    def _warm_up(self) -> tuple[float, str]:
+        """Compile the step once, on a scratch state: (seconds, where the machine code came from:
+        "compiled" now, numba's "disk cache", or "memory" when this process already had it)."""
+        before = bool(ck.forward.signatures)
+        start = time.perf_counter()
+        self.run([0], self.empty_state())
+        seconds = time.perf_counter() - start
+        if before:
+            return seconds, "memory"
+        return seconds, "disk cache" if sum(ck.forward.stats.cache_hits.values()) else "compiled"

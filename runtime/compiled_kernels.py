@@ -1,0 +1,462 @@
+"""The compiled engine's kernels (numba): products over weights as GGUF stores them, and the
+hybrid and kept-window attentions' decode step on the fixed state. No torch.
+
+Weights live in four flat buffers, repacked once at load by :mod:`.compiled_engine` (never a
+float32 copy of a quantized matrix), and every matrix is one row of a table::
+
+    q8      int8[:]     q8_0 quants, row-major [N, K]
+    q4      uint8[:]    q4_0 quants as GGUF stores them, [N, K / 2]: byte j of a block holds
+                        element j in its low nibble and element j + 16 in its high nibble
+    scales  float32[:]  one per block of 32 along K: [N, K / 32] (q8 and q4)
+    f32     float32[:]  float32 matrices (f16 files widened), [N, K]
+    entry   int64[5]    (kind, offset in the kind's buffer, offset in scales, N, K)
+
+W[n, k] = q8[off + n K + k] * scales[soff + n K/32 + k // 32] for q8, ((nibble) - 8) * scale for q4.
+Only the flat inner loop ``s += float32(q[k]) * x[k] * d[k >> 5]`` vectorises (shared/FACTS.md:
+reading the 34-byte blocks in place, or int8 dot products, is about 10x slower), hence the repack.
+
+The attention kernels transcribe :func:`edge_lolcats.arch.hybrid.decode_step` and
+:func:`edge_lolcats.arch.window.window_ring_step` at T = 1 for one sequence; tests hold them to
+those (the one definition), option by option.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+# Before numba starts its OpenMP pool: threads that wait asleep instead of spinning, or two
+# threads stall each other on a busy 2-core machine (shared/FACTS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+F32, Q8, Q4 = 0, 1, 2
+KIND, OFFSET, SCALE_OFFSET, ROWS, COLS = range(5)
+BLOCK = 32
+FEATURE_MAP_EPS = np.float32(1e-12)  # as arch.hybrid.FEATURE_MAP_EPS
+# reassoc: reductions vectorise; contract: fused multiply-adds. No nnan/ninf: masks are -inf.
+_FAST = {"reassoc", "contract"}
+_JIT = dict(cache=True, fastmath=_FAST, nogil=True)
+
+
+# --- products --------------------------------------------------------------------------------
+
+@njit(inline="always", **_JIT)
+def _row_dot(q8, q4, scales, f32, kind, off, soff, k, n, x):
+    """Row n of the matrix dotted with x [K] (float32)."""
+    s = np.float32(0.0)
+    if kind == Q8:
+        base, sb = off + n * k, soff + n * (k // BLOCK)
+        for j in range(k):
+            s += np.float32(q8[base + j]) * x[j] * scales[sb + (j >> 5)]
+    elif kind == Q4:
+        base, sb = off + n * (k // 2), soff + n * (k // BLOCK)
+        for b in range(k // BLOCK):
+            acc = np.float32(0.0)
+            for j in range(16):
+                byte = np.int32(q4[base + 16 * b + j])
+                acc += np.float32((byte & 15) - 8) * x[BLOCK * b + j] + np.float32((byte >> 4) - 8) * x[BLOCK * b + 16 + j]
+            s += acc * scales[sb + b]
+    else:
+        base = off + n * k
+        for j in range(k):
+            s += f32[base + j] * x[j]
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out):
+    """Row n of the matrix into out [K] (float32)."""
+    if kind == Q8:
+        base, sb = off + n * k, soff + n * (k // BLOCK)
+        for j in range(k):
+            out[j] = np.float32(q8[base + j]) * scales[sb + (j >> 5)]
+    elif kind == Q4:
+        base, sb = off + n * (k // 2), soff + n * (k // BLOCK)
+        for b in range(k // BLOCK):
+            d = scales[sb + b]
+            for j in range(16):
+                byte = np.int32(q4[base + 16 * b + j])
+                out[BLOCK * b + j] = np.float32((byte & 15) - 8) * d
+                out[BLOCK * b + 16 + j] = np.float32((byte >> 4) - 8) * d
+    else:
+        base = off + n * k
+        for j in range(k):
+            out[j] = f32[base + j]
+
+
+ROWS_PER_TASK = 16  # prefill: rows a thread dequantizes at a time into its own scratch (16 x K floats)
+
+
+@njit(parallel=True, **_JIT)
+def linear(q8, q4, scales, f32, entry, x, y):
+    """y [T, N] = x [T, K] @ W.T. One token: each row's dot product straight from the quants.
+    Several: each thread dequantizes a few rows into a small scratch and reuses them for every
+    token, so the weights are read once per block of tokens."""
+    kind, off, soff, n, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[ROWS], entry[COLS]
+    t = x.shape[0]
+    if t == 1:
+        x0 = x[0]
+        for r in prange(n):
+            y[0, r] = _row_dot(q8, q4, scales, f32, kind, off, soff, k, r, x0)
+        return
+    tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    for task in prange(tasks):
+        w = np.empty(k, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
+            _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r, w)
+            for i in range(t):
+                s = np.float32(0.0)
+                for j in range(k):
+                    s += w[j] * x[i, j]
+                y[i, r] = s
+
+
+@njit(**_JIT)
+def embedding_row(q8, q4, scales, f32, entry, token, out):
+    """Row ``token`` of a [V, hidden] matrix (the embedding) into out [hidden]."""
+    _dequantize_row(q8, q4, scales, f32, entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS], token, out)
+
+
+# --- pieces of the attention -----------------------------------------------------------------
+
+@njit(inline="always", **_JIT)
+def _rope(x, out, inv_freq, position):
+    """out [D] = x [D] rotated to ``position`` (half-split layout over the first 2 len(inv_freq)
+    dims, the rest passed), angles in float64 then float32 tables as arch.ops.NumpyOps.outer."""
+    half = inv_freq.shape[0]
+    for i in range(half):
+        angle = np.float32(np.float64(position) * np.float64(inv_freq[i]))
+        c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+        a, b = x[i], x[i + half]
+        out[i] = a * c - b * s
+        out[i + half] = b * c + a * s
+    for i in range(2 * half, x.shape[0]):
+        out[i] = x[i]
+
+
+@njit(inline="always", **_JIT)
+def _feature_map(x, weight, out):
+    """Hedgehog: out [2F] = softmax(x W), softmax(-x W), floored at FEATURE_MAP_EPS; weight [D, F]."""
+    d, f = weight.shape
+    for j in range(f):
+        s = np.float32(0.0)
+        for i in range(d):
+            s += x[i] * weight[i, j]
+        out[j] = s
+    hi, lo = out[0], out[0]
+    for j in range(f):
+        hi = max(hi, out[j])
+        lo = min(lo, out[j])
+    pos, neg = np.float32(0.0), np.float32(0.0)
+    for j in range(f):
+        p = out[j]
+        out[j] = math.exp(p - hi)
+        out[f + j] = math.exp(lo - p)
+        pos += out[j]
+        neg += out[f + j]
+    for j in range(f):
+        out[j] = max(out[j] / pos, FEATURE_MAP_EPS)
+        out[f + j] = max(out[f + j] / neg, FEATURE_MAP_EPS)
+
+
+@njit(inline="always", **_JIT)
+def _score(q, k, scale, softcap):
+    s = np.float32(0.0)
+    for i in range(q.shape[0]):
+        s += q[i] * k[i]
+    s *= scale
+    if softcap > 0:
+        s = np.float32(math.tanh(s / softcap)) * softcap
+    return s
+
+
+# --- the attentions' decode steps ------------------------------------------------------------
+
+@njit(parallel=True, **_JIT)
+def hybrid_decode(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_window, k_sink, v_sink,
+                  position, scale, softcap, inv_freq, pre_rope, out):
+    """One token of a hybrid layer, as ``arch.hybrid.decode_step``, the state updated in place.
+
+    q [H, D]; k, v [Hkv, D] (before RoPE when ``pre_rope``, else already rotated); fq, fk [H, D, F];
+    window_factor, log_decay [H] (log_decay all 0: no decay); kv [H, 2F, D], z [H, 2F];
+    k_window, v_window [Hkv, W, D]; k_sink, v_sink [Hkv, n_s, D] (n_s may be 0); softcap 0: none.
+    Writes out [H, D]."""
+    h, d = q.shape
+    hkv, w = k_window.shape[0], k_window.shape[1]
+    n_s = k_sink.shape[1]
+    f2 = kv.shape[1]
+    group = h // hkv
+    slot = position % w
+    enters = position - w >= n_s  # the key at position - W leaves the window into S and z
+    # keys as the softmax reads them (rotated), and the leaving key as the feature map reads it
+    k_rot = np.empty((hkv, d), np.float32)
+    k_leave = np.empty((hkv, d), np.float32)
+    v_leave = np.empty((hkv, d), np.float32)
+    for g in range(hkv):
+        if pre_rope:
+            _rope(k[g], k_rot[g], inv_freq, position)
+            _rope(k_window[g, slot], k_leave[g], inv_freq, w - position)
+        else:
+            k_rot[g] = k[g]
+            k_leave[g] = k_window[g, slot]
+        v_leave[g] = v_window[g, slot]
+    for head in prange(h):
+        g = head // group
+        lam = np.float32(math.exp(log_decay[head]))
+        if enters:
+            phi = np.empty(f2, np.float32)
+            _feature_map(k_leave[g], fk[head], phi)
+            for i in range(f2):
+                z[head, i] = z[head, i] * lam + phi[i]
+                for j in range(d):
+                    kv[head, i, j] = kv[head, i, j] * lam + phi[i] * v_leave[g, j]
+        elif lam != 1.0:
+            for i in range(f2):
+                z[head, i] *= lam
+                for j in range(d):
+                    kv[head, i, j] *= lam
+    # the new key takes the leaving one's slot (and a sink's while position < n_s)
+    for g in range(hkv):
+        k_window[g, slot] = k_rot[g]
+        v_window[g, slot] = v[g]
+        if position < n_s:
+            k_sink[g, position] = k_rot[g]
+            v_sink[g, position] = v[g]
+    filled = min(w, position + 1)
+    active = min(n_s, max(0, position - w + 1))  # sinks the window has passed
+    for head in prange(h):
+        g = head // group
+        q_rot = np.empty(d, np.float32)
+        if pre_rope:
+            _rope(q[head], q_rot, inv_freq, position)
+        else:
+            q_rot[:] = q[head]
+        scores = np.empty(filled + active, np.float32)
+        top = -np.inf
+        for j in range(filled):
+            scores[j] = _score(q_rot, k_window[g, j], scale, softcap)
+            top = max(top, scores[j])
+        if active:
+            q_sink = np.empty(d, np.float32)
+            if pre_rope:
+                _rope(q[head], q_sink, inv_freq, min(position, w + n_s - 1))
+            else:
+                q_sink[:] = q[head]
+            for j in range(active):
+                scores[filled + j] = _score(q_sink, k_sink[g, j], scale, softcap)
+                top = max(top, scores[filled + j])
+        factor = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-window_factor[head])))
+        num = np.zeros(d, np.float32)
+        den = np.float32(0.0)
+        for j in range(filled + active):
+            a = np.float32(math.exp(scores[j] - top))
+            den += a
+            vj = v_window[g, j] if j < filled else v_sink[g, j - filled]
+            for i in range(d):
+                num[i] += a * vj[i]
+        den *= factor
+        for i in range(d):
+            num[i] *= factor
+        phi_q = np.empty(f2, np.float32)
+        _feature_map(q[head], fq[head], phi_q)
+        for i in range(f2):
+            den += phi_q[i] * z[head, i]
+            for j in range(d):
+                num[j] += phi_q[i] * kv[head, i, j]
+        for i in range(d):
+            out[head, i] = num[i] / den
+
+
+@njit(parallel=True, **_JIT)
+def window_decode(q, k, v, k_ring, v_ring, position, scale, softcap, out):
+    """One token of a kept sliding-window layer, as ``arch.window.window_ring_step`` at T = 1:
+    q [H, D], k and v [Hkv, D] rotated; the ring [Hkv, Wb, D] updated in place; out [H, D]."""
+    h, d = q.shape
+    hkv, w = k_ring.shape[0], k_ring.shape[1]
+    group = h // hkv
+    slot = position % w
+    for g in range(hkv):
+        k_ring[g, slot] = k[g]
+        v_ring[g, slot] = v[g]
+    filled = min(w, position + 1)
+    for head in prange(h):
+        g = head // group
+        scores = np.empty(filled, np.float32)
+        top = -np.inf
+        for j in range(filled):
+            scores[j] = _score(q[head], k_ring[g, j], scale, softcap)
+            top = max(top, scores[j])
+        num = np.zeros(d, np.float32)
+        den = np.float32(0.0)
+        for j in range(filled):
+            a = np.float32(math.exp(scores[j] - top))
+            den += a
+            for i in range(d):
+                num[i] += a * v_ring[g, j, i]
+        for i in range(d):
+            out[head, i] = num[i] / den
+
+
+# --- the whole model -------------------------------------------------------------------------
+
+# columns of the layer table (int64 [L, LAYER_COLUMNS]); -1: the layer has no such tensor
+(L_KIND, L_QKV, L_O, L_GATE_UP, L_DOWN, L_ATTN_NORM, L_FFN_NORM, L_ATTN_POST_NORM, L_FFN_POST_NORM, L_Q_NORM,
+ L_K_NORM, L_QKV_BIAS, L_O_BIAS, L_GATE_UP_BIAS, L_DOWN_BIAS, L_FMAP_Q, L_FMAP_K, L_WINDOW_FACTOR, L_LOG_DECAY,
+ L_STATE, L_ROPE) = range(21)
+LAYER_COLUMNS = 21
+KIND_HYBRID, KIND_WINDOW = 0, 1
+# dims (int64): the model's sizes and switches; consts (float32): its scalars
+(D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FEATURES, D_WINDOW, D_SINKS, D_INTERMEDIATE, D_VOCAB, D_BASE_WINDOW,
+ D_PRE_ROPE, D_QK_NORM, D_SANDWICH, D_ACTIVATION, D_EMBED, D_HEAD, D_FINAL_NORM) = range(17)
+DIMS = 17  # D_EMBED, D_HEAD: rows of the weight table; D_FINAL_NORM: an offset in f32
+C_EPS, C_NORM_OFFSET, C_SCALE, C_EMBEDDING_SCALE, C_ATTN_SOFTCAP, C_FINAL_SOFTCAP = range(6)
+CONSTS = 6
+ACT_SILU, ACT_GELU_TANH = 0, 1
+GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+@njit(inline="always", **_JIT)
+def _rms_norm(x, f32, off, eps, offset, out):
+    """out = x / rms(x) * (offset + w), w = f32[off : off + len(x)] (arch.block.rms_norm)."""
+    n = x.shape[0]
+    s = np.float32(0.0)
+    for i in range(n):
+        s += x[i] * x[i]
+    r = np.float32(1.0) / np.float32(math.sqrt(s / np.float32(n) + eps))
+    for i in range(n):
+        out[i] = x[i] * r * (f32[off + i] + offset)
+
+
+@njit(inline="always", **_JIT)
+def _add_bias(y, f32, off):
+    if off >= 0:
+        for t in range(y.shape[0]):
+            for i in range(y.shape[1]):
+                y[t, i] += f32[off + i]
+
+
+@njit(**_JIT)
+def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts, inv_freq, state, logits):
+    """Feed ``tokens`` [T] of one sequence after ``position`` tokens: every layer of
+    ``arch.block.layer`` over all T tokens at once (each matrix read once per call), attention
+    token by token on the fixed state (``state``: the sequence's flat float32 buffer, updated in
+    place). Writes the last token's logits [1, V] when ``logits`` has a row."""
+    hidden, heads, kv_heads, d = dims[D_HIDDEN], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
+    f2, w, n_s, inter = 2 * dims[D_FEATURES], dims[D_WINDOW], dims[D_SINKS], dims[D_INTERMEDIATE]
+    pre_rope = dims[D_PRE_ROPE] != 0
+    eps, offset, scale = consts[C_EPS], consts[C_NORM_OFFSET], consts[C_SCALE]
+    attn_cap = consts[C_ATTN_SOFTCAP]
+    t_n = tokens.shape[0]
+    q_size, kv_size = heads * d, kv_heads * d
+    x = np.empty((t_n, hidden), np.float32)
+    for t in range(t_n):
+        embedding_row(q8, q4, scales, f32, entries[dims[D_EMBED]], tokens[t], x[t])
+        if consts[C_EMBEDDING_SCALE] != 1.0:
+            for i in range(hidden):
+                x[t, i] *= consts[C_EMBEDDING_SCALE]
+    normed = np.empty((t_n, hidden), np.float32)
+    qkv = np.empty((t_n, q_size + 2 * kv_size), np.float32)
+    q = np.empty((t_n, heads, d), np.float32)
+    k = np.empty((t_n, kv_heads, d), np.float32)
+    v = np.empty((t_n, kv_heads, d), np.float32)
+    att = np.empty((t_n, heads, d), np.float32)
+    proj = np.empty((t_n, hidden), np.float32)
+    gate_up = np.empty((t_n, 2 * inter), np.float32)
+    act = np.empty((t_n, inter), np.float32)
+    no_decay = np.zeros(heads, np.float32)
+    no_sinks = np.zeros((kv_heads, 0, d), np.float32)
+    for li in range(layers.shape[0]):
+        lay = layers[li]
+        rope = inv_freq[lay[L_ROPE]]
+        for t in range(t_n):
+            _rms_norm(x[t], f32, lay[L_ATTN_NORM], eps, offset, normed[t])
+        linear(q8, q4, scales, f32, entries[lay[L_QKV]], normed, qkv)
+        _add_bias(qkv, f32, lay[L_QKV_BIAS])
+        for t in range(t_n):
+            for hd in range(heads):
+                for i in range(d):
+                    q[t, hd, i] = qkv[t, hd * d + i]
+            for g in range(kv_heads):
+                for i in range(d):
+                    k[t, g, i] = qkv[t, q_size + g * d + i]
+                    v[t, g, i] = qkv[t, q_size + kv_size + g * d + i]
+            if dims[D_QK_NORM]:
+                for hd in range(heads):
+                    _rms_norm(q[t, hd], f32, lay[L_Q_NORM], eps, offset, q[t, hd])
+                for g in range(kv_heads):
+                    _rms_norm(k[t, g], f32, lay[L_K_NORM], eps, offset, k[t, g])
+        so = lay[L_STATE]
+        if lay[L_KIND] == KIND_WINDOW:
+            wb = dims[D_BASE_WINDOW]
+            ring = kv_heads * wb * d
+            k_ring = state[so : so + ring].reshape((kv_heads, wb, d))
+            v_ring = state[so + ring : so + 2 * ring].reshape((kv_heads, wb, d))
+            for t in range(t_n):
+                for hd in range(heads):
+                    _rope(q[t, hd], q[t, hd], rope, position + t)
+                for g in range(kv_heads):
+                    _rope(k[t, g], k[t, g], rope, position + t)
+                window_decode(q[t], k[t], v[t], k_ring, v_ring, position + t, scale, attn_cap, att[t])
+        else:
+            kv = state[so : so + heads * f2 * d].reshape((heads, f2, d))
+            so += heads * f2 * d
+            z = state[so : so + heads * f2].reshape((heads, f2))
+            so += heads * f2
+            ring = kv_heads * w * d
+            k_window = state[so : so + ring].reshape((kv_heads, w, d))
+            v_window = state[so + ring : so + 2 * ring].reshape((kv_heads, w, d))
+            so += 2 * ring
+            k_sink, v_sink = no_sinks, no_sinks
+            if n_s > 0:
+                k_sink = state[so : so + kv_heads * n_s * d].reshape((kv_heads, n_s, d))
+                v_sink = state[so + kv_heads * n_s * d : so + 2 * kv_heads * n_s * d].reshape((kv_heads, n_s, d))
+            fm = heads * d * (f2 // 2)
+            fq = f32[lay[L_FMAP_Q] : lay[L_FMAP_Q] + fm].reshape((heads, d, f2 // 2))
+            fk = f32[lay[L_FMAP_K] : lay[L_FMAP_K] + fm].reshape((heads, d, f2 // 2))
+            window_factor = f32[lay[L_WINDOW_FACTOR] : lay[L_WINDOW_FACTOR] + heads]
+            log_decay = no_decay if lay[L_LOG_DECAY] < 0 else f32[lay[L_LOG_DECAY] : lay[L_LOG_DECAY] + heads]
+            for t in range(t_n):
+                if not pre_rope:  # the first models: feature maps on the rotated q and k
+                    for hd in range(heads):
+                        _rope(q[t, hd], q[t, hd], rope, position + t)
+                    for g in range(kv_heads):
+                        _rope(k[t, g], k[t, g], rope, position + t)
+                hybrid_decode(q[t], k[t], v[t], fq, fk, window_factor, log_decay, kv, z, k_window, v_window,
+                              k_sink, v_sink, position + t, scale, attn_cap, rope, pre_rope, att[t])
+        linear(q8, q4, scales, f32, entries[lay[L_O]], att.reshape((t_n, q_size)), proj)
+        _add_bias(proj, f32, lay[L_O_BIAS])
+        for t in range(t_n):
+            if dims[D_SANDWICH]:
+                _rms_norm(proj[t], f32, lay[L_ATTN_POST_NORM], eps, offset, proj[t])
+            for i in range(hidden):
+                x[t, i] += proj[t, i]
+            _rms_norm(x[t], f32, lay[L_FFN_NORM], eps, offset, normed[t])
+        linear(q8, q4, scales, f32, entries[lay[L_GATE_UP]], normed, gate_up)
+        _add_bias(gate_up, f32, lay[L_GATE_UP_BIAS])
+        for t in range(t_n):
+            for i in range(inter):
+                g_ = gate_up[t, i]
+                if dims[D_ACTIVATION] == ACT_SILU:
+                    g_ = g_ / (np.float32(1.0) + np.float32(math.exp(-g_)))
+                else:
+                    g_ = np.float32(0.5) * g_ * (np.float32(1.0) + np.float32(
+                        math.tanh(GELU_C * (g_ + np.float32(0.044715) * g_ * g_ * g_))))
+                act[t, i] = g_ * gate_up[t, inter + i]
+        linear(q8, q4, scales, f32, entries[lay[L_DOWN]], act, proj)
+        _add_bias(proj, f32, lay[L_DOWN_BIAS])
+        for t in range(t_n):
+            if dims[D_SANDWICH]:
+                _rms_norm(proj[t], f32, lay[L_FFN_POST_NORM], eps, offset, proj[t])
+            for i in range(hidden):
+                x[t, i] += proj[t, i]
+    if logits.shape[0] == 0:
+        return
+    last = np.empty((1, hidden), np.float32)
+    _rms_norm(x[t_n - 1], f32, dims[D_FINAL_NORM], eps, offset, last[0])
+    linear(q8, q4, scales, f32, entries[dims[D_HEAD]], last, logits)
+    cap = consts[C_FINAL_SOFTCAP]
+    if cap > 0:
+        for i in range(logits.shape[1]):
+            logits[0, i] = np.float32(math.tanh(logits[0, i] / cap)) * cap

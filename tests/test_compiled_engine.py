@@ -1,0 +1,166 @@
+"""The compiled engine against the numpy engine, which runs the one model definition
+(arch.block, arch.hybrid) on numpy: every family, every stored precision, both recurrences, in
+prefill blocks and token by token past the window, the sinks and the base's sliding window.
+
+Tolerance: both engines multiply the same weights (the numpy engine dequantizes the file's
+quants to float32, the compiled one multiplies by them in place) in float32, summing in
+different orders; logits of magnitude ~1 then differ by ~1e-6 (measured: 2e-7). 1e-4, as
+test_families.py uses against transformers, is far below any real mistake (a wrong scale,
+nibble order, ring slot or RoPE angle moves logits by 1e-2 or more).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model
+
+from edge_lolcats.arch.hybrid import DEFAULT, Recurrence
+from edge_lolcats.converters.gguf_export import export_gguf
+from edge_lolcats.nn.model import linearize
+from edge_lolcats.runtime.compiled_engine import CompiledEngine
+from edge_lolcats.runtime.numpy_engine import GGUFEngine
+
+TOL = 1e-4
+DTYPES = ("f32", "q8_0", "q4_0")
+BLOCKS = (5, 1, 1, 12, 18, 1, 1)  # past the window (4) + sinks (4), and past the base windows (16)
+
+
+def _export(family, recurrence, dtype, folder, tokenizer) -> str:
+    model = linearize(tiny_model(family), window_size=4, feature_dim=8, recurrence=recurrence or DEFAULT)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 3 or "decay" in name:  # feature maps off the identity, decays below 1: both matter
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    path = str(folder / f"{family}-{dtype}.gguf")
+    export_gguf(model, tokenizer, path, dtype=dtype)
+    return path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_files(request, tmp_path_factory, smol_tokenizer):
+    """Each family linearized with the default recurrence, exported at every precision."""
+    folder = tmp_path_factory.mktemp(f"compiled-{request.param}")
+    return request.param, {d: _export(request.param, None, d, folder, smol_tokenizer) for d in DTYPES}
+
+
+def _same_run(path, ids, blocks=BLOCKS, **compiled_options):
+    reference, compiled = GGUFEngine(path), CompiledEngine(path, **compiled_options)
+    states, pos = [reference.empty_state(), compiled.empty_state()], 0
+    for size in blocks:
+        (want, states[0]), (got, states[1]) = (e.run(ids[pos : pos + size], s) for e, s in zip((reference, compiled), states))
+        pos += size
+        diff = np.abs(got - want).max()
+        assert diff < TOL, f"{path}: logits after {pos} tokens differ by {diff:.2e}"
+    for name, want in states[0].tensors.items():
+        np.testing.assert_allclose(states[1].tensors[name], want, rtol=1e-4, atol=1e-5, err_msg=name)
+    return compiled
+
+
+def _ids(n, seed=0):
+    return np.random.default_rng(seed).integers(3, 49152, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_engine_equals_the_numpy_engine(family_files, dtype):
+    family, files = family_files
+    _same_run(files[dtype], _ids(sum(BLOCKS)))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4_0"])
+def test_first_recurrence_equals_the_numpy_engine(tmp_path, smol_tokenizer, dtype):
+    """Feature maps after RoPE, no decay, no sinks: the first models' files."""
+    _same_run(_export("qwen2", Recurrence(), dtype, tmp_path, smol_tokenizer), _ids(sum(BLOCKS), 1))
+
+
+def test_quantized_matrices_are_never_copied_to_float32(family_files):
+    """The float32 buffer holds exactly the file's float tensors (norms, feature maps, f16/f32
+    matrices); the q8_0 and q4_0 ones stay in their quant buffers, one byte or half a byte each."""
+    from gguf import GGMLQuantizationType as QT
+
+    from edge_lolcats.formats.gguf_io import read_gguf
+
+    _, files = family_files
+    for dtype in ("q8_0", "q4_0"):
+        engine = CompiledEngine(files[dtype])
+        tensors = read_gguf(files[dtype]).tensors.values()
+        count = lambda types: sum(int(np.prod(t.shape)) for t in tensors if t.tensor_type in types)  # noqa: E731
+        assert engine.f32.size == count((QT.F32, QT.F16))
+        assert engine.q8.size == max(1, count((QT.Q8_0,)))
+        assert engine.q4.size == max(1, count((QT.Q4_0,)) // 2)
+
+
+def test_thread_counts_give_identical_logits(family_files):
+    """Each output row is summed by one thread in one order, whatever the thread count."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one CPU: nothing to compare")
+    _, files = family_files
+    ids = _ids(20, 2)
+    out = []
+    for threads in (1, 2):
+        engine = CompiledEngine(files["q8_0"], threads=threads)
+        logits, state = engine.run(ids[:12], engine.empty_state())
+        out.append((logits, engine.run(ids[12:13], state)[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(*out))
+
+
+def test_states_move_between_engines(family_files):
+    """A state made by the numpy engine continues on the compiled one and the other way round (the
+    same arrays, in the layout arch.state defines); a copied state runs like the original."""
+    _, files = family_files
+    reference, compiled = GGUFEngine(files["f32"]), CompiledEngine(files["f32"])
+    ids = _ids(30, 3)
+    want, _ = compiled.run(ids, compiled.empty_state())
+    _, state = reference.run(ids[:17], reference.empty_state())
+    got, state = compiled.run(ids[17:], state)
+    assert np.abs(got - want).max() < TOL
+    _, state = compiled.run(ids[:17], compiled.empty_state())
+    again = state.copy()
+    got, _ = reference.run(ids[17:], state)
+    assert np.abs(got - want).max() < TOL
+    got, _ = compiled.run(ids[17:], again)
+    assert np.abs(got - want).max() < TOL
+
+
+def test_batch_rows_run_independently(family_files):
+    _, files = family_files
+    engine = CompiledEngine(files["q4_0"])
+    ids = np.stack([_ids(9, 4), _ids(9, 5)])
+    both, _ = engine.run(ids, engine.empty_state(batch=2))
+    for row in range(2):
+        alone, _ = engine.run(ids[row], engine.empty_state())
+        np.testing.assert_array_equal(both[row], alone[0])
+
+
+def test_bad_token_ids_are_refused(family_files):
+    _, files = family_files
+    engine = CompiledEngine(files["f32"])
+    for bad in ([49152], [-1], []):
+        with pytest.raises(ValueError):
+            engine.run(bad, engine.empty_state())
+
+
+def _run_in_fresh_process(code: str, cwd, cache_dir) -> str:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path, family_files):
+    """numba's cache: the first process compiles, the next one loads the machine code; neither
+    imports torch (the runtime never does)."""
+    _, files = family_files
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from edge_lolcats.runtime.api import load\n"
+            f"m = load({files['q8_0']!r})\n"
+            "print(m.engine.name, m.engine.compiled, round(m.engine.compile_seconds, 3), m.generate('Hi', 5) is not None)")
+    first = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split()
+    second = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split()
+    assert first[:2] == ["compiled", "compiled"] and second[:2] == ["compiled", "disk"], (first, second)
+    assert first[-1] == second[-1] == "True"

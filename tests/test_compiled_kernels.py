@@ -1,0 +1,130 @@
+"""The compiled engine's kernels against the one definition: products against gguf-py's own
+dequantization (float64), the attention decode steps against arch.hybrid.decode_step and
+arch.window.window_ring_step on numpy, every recurrence option, 80 steps (the ring wraps, the
+sinks are passed). No torch."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+from edge_lolcats.arch.args import Rope
+from edge_lolcats.arch.hybrid import decode_step
+from edge_lolcats.arch.ops import NUMPY
+from edge_lolcats.arch.window import window_ring_step
+from edge_lolcats.runtime import compiled_kernels as ck
+
+F32_EPS = np.finfo(np.float32).eps
+
+
+def packed(w: np.ndarray, kind: int):
+    """One matrix in the kernels' flat buffers, quantized as the GGUF exporter does; returns the
+    buffers, the table entry and the matrix the file holds (dequantized, float64)."""
+    n, k = w.shape
+    empty = dict(q8=np.zeros(1, np.int8), q4=np.zeros(1, np.uint8), scales=np.zeros(1, np.float32),
+                 f32=np.zeros(1, np.float32))
+    if kind == ck.F32:
+        empty["f32"] = np.concatenate([np.zeros(3, np.float32), w.astype(np.float32).ravel()])  # at an offset
+        return empty, np.array([ck.F32, 3, 0, n, k]), w.astype(np.float32).astype(np.float64)
+    qt, size = (QT.Q8_0, 34) if kind == ck.Q8 else (QT.Q4_0, 18)
+    raw = quants.quantize(w.astype(np.float32), qt).reshape(n, k // 32, size)
+    scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32).ravel()
+    if kind == ck.Q8:
+        empty["q8"] = np.concatenate([np.zeros(5, np.int8), raw[..., 2:].copy().view(np.int8).ravel()])
+    else:
+        empty["q4"] = np.concatenate([np.zeros(5, np.uint8), raw[..., 2:].ravel()])
+    empty["scales"] = np.concatenate([np.zeros(2, np.float32), scales])
+    dense = quants.dequantize(raw.reshape(n, -1), qt).astype(np.float64).reshape(n, k)
+    return empty, np.array([kind, 5, 2, n, k]), dense
+
+
+@pytest.mark.parametrize("kind", [ck.F32, ck.Q8, ck.Q4], ids=["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_linear_equals_dequantized_product(kind, tokens):
+    rng = np.random.default_rng(kind * 10 + tokens)
+    n, k = 37, 96  # odd rows: the threads' shares and the prefill's row groups do not divide them
+    buffers, entry, dense = packed(rng.standard_normal((n, k)), kind)
+    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    y = np.zeros((tokens, n), np.float32)
+    ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, x, y)
+    exact = x.astype(np.float64) @ dense.T
+    # float32 sums of K products in any order: |error| <= K eps sum |w x| (a bound, not a fit)
+    bound = k * F32_EPS * (np.abs(x.astype(np.float64)) @ np.abs(dense).T)
+    assert np.all(np.abs(y - exact) <= bound), np.abs(y - exact).max()
+
+
+def test_linear_does_not_depend_on_the_thread_count():
+    import numba
+
+    rng = np.random.default_rng(3)
+    buffers, entry, _ = packed(rng.standard_normal((101, 64)), ck.Q8)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    out = []
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        y = np.zeros((1, 101), np.float32)
+        ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, x, y)
+        out.append(y)
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert np.array_equal(out[0], out[1])
+
+
+def test_embedding_row_is_the_dequantized_row():
+    rng = np.random.default_rng(4)
+    buffers, entry, dense = packed(rng.standard_normal((50, 64)), ck.Q4)
+    out = np.zeros(64, np.float32)
+    ck.embedding_row(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, 17, out)
+    np.testing.assert_array_equal(out, dense[17].astype(np.float32))
+
+
+OPTION_SETS = ["", "rope", "decay", "sinks", "rope+decay+sinks"]
+
+
+@pytest.mark.parametrize("kind", OPTION_SETS)
+@pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 4, 0.0), (6, 3, 0.0), (4, 2, 5.0)])
+def test_hybrid_decode_equals_the_decode_step(kind, heads, kv_heads, softcap):
+    """80 steps of one sequence, W = 8: the ring wraps ten times, the sinks fill and are passed."""
+    rng = np.random.default_rng(len(kind) + 7 * heads + kv_heads)
+    d, f, w, steps = 16, 6, 8, 80
+    n_s = 3 if "sinks" in kind else 0
+    inv_freq = Rope(theta=10.0, dim=d).inv_freq() if "rope" in kind else None
+    log_decay = (-(rng.random(heads) * 0.35)).astype(np.float32) if "decay" in kind else None
+    fq, fk = (rng.standard_normal((heads, d, f)).astype(np.float32) for _ in range(2))
+    window_factor = rng.standard_normal(heads).astype(np.float32)
+    scale = np.float32(d ** -0.5)
+    ref = [np.zeros((1, heads, 2 * f, d), np.float32), np.zeros((1, heads, 2 * f), np.float32)] + [
+        np.zeros((1, kv_heads, m, d), np.float32) for m in (w, w) + ((n_s, n_s) if n_s else ())]
+    ours = [a[0].copy() for a in ref] + ([] if n_s else [np.zeros((kv_heads, 0, d), np.float32)] * 2)
+    for p in range(steps):
+        q = (2 * rng.standard_normal((1, heads, 1, d))).astype(np.float32)
+        k = (2 * rng.standard_normal((1, kv_heads, 1, d))).astype(np.float32)
+        v = rng.standard_normal((1, kv_heads, 1, d)).astype(np.float32)
+        want, ref = decode_step(NUMPY, q, k, v, fq, fk, window_factor, log_decay, ref, p, scale=scale,
+                                softcap=softcap or None, rope=inv_freq, sink_tokens=n_s)
+        ref = list(ref)
+        out = np.zeros((heads, d), np.float32)
+        ck.hybrid_decode(q[0, :, 0], k[0, :, 0], v[0, :, 0], fq, fk, window_factor,
+                         np.zeros(heads, np.float32) if log_decay is None else log_decay, *ours, p, scale,
+                         np.float32(softcap), np.zeros(0, np.float32) if inv_freq is None else inv_freq,
+                         inv_freq is not None, out)
+        # float32 both, summed in other orders: relative 1e-5 of values of order 1 (1e-4: FACTS'
+        # float32 tolerance across backends, kept tighter here because the math is the same)
+        np.testing.assert_allclose(out, want[0, :, 0], rtol=2e-5, atol=2e-5, err_msg=f"{kind} out at {p}")
+        for name, got, exp in zip(("kv", "z", "k_window", "v_window", "k_sink", "v_sink"), ours, ref):
+            np.testing.assert_allclose(got, exp[0], rtol=2e-5, atol=2e-5, err_msg=f"{kind} {name} at {p}")
+
+
+@pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 2, 0.0), (3, 3, 5.0)])
+def test_window_decode_equals_the_ring_step(heads, kv_heads, softcap):
+    rng = np.random.default_rng(heads)
+    d, w = 8, 5
+    ring = [np.zeros((1, kv_heads, w, d), np.float32) for _ in range(2)]
+    ours = [r[0].copy() for r in ring]
+    for p in range(23):
+        q = rng.standard_normal((1, heads, 1, d)).astype(np.float32)
+        k, v = (rng.standard_normal((1, kv_heads, 1, d)).astype(np.float32) for _ in range(2))
+        want, *ring = window_ring_step(NUMPY, q, k, v, *ring, p, scale=0.3, softcap=softcap or None)
+        out = np.zeros((heads, d), np.float32)
+        ck.window_decode(q[0, :, 0], k[0, :, 0], v[0, :, 0], *ours, p, np.float32(0.3), np.float32(softcap), out)
+        np.testing.assert_allclose(out, want[0, :, 0], rtol=2e-5, atol=2e-5, err_msg=f"out at {p}")
+        for got, exp in zip(ours, ring):
+            np.testing.assert_array_equal(got, exp[0])
