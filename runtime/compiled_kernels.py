@@ -43,47 +43,23 @@ _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 # --- products --------------------------------------------------------------------------------
 
 @njit(inline="always", **_JIT)
-def _row_dot(q8, q4, scales, f32, kind, off, soff, k, n, x):
-    """Row n of the matrix dotted with x [K] (float32)."""
-    s = np.float32(0.0)
-    if kind == Q8:
-        base, sb = off + n * k, soff + n * (k // BLOCK)
-        for j in range(k):
-            s += np.float32(q8[base + j]) * x[j] * scales[sb + (j >> 5)]
-    elif kind == Q4:
-        base, sb = off + n * (k // 2), soff + n * (k // BLOCK)
-        for b in range(k // BLOCK):
-            acc = np.float32(0.0)
-            for j in range(16):
-                byte = np.int32(q4[base + 16 * b + j])
-                acc += np.float32((byte & 15) - 8) * x[BLOCK * b + j] + np.float32((byte >> 4) - 8) * x[BLOCK * b + 16 + j]
-            s += acc * scales[sb + b]
-    else:
-        base = off + n * k
-        for j in range(k):
-            s += f32[base + j] * x[j]
-    return s
-
-
-@njit(inline="always", **_JIT)
 def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out):
     """Row n of the matrix into out [K] (float32)."""
+    nb = k // BLOCK
+    sc = scales[soff + n * nb : soff + (n + 1) * nb]
     if kind == Q8:
-        base, sb = off + n * k, soff + n * (k // BLOCK)
+        row = q8[off + n * k : off + (n + 1) * k]
         for j in range(k):
-            out[j] = np.float32(q8[base + j]) * scales[sb + (j >> 5)]
+            out[j] = np.float32(row[j]) * sc[j >> 5]
     elif kind == Q4:
-        base, sb = off + n * (k // 2), soff + n * (k // BLOCK)
-        for b in range(k // BLOCK):
-            d = scales[sb + b]
+        row4 = q4[off + n * (k // 2) : off + (n + 1) * (k // 2)]
+        for b in range(nb):
             for j in range(16):
-                byte = np.int32(q4[base + 16 * b + j])
-                out[BLOCK * b + j] = np.float32((byte & 15) - 8) * d
-                out[BLOCK * b + 16 + j] = np.float32((byte >> 4) - 8) * d
+                byte = np.int32(row4[16 * b + j])
+                out[BLOCK * b + j] = np.float32((byte & 15) - 8) * sc[b]
+                out[BLOCK * b + 16 + j] = np.float32((byte >> 4) - 8) * sc[b]
     else:
-        base = off + n * k
-        for j in range(k):
-            out[j] = f32[base + j]
+        out[:] = f32[off + n * k : off + (n + 1) * k]
 
 
 ROWS_PER_TASK = 16  # prefill: rows a thread dequantizes at a time into its own scratch (16 x K floats)
@@ -91,15 +67,47 @@ ROWS_PER_TASK = 16  # prefill: rows a thread dequantizes at a time into its own 
 
 @njit(parallel=True, **_JIT)
 def linear(q8, q4, scales, f32, entry, x, y):
-    """y [T, N] = x [T, K] @ W.T. One token: each row's dot product straight from the quants.
-    Several: each thread dequantizes a few rows into a small scratch and reuses them for every
-    token, so the weights are read once per block of tokens."""
+    """y [T, N] = x [T, K] @ W.T. Several tokens: each thread dequantizes a few rows into a small
+    scratch and reuses them for every token, so the weights are read once per block of tokens."""
     kind, off, soff, n, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[ROWS], entry[COLS]
+    nb = k // BLOCK
     t = x.shape[0]
+    # one token: each row's dot product straight from the quants. Each row is a slice: with flat
+    # index arithmetic (off + r * k + j) LLVM does not vectorise the loop (10x slower, measured).
+    if t == 1 and kind == Q8:
+        x0 = x[0]
+        for r in prange(n):
+            row, sc = q8[off + r * k : off + (r + 1) * k], scales[soff + r * nb : soff + (r + 1) * nb]
+            s = np.float32(0.0)
+            for j in range(k):
+                s += np.float32(row[j]) * x0[j] * sc[j >> 5]
+            y[0, r] = s
+        return
+    if t == 1 and kind == Q4:
+        half = k // 2
+        # x's elements in the nibbles' order: byte j of block b holds elements 32 b + j (low) and
+        # 32 b + 16 + j (high), so the inner loop reads x_low[16 b + j] and x_high[16 b + j]
+        x_low, x_high = np.empty(half, np.float32), np.empty(half, np.float32)
+        for b in range(nb):
+            for j in range(16):
+                x_low[16 * b + j] = x[0, BLOCK * b + j]
+                x_high[16 * b + j] = x[0, BLOCK * b + 16 + j]
+        for r in prange(n):
+            row4, sc = q4[off + r * half : off + (r + 1) * half], scales[soff + r * nb : soff + (r + 1) * nb]
+            s = np.float32(0.0)
+            for j in range(half):
+                byte = np.int32(row4[j])
+                s += (np.float32((byte & 15) - 8) * x_low[j] + np.float32((byte >> 4) - 8) * x_high[j]) * sc[j >> 4]
+            y[0, r] = s
+        return
     if t == 1:
         x0 = x[0]
         for r in prange(n):
-            y[0, r] = _row_dot(q8, q4, scales, f32, kind, off, soff, k, r, x0)
+            row = f32[off + r * k : off + (r + 1) * k]
+            s = np.float32(0.0)
+            for j in range(k):
+                s += row[j] * x0[j]
+            y[0, r] = s
         return
     tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
     for task in prange(tasks):
@@ -107,9 +115,10 @@ def linear(q8, q4, scales, f32, entry, x, y):
         for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
             _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r, w)
             for i in range(t):
+                xi = x[i]
                 s = np.float32(0.0)
                 for j in range(k):
-                    s += w[j] * x[i, j]
+                    s += w[j] * xi[j]
                 y[i, r] = s
 
 
@@ -140,11 +149,11 @@ def _rope(x, out, inv_freq, position):
 def _feature_map(x, weight, out):
     """Hedgehog: out [2F] = softmax(x W), softmax(-x W), floored at FEATURE_MAP_EPS; weight [D, F]."""
     d, f = weight.shape
-    for j in range(f):
-        s = np.float32(0.0)
-        for i in range(d):
-            s += x[i] * weight[i, j]
-        out[j] = s
+    out[:f] = 0.0
+    for i in range(d):  # row by row: x[i] * weight[i] runs along contiguous memory (vectorised)
+        xi, row = x[i], weight[i]
+        for j in range(f):
+            out[j] += xi * row[j]
     hi, lo = out[0], out[0]
     for j in range(f):
         hi = max(hi, out[j])
@@ -205,18 +214,21 @@ def hybrid_decode(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_
     for head in prange(h):
         g = head // group
         lam = np.float32(math.exp(log_decay[head]))
+        kv_h, z_h, v_l = kv[head], z[head], v_leave[g]
         if enters:
             phi = np.empty(f2, np.float32)
             _feature_map(k_leave[g], fk[head], phi)
             for i in range(f2):
-                z[head, i] = z[head, i] * lam + phi[i]
+                z_h[i] = z_h[i] * lam + phi[i]
+                row, p = kv_h[i], phi[i]
                 for j in range(d):
-                    kv[head, i, j] = kv[head, i, j] * lam + phi[i] * v_leave[g, j]
+                    row[j] = row[j] * lam + p * v_l[j]
         elif lam != 1.0:
             for i in range(f2):
-                z[head, i] *= lam
+                z_h[i] *= lam
+                row = kv_h[i]
                 for j in range(d):
-                    kv[head, i, j] *= lam
+                    row[j] *= lam
     # the new key takes the leaving one's slot (and a sink's while position < n_s)
     for g in range(hkv):
         k_window[g, slot] = k_rot[g]
@@ -235,8 +247,9 @@ def hybrid_decode(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_
             q_rot[:] = q[head]
         scores = np.empty(filled + active, np.float32)
         top = -np.inf
+        k_w, v_w = k_window[g], v_window[g]
         for j in range(filled):
-            scores[j] = _score(q_rot, k_window[g, j], scale, softcap)
+            scores[j] = _score(q_rot, k_w[j], scale, softcap)
             top = max(top, scores[j])
         if active:
             q_sink = np.empty(d, np.float32)
@@ -253,7 +266,7 @@ def hybrid_decode(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_
         for j in range(filled + active):
             a = np.float32(math.exp(scores[j] - top))
             den += a
-            vj = v_window[g, j] if j < filled else v_sink[g, j - filled]
+            vj = v_w[j] if j < filled else v_sink[g, j - filled]
             for i in range(d):
                 num[i] += a * vj[i]
         den *= factor
@@ -261,10 +274,13 @@ def hybrid_decode(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_
             num[i] *= factor
         phi_q = np.empty(f2, np.float32)
         _feature_map(q[head], fq[head], phi_q)
+        kv_h, z_h = kv[head], z[head]
         for i in range(f2):
-            den += phi_q[i] * z[head, i]
+            p = phi_q[i]
+            den += p * z_h[i]
+            row = kv_h[i]
             for j in range(d):
-                num[j] += phi_q[i] * kv[head, i, j]
+                num[j] += p * row[j]
         for i in range(d):
             out[head, i] = num[i] / den
 
@@ -285,16 +301,18 @@ def window_decode(q, k, v, k_ring, v_ring, position, scale, softcap, out):
         g = head // group
         scores = np.empty(filled, np.float32)
         top = -np.inf
+        k_r, v_r = k_ring[g], v_ring[g]
         for j in range(filled):
-            scores[j] = _score(q[head], k_ring[g, j], scale, softcap)
+            scores[j] = _score(q[head], k_r[j], scale, softcap)
             top = max(top, scores[j])
         num = np.zeros(d, np.float32)
         den = np.float32(0.0)
         for j in range(filled):
             a = np.float32(math.exp(scores[j] - top))
             den += a
+            vj = v_r[j]
             for i in range(d):
-                num[i] += a * v_ring[g, j, i]
+                num[i] += a * vj[i]
         for i in range(d):
             out[head, i] = num[i] / den
 

@@ -47,6 +47,14 @@ def family_files(request, tmp_path_factory, smol_tokenizer):
     return request.param, {d: _export(request.param, None, d, folder, smol_tokenizer) for d in DTYPES}
 
 
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, smol_tokenizer):
+    """One family (Gemma 2: kept window layers, soft-caps, sandwich norms) at every precision, for
+    the tests of the engine's machinery rather than of a family."""
+    folder = tmp_path_factory.mktemp("compiled-one")
+    return {d: _export("gemma2", None, d, folder, smol_tokenizer) for d in DTYPES}
+
+
 def _same_run(path, ids, blocks=BLOCKS, **compiled_options):
     reference, compiled = GGUFEngine(path), CompiledEngine(path, **compiled_options)
     states, pos = [reference.empty_state(), compiled.empty_state()], 0
@@ -76,14 +84,13 @@ def test_first_recurrence_equals_the_numpy_engine(tmp_path, smol_tokenizer, dtyp
     _same_run(_export("qwen2", Recurrence(), dtype, tmp_path, smol_tokenizer), _ids(sum(BLOCKS), 1))
 
 
-def test_quantized_matrices_are_never_copied_to_float32(family_files):
+def test_quantized_matrices_are_never_copied_to_float32(files):
     """The float32 buffer holds exactly the file's float tensors (norms, feature maps, f16/f32
     matrices); the q8_0 and q4_0 ones stay in their quant buffers, one byte or half a byte each."""
     from gguf import GGMLQuantizationType as QT
 
     from edge_lolcats.formats.gguf_io import read_gguf
 
-    _, files = family_files
     for dtype in ("q8_0", "q4_0"):
         engine = CompiledEngine(files[dtype])
         tensors = read_gguf(files[dtype]).tensors.values()
@@ -93,13 +100,12 @@ def test_quantized_matrices_are_never_copied_to_float32(family_files):
         assert engine.q4.size == max(1, count((QT.Q4_0,)) // 2)
 
 
-def test_thread_counts_give_identical_logits(family_files):
+def test_thread_counts_give_identical_logits(files):
     """Each output row is summed by one thread in one order, whatever the thread count."""
     import numba
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("one CPU: nothing to compare")
-    _, files = family_files
     ids = _ids(20, 2)
     out = []
     for threads in (1, 2):
@@ -109,10 +115,9 @@ def test_thread_counts_give_identical_logits(family_files):
     assert all(np.array_equal(a, b) for a, b in zip(*out))
 
 
-def test_states_move_between_engines(family_files):
+def test_states_move_between_engines(files):
     """A state made by the numpy engine continues on the compiled one and the other way round (the
     same arrays, in the layout arch.state defines); a copied state runs like the original."""
-    _, files = family_files
     reference, compiled = GGUFEngine(files["f32"]), CompiledEngine(files["f32"])
     ids = _ids(30, 3)
     want, _ = compiled.run(ids, compiled.empty_state())
@@ -127,8 +132,7 @@ def test_states_move_between_engines(family_files):
     assert np.abs(got - want).max() < TOL
 
 
-def test_batch_rows_run_independently(family_files):
-    _, files = family_files
+def test_batch_rows_run_independently(files):
     engine = CompiledEngine(files["q4_0"])
     ids = np.stack([_ids(9, 4), _ids(9, 5)])
     both, _ = engine.run(ids, engine.empty_state(batch=2))
@@ -137,8 +141,7 @@ def test_batch_rows_run_independently(family_files):
         np.testing.assert_array_equal(both[row], alone[0])
 
 
-def test_bad_token_ids_are_refused(family_files):
-    _, files = family_files
+def test_bad_token_ids_are_refused(files):
     engine = CompiledEngine(files["f32"])
     for bad in ([49152], [-1], []):
         with pytest.raises(ValueError):
@@ -152,10 +155,9 @@ def _run_in_fresh_process(code: str, cwd, cache_dir) -> str:
     return r.stdout.strip()
 
 
-def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path, family_files):
+def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path, files):
     """numba's cache: the first process compiles, the next one loads the machine code; neither
     imports torch (the runtime never does)."""
-    _, files = family_files
     code = ("import sys; sys.modules['torch'] = None\n"
             "from edge_lolcats.runtime.api import load\n"
             f"m = load({files['q8_0']!r})\n"
