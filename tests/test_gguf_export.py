@@ -215,3 +215,28 @@ def test_llama_cpp_quantizations_load_dequantized(tmp_path, smol_tokenizer):
         for name, want in reference.items():
             rel = float(((loaded[name] - want).pow(2).mean() / want.pow(2).mean()).sqrt())
             assert rel < bound, f"{ftype} {name}: relative RMS error {rel:.4f} > {bound:.4f}"
+
+
+@pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
+def test_our_reader_equals_gguf_py(tmp_path, smol_tokenizer, dtype):
+    """read_gguf parses the format itself (gguf-py's reader takes seconds over a vocabulary);
+    on the embedded model (llama.cpp's own converter wrote it) and on our export (mixed f32, f16
+    and quantized tensors, bools, lists), every value and tensor equals gguf-py's."""
+    from gguf import GGUFReader
+
+    from edge_lolcats.formats.loading import embedded_model_path
+
+    ours_path = str(tmp_path / "m.gguf")
+    export_gguf(linearize(tiny_model("qwen2"), window_size=8, feature_dim=8), smol_tokenizer, ours_path, dtype=dtype)
+    for path in (embedded_model_path("smollm2-135m"), ours_path):
+        ours, theirs = read_gguf(path), GGUFReader(path)
+        expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert list(ours.metadata) == list(expected)
+        for key, value in expected.items():
+            assert ours.metadata[key] == value and type(ours.metadata[key]) is type(value), key
+        assert list(ours.tensors) == [t.name for t in theirs.tensors]
+        for t in theirs.tensors:
+            mine = ours.tensors[t.name]
+            assert mine.tensor_type == t.tensor_type and list(mine.shape) == list(t.shape), t.name
+            assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape, t.name
+            np.testing.assert_array_equal(mine.data, t.data, err_msg=t.name)

@@ -126,14 +126,20 @@ def _generate_on_runtime(args):
     stats = session.stats.as_dict()
     stats.update(prompt_tokens=prefill.prompt_tokens, prefill_seconds=prefill.prefill_seconds,
                  prefill_tokens_per_s=prefill.prefill_tokens_per_s, kv_cache_bytes=None,
-                 engine=model.engine.format, weights=model.engine.weights)
+                 engine=model.engine.format, weights=model.engine.weights,
+                 runtime=getattr(model.engine, "name", model.engine.format))
+    if hasattr(model.engine, "compile_seconds"):  # the compiled engine: where its machine code came from
+        stats.update(compile_seconds=model.engine.compile_seconds, compiled=model.engine.compiled)
     if args.save_state:
         stats["state_file_bytes"] = session.save(args.save_state)
     if args.json:
         print(json.dumps({"text": out, "token_ids": session.last_token_ids, **stats}))
         return
     sys.stdout.write("\n")
-    print(f"[{stats['engine']} {stats['weights']}: prefill {stats['prompt_tokens']} tok at "
+    if stats.get("compiled") == "compiled":
+        print(f"[compiled the engine in {stats['compile_seconds']:.1f} s; later runs load it from numba's cache]",
+              file=sys.stderr)
+    print(f"[{stats['runtime']} {stats['weights']}: prefill {stats['prompt_tokens']} tok at "
           f"{_rate(stats['prefill_tokens_per_s'])}, decode {stats['new_tokens']} tok at {_rate(stats['decode_tokens_per_s'])}, "
           f"context {stats['context_tokens']} tok, state {stats['state_bytes'] / 2**20:.2f} MiB (fixed), "
           f"peak RSS {stats['peak_rss_mb']:.0f} MB" + (f", state saved to {args.save_state}" if args.save_state else "")

@@ -18,7 +18,8 @@ class ModelFileError(ValueError):
 class GGUFFile:
     path: str
     metadata: dict  # key -> Python value (str, int, float, bool, list)
-    tensors: dict  # name -> gguf.ReaderTensor
+    tensors: dict  # name -> GGUFTensor
+    mapping: object = None  # the file's mmap.mmap, which every tensor's data views
 
     @property
     def architecture(self) -> str:
@@ -47,10 +48,7 @@ class GGUFFile:
         calls this as it goes, so its peak RSS is not the copies plus the whole mapped file."""
         import mmap
 
-        tensor = next(iter(self.tensors.values()), None)
-        mapping = getattr(getattr(tensor, "data", None), "base", None)
-        while mapping is not None and not isinstance(mapping, mmap.mmap):
-            mapping = getattr(mapping, "base", None) or getattr(mapping, "_mmap", None)
+        mapping = self.mapping
         if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
             mapping.madvise(mmap.MADV_DONTNEED)
 
@@ -97,9 +95,87 @@ def read_gguf_architecture(path: str) -> str | None:
         return None
 
 
+@dataclass
+class GGUFTensor:
+    """One tensor of a mapped GGUF file, as gguf-py's ReaderTensor gives it: ``shape`` in ggml's
+    order (fastest dimension first), ``data`` a read-only row-major view of the file (float types
+    as their numpy dtype; quantized ones as uint8 [..., bytes per row])."""
+
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    shape: np.ndarray
+    data: np.ndarray
+
+
+# GGUF value types (the file format's numbering) -> struct format; 8 string, 9 array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+ALIGNMENT = 32  # unless general.alignment says otherwise
+
+
+def _parse(buf, path: str) -> tuple[dict, list, int]:
+    """(metadata, [(name, ggml dims, type, offset)], start of the tensor data) of a GGUF file's
+    bytes. Values as gguf-py's ``ReaderField.contents()`` gives them (str, int, float, bool, list)."""
+    import struct
+
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        out = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return out[0] if len(out) == 1 else out
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        if pos + n > len(buf):
+            raise ValueError("a string runs past the end of the file")
+        out = bytes(buf[pos : pos + n]).decode("utf-8")
+        pos += n
+        return out
+
+    def value(kind):
+        nonlocal pos
+        if kind in _SCALARS:
+            return take(_SCALARS[kind])
+        if kind == _STRING:
+            return string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown value type {kind}")
+        item, n = take("I"), take("Q")
+        if item in _NUMPY:  # numbers: one read, as gguf-py's list
+            width = np.dtype(_NUMPY[item]).itemsize
+            out = np.frombuffer(buf, _NUMPY[item], n, pos).tolist()
+            pos += width * n
+            return out
+        return [value(item) for _ in range(n)]
+
+    magic, version = take("4s"), take("I")
+    if magic != b"GGUF":
+        raise ValueError("bad magic")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (this reader reads 2 and 3)")
+    n_tensors, n_kv = take("Q"), take("Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = string()
+        metadata[key] = value(take("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos.append((name, dims, take("I"), take("Q")))
+    align = int(metadata.get("general.alignment", ALIGNMENT))
+    return metadata, infos, pos + (-pos) % align
+
+
 def read_gguf(path: str) -> GGUFFile:
-    """Open a GGUF file (memory-mapped) and read all of its metadata."""
-    import gguf
+    """Open a GGUF file (memory-mapped) and read all of its metadata. Our own reader of the
+    format (gguf-py's builds numpy views of every vocabulary string: seconds per load, where this
+    takes a fraction of one); tests hold it to gguf-py's GGUFReader on the same files."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
@@ -107,15 +183,23 @@ def read_gguf(path: str) -> GGUFFile:
         if f.read(4) != b"GGUF":
             raise ModelFileError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # gguf-py raises ValueError, struct/numpy errors or IndexError on damage
+        mapped = np.memmap(path, mode="r")
+        metadata, infos, start = _parse(memoryview(mapped), path)
+        tensors = {}
+        for name, dims, kind, offset in infos:
+            ggml_type = GGMLQuantizationType(kind)
+            block, size = GGML_QUANT_SIZES[ggml_type]
+            shape = tuple(reversed(dims))  # row-major
+            floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+            dtype = floats.get(ggml_type, np.uint8)
+            row = shape[-1] if dtype is not np.uint8 else shape[-1] // block * size
+            count = int(np.prod(shape[:-1], dtype=np.int64)) * row
+            if start + offset + count * np.dtype(dtype).itemsize > len(mapped):
+                raise ValueError(f"tensor {name} runs past the end of the file")
+            data = np.frombuffer(mapped, dtype, count, start + offset).reshape(*shape[:-1], row)
+            if name in tensors:
+                raise ValueError(f"tensor {name} appears twice")
+            tensors[name] = GGUFTensor(name, ggml_type, np.array(dims, np.uint64), data)
+    except Exception as e:  # struct, numpy, unicode or our own ValueErrors: a damaged file
         raise ModelFileError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            metadata[key] = field.contents()
-        except Exception as e:
-            raise ModelFileError(f"{path}: unreadable metadata {key!r} ({e})") from None
-    return GGUFFile(path, metadata, {t.name: t for t in reader.tensors})
+    return GGUFFile(path, metadata, tensors, mapped._mmap)
