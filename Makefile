@@ -78,7 +78,7 @@ demo: $(STAMP)
 	$(CLI) eval smollm2-135m-lolcats --data $(DEMO)/long.txt --max-length 16384 --long-docs 1 --max-tokens 2048 \
 	  --passkey-trials 0 --plot $(DEMO)/long_text.png --no-progress
 	@echo "--- memory and speed at 1K and 8K tokens of context: our runtime vs llama.cpp (softmax teacher, q8_0)"
-	$(CLI) bench memory $(DEMO)/lolcats.q8_0.gguf --engines gguf --baseline llama.cpp \
+	$(CLI) bench memory $(DEMO)/lolcats.q8_0.gguf --engines compiled --baseline llama.cpp \
 	  --teacher-gguf $(DEMO)/teacher.q8_0.gguf --contexts 1024,8192 --decode-tokens 32 --text $(DEMO)/long.txt \
 	  --plot $(DEMO)/memory.png
 	@echo "plot: $(DEMO)/memory.png"

@@ -174,6 +174,7 @@ class GGUFEngine:
             gguf.release_pages()  # peak RSS: the float32 weights, not those plus the whole file
 
     format = "gguf"
+    name = "numpy"
 
     def empty_state(self, batch: int = 1) -> State:
         return empty_state(self.layout, batch)

@@ -52,6 +52,7 @@ class OnnxEngine:
         self.tokenizer = Tokenizer.from_folder(folder, eos_token_ids=self.meta.get("eos_token_ids"))
 
     format = "onnx"
+    name = "onnx"
 
     def _map_weights(self, folder: str) -> dict:
         """{graph file: {initializer: OrtValue over the mapped weights file}}; {} if the export

@@ -46,10 +46,12 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "m.json").read_text())["results"]
     by = {(x["engine"], x["context"]): x for x in results}
-    assert set(by) == {(e, c) for e in ("gguf", "onnx", "llama.cpp") for c in (64, 512)}
+    assert set(by) == {(e, c) for e in ("compiled", "onnx", "llama.cpp") for c in (64, 512)}
     for x in results:
         assert x["peak_rss_mb"] > 0 and x["prefill_tokens_per_s"] > 0 and x["decode_tokens_per_s"] > 0
-    for engine in ("gguf", "onnx"):  # fixed state
+        assert 0 < x["load_s"] < x["first_token_s"], x  # both from the process's start
+    assert by[("compiled", 64)]["compiled"] in ("compiled", "disk cache")
+    for engine in ("compiled", "onnx"):  # fixed state
         assert by[(engine, 64)]["state_bytes"] == by[(engine, 512)]["state_bytes"] == TINY_STATE_BYTES
     assert by[("llama.cpp", 512)]["state_bytes"] > 4 * by[("llama.cpp", 64)]["state_bytes"]  # KV cache grows
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| llama.cpp |" in (tmp_path / "m.md").read_text()
@@ -61,7 +63,7 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     assert r.returncode == 0, r.stderr
     merged = {(x["engine"], x["context"]): x for x in json.loads((tmp_path / "all.json").read_text())["results"]}
     assert len(merged) == 7 and merged[("onnx", 512)]["decode_tokens_per_s"] == 123.0
-    assert merged[("gguf", 64)] == {k: by[("gguf", 64)][k] for k in merged[("gguf", 64)]}
+    assert merged[("compiled", 64)] == {k: by[("compiled", 64)][k] for k in merged[("compiled", 64)]}
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
     r = run_cli("bench", "memory", "--merge", str(text))
     assert r.returncode == 2 and "not a bench memory --json report" in r.stderr

@@ -10,49 +10,61 @@ import json
 import os
 import sys
 
+from edge_lolcats.converters.gguf_names import KEY_FILE_TYPE, file_type_name
+from edge_lolcats.formats.gguf_io import read_gguf
+
 from . import runtime as bench
 
 
+OURS = ("compiled", "numpy", "onnx")
+
+
 def _ensure_exports(args) -> dict:
-    """{engine: path} to measure; exports the model (and its teacher) into --work-dir when needed."""
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    bad = [e for e in engines if e not in ("gguf", "onnx")]
+    """{label: (engine, path)} to measure, one per engine and GGUF precision (``--dtype`` may list
+    several); exports the model (and its teacher per precision) into --work-dir when needed."""
+    engines = [bench.ALIASES.get(e.strip(), e.strip()) for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in OURS]
     if bad:
-        raise ValueError(f"unknown engine {bad[0]!r}; choose from gguf, onnx")
+        raise ValueError(f"unknown engine {bad[0]!r}; choose from {', '.join(OURS)}")
     if args.baseline not in (None, "llama.cpp"):
         raise ValueError(f"unknown baseline {args.baseline!r}; the baseline is llama.cpp")
-    paths = {}
-    model = args.model
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    gguf_engines = [e for e in engines if e != "onnx"]
+    model, work, paths = args.model, args.work_dir, {}
     if os.path.isfile(model) and model.endswith(".gguf"):
-        paths = {"gguf": model} if "gguf" in engines else {}
         if "onnx" in engines and not args.onnx:
-            raise ValueError("a .gguf MODEL measures the gguf engine; give --onnx DIR for the other one")
+            raise ValueError("a .gguf MODEL measures the GGUF engines; give --onnx DIR for the ONNX one")
+        dtypes = [file_type_name(read_gguf(model).value(KEY_FILE_TYPE))]  # the file's own precision
+        paths.update({(e, dtypes[0]): model for e in gguf_engines})
     elif os.path.isdir(model) and os.path.isfile(os.path.join(model, "model.json")):
-        paths = {"onnx": model} if "onnx" in engines else {}
-        if "gguf" in engines:
+        if gguf_engines:
             raise ValueError("an ONNX MODEL measures the onnx engine; use --engines onnx (or pass the .gguf file)")
+        paths[("onnx", None)] = model
     if args.onnx:
-        paths["onnx"] = args.onnx
-    work = args.work_dir
+        paths[("onnx", None)] = args.onnx
+    if args.teacher_gguf and len(dtypes) > 1:
+        raise ValueError("--teacher-gguf is one precision; give one --dtype with it")
     for engine in engines:
-        if engine in paths:
-            continue
-        target = os.path.join(work, f"model.{args.dtype}.gguf" if engine == "gguf" else f"onnx-{args.onnx_weights}")
-        if not os.path.exists(target):
-            _export(model, engine, target, args)
-        paths[engine] = target
+        for dtype in (dtypes if engine != "onnx" else [None]):
+            if (engine, dtype) in paths:
+                continue
+            target = os.path.join(work, f"model.{dtype}.gguf" if dtype else f"onnx-{args.onnx_weights}")
+            if not os.path.exists(target):
+                _export(model, "onnx" if engine == "onnx" else "gguf", target, args, dtype)
+            paths[(engine, dtype)] = target
     if args.baseline == "llama.cpp":
-        teacher = args.teacher_gguf or os.path.join(work, f"teacher.{args.dtype}.gguf")
-        if not os.path.exists(teacher):
-            if os.path.isfile(model) or os.path.isfile(os.path.join(model, "model.json")):
-                raise ValueError("the llama.cpp baseline needs --teacher-gguf FILE (edge-lolcats export BASE "
-                                 "--format gguf --dtype ... --softmax-teacher) when MODEL is an export")
-            _export(model, "teacher", teacher, args)
-        paths["llama.cpp"] = teacher
-    return paths
+        for dtype in dtypes:
+            teacher = args.teacher_gguf or os.path.join(work, f"teacher.{dtype}.gguf")
+            if not os.path.exists(teacher):
+                if os.path.isfile(model) or os.path.isfile(os.path.join(model, "model.json")):
+                    raise ValueError("the llama.cpp baseline needs --teacher-gguf FILE (edge-lolcats export BASE "
+                                     "--format gguf --dtype ... --softmax-teacher) when MODEL is an export")
+                _export(model, "teacher", teacher, args, dtype)
+            paths[("llama.cpp", dtype)] = teacher
+    return {f"{engine}:{dtype}" if dtype else engine: (engine, path) for (engine, dtype), path in paths.items()}
 
 
-def _export(model_name, kind, path, args):
+def _export(model_name, kind, path, args, dtype):
     from edge_lolcats.converters.gguf_export import export_gguf
     from edge_lolcats.converters.onnx_export import export_onnx
     from edge_lolcats.formats.loading import load_model
@@ -63,7 +75,7 @@ def _export(model_name, kind, path, args):
         export_onnx(loaded.model, loaded.tokenizer, path, quantize=None if args.onnx_weights == "f32" else "int8",
                     source=model_name)
     else:
-        export_gguf(loaded.model, loaded.tokenizer, path, dtype=args.dtype, source=model_name,
+        export_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, source=model_name,
                     as_softmax=kind == "teacher")
 
 
@@ -73,7 +85,9 @@ def median_result(runs: list[dict]) -> dict:
     import statistics
 
     row = dict(runs[0], repeats=len(runs))
-    for key in ("peak_rss_mb", "prefill_tokens_per_s", "decode_tokens_per_s"):
+    for key in ("peak_rss_mb", "prefill_tokens_per_s", "decode_tokens_per_s", "load_s", "first_token_s"):
+        if key not in row:
+            continue
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.median(values) if values else None
     return row
@@ -104,17 +118,17 @@ def run(args):
     paths = _ensure_exports(args)
     results = []
     for context in args.contexts:
-        for engine, path in paths.items():
+        for label, (engine, path) in paths.items():
             if engine == "llama.cpp" and args.baseline_max and context > args.baseline_max:
                 print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
                 continue
-            r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
-                                             gguf_engine=args.gguf_engine) for _ in range(args.repeats)])
+            r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads)
+                               for _ in range(args.repeats)])
             results.append(r)
-            print(f"{engine:9s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} MiB, "
-                  f"prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s",
-                  file=sys.stderr)
-    return _report(args, results, paths)
+            print(f"{label:14s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} "
+                  f"MiB, prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
+                  f"first token after {r['first_token_s']:.2f} s", file=sys.stderr)
+    return _report(args, results, {label: path for label, (_, path) in paths.items()})
 
 
 def _report(args, results: list[dict], paths: dict) -> list[dict]:

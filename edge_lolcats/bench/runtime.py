@@ -18,8 +18,11 @@ import time
 from edge_lolcats.converters.gguf_names import KEY_FILE_TYPE, file_type_name
 from edge_lolcats.runtime.generation import PREFILL_CHUNK, peak_rss_mb
 
-ENGINES = ("gguf", "onnx", "llama.cpp")
-FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
+# our engines (compiled and numpy read a GGUF file, onnx an ONNX folder) and the baseline
+ENGINES = ("compiled", "numpy", "onnx", "llama.cpp")
+ALIASES = {"gguf": "compiled"}  # the GGUF engine's name before the compiled one (older reports keep it)
+FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
+          "load_s", "first_token_s", "compile_seconds", "compiled")
 _TEXT_CACHE = {}
 
 
@@ -46,24 +49,35 @@ def context_ids(tokenize, context: int, text_file: str | None = None):
 
 
 def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK,
-                    gguf_engine: str = "compiled") -> dict:
+                    gguf_engine: str = "compiled", spawned_at: float | None = None) -> dict:
+    """One model at one context. ``spawned_at`` (``time.time()`` in the parent just before it
+    started this process) turns load and first-token times into times from process start."""
+    import numpy as np
+
     from edge_lolcats.runtime.api import load
 
+    spawned_at = spawned_at or time.time()
     model = load(path, threads=threads, gguf_engine=gguf_engine)
+    loaded = time.time()
     ids = context_ids(lambda t: model.tokenizer.encode_long(t, add_special_tokens=False), context, text_file)
     session = model.session()
     session.feed(ids, chunk_size=chunk_size)
+    int(np.argmax(session.logits))  # the first new token, greedy, as the decode below takes it
+    first_token = time.time()
     prefill = session.stats
     session.generate(decode_tokens + 1, stop_at_eos=False)  # the first new token comes from the prefill
-    return {"engine": model.engine.format, "runtime": getattr(model.engine, "name", model.engine.format),
-            "context": context, "weights": model.engine.weights,
-            "peak_rss_mb": peak_rss_mb(), "state_bytes": model.engine.state_bytes,
+    engine = model.engine
+    return {"engine": getattr(engine, "name", engine.format), "format": engine.format, "context": context,
+            "weights": engine.weights, "peak_rss_mb": peak_rss_mb(), "state_bytes": engine.state_bytes,
             "prefill_tokens_per_s": prefill.prefill_tokens_per_s,
-            "decode_tokens_per_s": session.stats.decode_tokens_per_s}
+            "decode_tokens_per_s": session.stats.decode_tokens_per_s,
+            "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at,
+            "compile_seconds": getattr(engine, "compile_seconds", None), "compiled": getattr(engine, "compiled", None)}
 
 
 def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-                      chunk_size=512, extra_bufts: bool = True) -> dict:
+                      chunk_size=512, extra_bufts: bool = True, spawned_at: float | None = None) -> dict:
+    spawned_at = spawned_at or time.time()
     import llama_cpp
     from llama_cpp import Llama
 
@@ -79,12 +93,13 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     n_ctx = context + decode_tokens + 8
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=chunk_size, n_threads=threads or os.cpu_count(),
                 logits_all=False, verbose=False)
+    loaded = time.time()
     ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), context, text_file)
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
     token = llm.sample(top_k=1, temp=0.0)
-    t2 = time.perf_counter()
+    t2, first_token = time.perf_counter(), time.time()
     for _ in range(decode_tokens):
         llm.eval([token])
         token = llm.sample(top_k=1, temp=0.0)
@@ -93,7 +108,8 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     kv_per_token = 2 * int(llm.metadata["llama.block_count"]) * _kv_width(llm) * 2
     return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get(KEY_FILE_TYPE)), "peak_rss_mb": peak_rss_mb(),
             "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
-            "decode_tokens_per_s": decode_tokens / (t3 - t2), "extra_bufts": extra_bufts}
+            "decode_tokens_per_s": decode_tokens / (t3 - t2), "extra_bufts": extra_bufts,
+            "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at}
 
 
 def _kv_width(llm) -> int:
@@ -104,22 +120,22 @@ def _kv_width(llm) -> int:
 
 
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-            timeout: float | None = None, gguf_engine: str = "compiled") -> dict:
-    """One measurement in a fresh Python process."""
+            timeout: float | None = None) -> dict:
+    """One measurement in a fresh Python process (``engine`` one of :data:`ENGINES`)."""
+    engine = ALIASES.get(engine, engine)
     cmd = [sys.executable, "-m", "edge_lolcats.bench.runtime", "--worker", engine, path, str(context),
            str(decode_tokens)]
     if text_file:
         cmd += ["--text", text_file]
     if threads:
         cmd += ["--threads", str(threads)]
-    if engine == "gguf":
-        cmd += ["--gguf-engine", gguf_engine]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, timeout=timeout)
     if engine == "llama.cpp" and r.returncode < 0:
         # llama-cpp-python 0.3.36 built for this CPU crashes (SIGSEGV) in its extra CPU buffer types
         # (AMX / repacked weights) on SmolLM2's q8_0 file on some Xeons: measure without them, and
         # say so in the row (see docs/BENCHMARKS.md)
-        r = subprocess.run(cmd + ["--no-extra-bufts"], capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd + ["--no-extra-bufts", "--spawned-at", repr(time.time())], capture_output=True, text=True,
+                           timeout=timeout)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{engine} at {context} tokens failed: {last}")
@@ -127,8 +143,8 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
 
 
 def markdown(results: list[dict]) -> str:
-    rows = ["| engine | weights | context | peak RSS (MB) | state / KV cache (MiB) | prefill tok/s | decode tok/s |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| engine | weights | context | peak RSS (MB) | state / KV cache (MiB) | prefill tok/s | decode tok/s | "
+            "first token (s) |", "|---|---|---|---|---|---|---|---|"]
 
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
@@ -137,7 +153,7 @@ def markdown(results: list[dict]) -> str:
         engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)")
         rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {r['peak_rss_mb']:.0f} | "
                     f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
-                    f"{num(r['decode_tokens_per_s'], '.1f')} |")
+                    f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r.get('first_token_s'), '.2f')} |")
     return "\n".join(rows)
 
 
@@ -287,16 +303,18 @@ def _worker(argv):
     p.add_argument("decode_tokens", type=int)
     p.add_argument("--text")
     p.add_argument("--threads", type=int)
-    p.add_argument("--gguf-engine", default="compiled")
+    p.add_argument("--spawned-at", type=float, help="time.time() when the parent started this process")
     p.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp without its extra CPU buffer types")
     a = p.parse_args(argv)
     if a.engine == "llama.cpp":
         result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads,
-                                   extra_bufts=not a.no_extra_bufts)
+                                   extra_bufts=not a.no_extra_bufts, spawned_at=a.spawned_at)
     else:
-        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads, gguf_engine=a.gguf_engine)
-        if result["engine"] != a.engine:
-            raise SystemExit(f"{a.path} is a {result['engine']} model, not {a.engine}")
+        fmt = "onnx" if a.engine == "onnx" else "gguf"
+        result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads,
+                                 gguf_engine="compiled" if a.engine == "onnx" else a.engine, spawned_at=a.spawned_at)
+        if result["format"] != fmt:
+            raise SystemExit(f"{a.path} is a {result['format']} model, not what the {a.engine} engine reads ({fmt})")
     print(json.dumps(result))
 
 

@@ -140,14 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--merge", metavar="JSON", nargs="+",
                     help="measure nothing: one report from earlier --json files (later files win on the same engine, weights, context)")
     bm.add_argument("--contexts", type=int_list, default=[1024, 4096, 16384, 65536, 131072])
-    bm.add_argument("--engines", default="gguf,onnx", help="our engines to measure: gguf, onnx")
+    bm.add_argument("--engines", default="compiled,onnx",
+                    help="our engines to measure: compiled (GGUF; 'gguf' says the same), numpy (GGUF, the reference), onnx")
     bm.add_argument("--baseline", choices=["llama.cpp"], help="also run llama.cpp on the softmax teacher")
     bm.add_argument("--baseline-max", type=positive_int, help="longest context to run the baseline at")
-    bm.add_argument("--dtype", default="q8_0", help="GGUF weight precision, ours and the teacher's (default q8_0)")
+    bm.add_argument("--dtype", default="q8_0",
+                    help="GGUF weight precisions, ours and the teacher's, comma-separated (default q8_0)")
     bm.add_argument("--onnx-weights", choices=["f32", "int8"], default="int8")
-    bm.add_argument("--gguf-engine", choices=GGUF_ENGINES, default="compiled",
-                    help="how the GGUF file runs: compiled (default), or the numpy reference with float32 weights "
-                    "(numpy) or q8_0 as stored (numpy-stored)")
     bm.add_argument("--onnx", metavar="DIR", help="an ONNX export to measure (default: exported into --work-dir)")
     bm.add_argument("--teacher-gguf", metavar="FILE", help="the llama.cpp baseline's file (default: exported)")
     bm.add_argument("--work-dir", default="out/bench-memory", help="exports are made and kept here")
