@@ -179,6 +179,26 @@ class CompiledEngine:
                                 args.attn_softcap or 0.0, args.final_softcap or 0.0], np.float32)
         self.state_size = state_offset
 
+    def decode_bytes_per_token(self) -> int:
+        """Bytes one decode step reads or writes: every matrix as stored with its scales (the
+        embedding only its one row, unless it is also the vocabulary projection), the small float32
+        parameters, and the state (S and z read and written, rings and sinks read, one slot written)."""
+        size = {ck.Q8: 1.0, ck.Q4: 0.5, ck.F32: 4.0}
+        matrix = lambda e: e[ck.ROWS] * e[ck.COLS] * (size[e[ck.KIND]] + (4 / ck.BLOCK if e[ck.KIND] != ck.F32 else 0))  # noqa: E731
+        total = sum(matrix(e) for i, e in enumerate(self.entries) if i != self.dims[ck.D_EMBED])
+        embed = self.entries[self.dims[ck.D_EMBED]]
+        total += matrix(embed) if self.dims[ck.D_HEAD] == self.dims[ck.D_EMBED] else matrix(embed) / embed[ck.ROWS]
+        total += 4 * self.f32.size - 4 * sum(e[ck.ROWS] * e[ck.COLS] for e in self.entries if e[ck.KIND] == ck.F32)
+        for i in range(self.layout.num_layers):
+            parts = {n: math.prod(shape) for n, shape in self.layout.part_shapes(i).items()}
+            slot = 2 * self.args.num_kv_heads * self.args.head_dim
+            if "kv" in parts:
+                total += 4 * (2 * (parts["kv"] + parts["z"]) + parts["k_window"] + parts["v_window"]
+                              + parts.get("k_sink", 0) + parts.get("v_sink", 0) + slot)
+            else:
+                total += 4 * (parts["k_ring"] + parts["v_ring"] + slot)
+        return int(total)
+
     def _missing(self, name):
         raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
 

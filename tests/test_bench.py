@@ -69,6 +69,32 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     assert r.returncode == 2 and "not a bench memory --json report" in r.stderr
 
 
+def test_runtime_targets_compare_the_right_rows():
+    from edge_lolcats.bench.memory import bandwidth_fractions, runtime_targets
+
+    def row(engine, weights, context, decode, prefill, rss, first=None):
+        return {"engine": engine, "weights": weights, "context": context, "decode_tokens_per_s": decode,
+                "prefill_tokens_per_s": prefill, "peak_rss_mb": rss, "first_token_s": first,
+                "decode_bytes_per_token": 1e8}
+
+    results = [row("compiled", "q8_0", 1024, 130.0, 400.0, 290, 2.0), row("llama.cpp", "q8_0", 1024, 100.0, 380.0, 295, 2.5),
+               row("compiled", "q8_0", 16384, 120.0, 400.0, 300), row("llama.cpp", "q8_0", 16384, 20.0, 150.0, 1000),
+               row("compiled", "q4_0", 1024, 150.0, 300.0, 250), row("llama.cpp", "q4_0", 1024, 140.0, 400.0, 200),
+               row("onnx", "int8", 1024, 999.0, 999.0, 1)]
+    rows = {r["target"]: r for r in runtime_targets(results)}
+    assert rows["q8_0: decode at 1K >= 1.3 x llama.cpp"]["met"]  # 1.30
+    assert rows["q8_0: decode at 16K >= 4 x llama.cpp"]["value"] == 6.0
+    assert not rows["q8_0: prefill at 16K >= 3 x llama.cpp"]["met"]  # 400 / 150 = 2.67
+    assert rows["q8_0: peak RSS at 1K <= llama.cpp's (MB)"]["met"]
+    assert not rows["q8_0: peak RSS at 16K <= 1.02 x at 1K (MB)"]["met"]  # 300 > 295.8
+    assert rows["q8_0: first token of a 1K prompt <= llama.cpp's (s)"]["met"]
+    assert not rows["q4_0: decode at 1K >= 1.3 x llama.cpp"]["met"] and not rows["q4_0: peak RSS at 1K <= llama.cpp's (MB)"]["met"]
+    assert "q4_0: decode at 16K >= 4 x llama.cpp" not in rows  # not measured: left out
+    assert not any("int8" in t for t in rows)  # the ONNX rows have no llama.cpp at their precision
+    fractions = bandwidth_fractions(results[:1], bandwidth=26e9)
+    assert fractions[0]["fraction"] == 1e8 * 130.0 / 26e9
+
+
 def test_repeated_measurements_report_their_median():
     from edge_lolcats.bench.memory import median_result
 

@@ -14,6 +14,8 @@ from edge_lolcats.converters.gguf_names import KEY_FILE_TYPE, file_type_name
 from edge_lolcats.formats.gguf_io import read_gguf
 
 from . import runtime as bench
+from .targets import check
+from .targets import table as target_table
 
 
 OURS = ("compiled", "numpy", "onnx")
@@ -116,6 +118,8 @@ def run(args):
     if not args.model:
         raise ValueError("give a MODEL to measure (or --merge earlier --json reports)")
     paths = _ensure_exports(args)
+    bandwidth = bench.bandwidth_probe(threads=args.threads)
+    print(f"memory bandwidth (compiled q8_0 matrix-vector product): {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
     results = []
     for context in args.contexts:
         for label, (engine, path) in paths.items():
@@ -128,12 +132,63 @@ def run(args):
             print(f"{label:14s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} "
                   f"MiB, prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
                   f"first token after {r['first_token_s']:.2f} s", file=sys.stderr)
-    return _report(args, results, {label: path for label, (_, path) in paths.items()})
+    return _report(args, results, {label: path for label, (_, path) in paths.items()}, bandwidth)
 
 
-def _report(args, results: list[dict], paths: dict) -> list[dict]:
+# the compiled runtime's targets against llama.cpp on the teacher at the same precision (issue 15):
+# decode speed ratio at least this at each context; prefill likewise
+DECODE_RATIOS = {1024: 1.3, 16384: 4.0, 131072: 15.0}
+PREFILL_RATIOS = {1024: 1.0, 16384: 3.0}
+RSS_GROWTH = 1.02  # our peak RSS at the longest context over 1K
+
+
+def runtime_targets(results: list[dict], engine: str = "compiled", bandwidth: float | None = None) -> list[dict]:
+    """The targets checked on one report, per weight precision where llama.cpp ran at the same one;
+    a context not measured is left out, not counted as met. With ``bandwidth`` (bytes/s, from
+    :func:`bench.bandwidth_probe`) each decode's traffic as a fraction of it is reported too."""
+    rows = []
+    for weights in dict.fromkeys(r.get("weights") for r in results if r["engine"] == engine):
+        ours = {r["context"]: r for r in results if r["engine"] == engine and r.get("weights") == weights}
+        base = {r["context"]: r for r in results if r["engine"] == "llama.cpp" and r.get("weights") == weights}
+        tag = f"{weights}:"
+        for ctx, ratio in DECODE_RATIOS.items():
+            if ctx in ours and ctx in base:
+                check(rows, f"{tag} decode at {ctx // 1024}K >= {ratio:g} x llama.cpp",
+                      ours[ctx]["decode_tokens_per_s"] / base[ctx]["decode_tokens_per_s"], ratio, at_most=False)
+        for ctx, ratio in PREFILL_RATIOS.items():
+            if ctx in ours and ctx in base:
+                check(rows, f"{tag} prefill at {ctx // 1024}K >= {ratio:g} x llama.cpp",
+                      ours[ctx]["prefill_tokens_per_s"] / base[ctx]["prefill_tokens_per_s"], ratio, at_most=False)
+        if 1024 in ours and 1024 in base:
+            check(rows, f"{tag} peak RSS at 1K <= llama.cpp's (MB)", ours[1024]["peak_rss_mb"], base[1024]["peak_rss_mb"])
+            if ours[1024].get("first_token_s") and base[1024].get("first_token_s"):
+                check(rows, f"{tag} first token of a 1K prompt <= llama.cpp's (s)", ours[1024]["first_token_s"],
+                      base[1024]["first_token_s"])
+        longest = max(ours, default=None)
+        if 1024 in ours and longest and longest > 1024:
+            check(rows, f"{tag} peak RSS at {longest // 1024}K <= {RSS_GROWTH:g} x at 1K (MB)", ours[longest]["peak_rss_mb"],
+                  RSS_GROWTH * ours[1024]["peak_rss_mb"])
+    return rows
+
+
+def bandwidth_fractions(results: list[dict], bandwidth: float) -> list[dict]:
+    """Each row's decode traffic (bytes per token x tokens per second) as a fraction of ``bandwidth``."""
+    return [{"engine": r["engine"], "weights": r.get("weights"), "context": r["context"],
+             "fraction": r["decode_bytes_per_token"] * r["decode_tokens_per_s"] / bandwidth}
+            for r in results if r.get("decode_bytes_per_token") and r.get("decode_tokens_per_s")]
+
+
+def _report(args, results: list[dict], paths: dict, bandwidth: float | None = None) -> list[dict]:
     table = bench.markdown(results)
     print(table)
+    targets = runtime_targets(results)
+    if targets:
+        print("\n" + target_table(targets))
+    fractions = bandwidth_fractions(results, bandwidth) if bandwidth else []
+    if fractions:
+        print(f"\ndecode traffic as a share of this machine's {bandwidth / 1e9:.1f} GB/s (compiled q8_0 "
+              f"matrix-vector product over 256 MB): " + ", ".join(
+                  f"{f['engine']} {f['weights']} {f['context'] // 1024}K {100 * f['fraction']:.0f}%" for f in fractions))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(f"# bench memory: {args.model}\n\n{table}\n")
@@ -143,5 +198,7 @@ def _report(args, results: list[dict], paths: dict) -> list[dict]:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"model": args.model, "decode_tokens": args.decode_tokens, "paths": paths,
-                       "results": [{k: r.get(k) for k in (*bench.FIELDS, "weights", "repeats")} for r in results]}, f, indent=2)
+                       "bandwidth_bytes_per_s": bandwidth, "targets": targets, "bandwidth_fractions": fractions,
+                       "results": [{k: r.get(k) for k in (*bench.FIELDS, "weights", "repeats", "decode_bytes_per_token")}
+                                   for r in results]}, f, indent=2)
     return results

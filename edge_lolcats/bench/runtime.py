@@ -72,7 +72,8 @@ def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None,
             "prefill_tokens_per_s": prefill.prefill_tokens_per_s,
             "decode_tokens_per_s": session.stats.decode_tokens_per_s,
             "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at,
-            "compile_seconds": getattr(engine, "compile_seconds", None), "compiled": getattr(engine, "compiled", None)}
+            "compile_seconds": getattr(engine, "compile_seconds", None), "compiled": getattr(engine, "compiled", None),
+            "decode_bytes_per_token": engine.decode_bytes_per_token() if hasattr(engine, "decode_bytes_per_token") else None}
 
 
 def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=None, threads=None,
@@ -109,7 +110,51 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get(KEY_FILE_TYPE)), "peak_rss_mb": peak_rss_mb(),
             "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
             "decode_tokens_per_s": decode_tokens / (t3 - t2), "extra_bufts": extra_bufts,
-            "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at}
+            "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at,
+            "decode_bytes_per_token": llama_cpp_bytes_per_token(path, context)}
+
+
+def llama_cpp_bytes_per_token(path: str, context: int) -> int:
+    """What llama.cpp's decode step reads at ``context`` tokens: its file's tensors (the embedding
+    table only one row, unless it is also the output projection) and the f16 KV cache."""
+    from edge_lolcats.formats.gguf_io import read_gguf
+
+    f = read_gguf(path)
+    total = 0
+    for name, t in f.tensors.items():
+        if name == "token_embd.weight" and "output.weight" in f.tensors:
+            total += t.data.nbytes // t.data.shape[0]
+        else:
+            total += t.data.nbytes
+    arch = f.architecture
+    layers, heads = int(f.metadata[f"{arch}.block_count"]), int(f.metadata[f"{arch}.attention.head_count"])
+    kv_heads = int(f.metadata.get(f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(f.metadata.get(f"{arch}.attention.key_length", int(f.metadata[f"{arch}.embedding_length"]) // heads))
+    return int(total + 2 * layers * kv_heads * head_dim * 2 * context)
+
+
+def bandwidth_probe(megabytes: int = 256, threads: int | None = None, repeats: int = 5) -> float:
+    """Bytes per second this machine's compiled q8_0 matrix-vector product reads from memory (a
+    matrix far larger than the caches, all threads): the ceiling a decode step's traffic is held to."""
+    import numba
+    import numpy as np
+
+    from edge_lolcats.runtime import compiled_kernels as ck
+
+    k = 1024
+    n = megabytes * 2**20 // k
+    q8 = np.random.default_rng(0).integers(-127, 128, n * k, dtype=np.int8)
+    scales = np.ones(n * k // ck.BLOCK, np.float32)
+    entry = np.array([ck.Q8, 0, 0, n, k], np.int64)
+    x, y = np.ones((1, k), np.float32), np.empty((1, n), np.float32)
+    empty = np.zeros(1, np.uint8), np.zeros(1, np.float32)
+    numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call compiles or loads, and faults the pages in
+        t0 = time.perf_counter()
+        ck.linear(q8, empty[0], scales, empty[1], entry, x, y)
+        best = min(best, time.perf_counter() - t0)
+    return (q8.nbytes + scales.nbytes) / best
 
 
 def _kv_width(llm) -> int:

@@ -30,6 +30,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from edge_lolcats.bench.targets import check, table
 from edge_lolcats.nn.model import base_attention, forward, sink_cache_budget
 
 BUCKETS = ((0, 512), (512, 2048), (2048, 8192), (8192, 16384), (16384, 32768))
@@ -219,8 +220,7 @@ def long_context_targets(result: dict) -> list[dict]:
     rows = []
 
     def row(target, value, limit, at_most=True):
-        rows.append({"target": target, "value": value, "limit": limit,
-                     "met": bool(value <= limit if at_most else value >= limit)})
+        check(rows, target, value, limit, at_most, percent="%" in target)
 
     if "2048-8192" in lin:
         row("ppl 2K-8K <= 1.25 x teacher", lin["2048-8192"], 1.25 * teacher["2048-8192"])
@@ -239,11 +239,7 @@ def long_context_targets(result: dict) -> list[dict]:
 
 def targets_table(targets: list[dict]) -> str:
     """:func:`long_context_targets`' rows as a markdown table."""
-    lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
-    for r in targets:
-        fmt = (lambda x: f"{100 * x:.1f}%") if "%" in r["target"] else (lambda x: f"{x:.2f}")
-        lines.append(f"| {r['target']} | {fmt(r['value'])} | {fmt(r['limit'])} | {'yes' if r['met'] else 'no'} |")
-    return "\n".join(lines)
+    return table(targets)
 
 
 def plot(result: dict, path: str, title: str = ""):
