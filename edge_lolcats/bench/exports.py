@@ -1,6 +1,7 @@
 """``edge-lolcats bench exports``: for each export format and precision, the export's time, file
-size and peak memory (a fresh process each), and its quality against the PyTorch float32 model on
-held-out text: top-1 next-token agreement and perplexity."""
+size and peak memory (a fresh process each), and its quality on the runtime engine that runs it
+(compiled for GGUF, onnxruntime for ONNX) against the PyTorch float32 model on held-out text:
+top-1 next-token agreement and perplexity."""
 from __future__ import annotations
 
 import json
@@ -43,9 +44,9 @@ def _score(logits_list, ref_list, seqs) -> tuple[float, float]:
 
 
 def run(args):
+    from edge_lolcats.formats.loading import load_model
+    from edge_lolcats.runtime.api import open_engine
     from edge_lolcats.training.data import load_corpus
-    from edge_lolcats.formats.loading import load_gguf, load_model
-    from edge_lolcats.runtime.onnx_engine import OnnxEngine
 
     loaded = load_model(args.model)
     corpus = load_corpus(loaded.tokenizer, args.data, seq_len=args.seq_len)
@@ -59,19 +60,17 @@ def run(args):
         fmt, _, precision = target.strip().partition(":")
         path = os.path.join(out_dir, f"model-{precision}.gguf" if fmt == "gguf" else f"onnx-{precision}")
         summary = _export(args.model, fmt, precision, path)
-        if fmt == "gguf":
-            model, _ = load_gguf(path)
-            logits = _reference_logits(model, seqs)
-            del model
-        else:
-            engine = OnnxEngine(path)
-            logits = []
-            for s in seqs:  # the graph returns the last token's logits: step token by token
-                state, rows_ = engine.empty_state(), []
-                for token in s.tolist():
-                    lg, state = engine.run([token], state)
-                    rows_.append(lg[0])
-                logits.append(np.stack(rows_))
+        # measured on the runtime that runs the export for users (the compiled engine for GGUF,
+        # onnxruntime for ONNX), token by token: the engines return the last token's logits
+        engine = open_engine(path)
+        logits = []
+        for s in seqs:
+            state, rows_ = engine.empty_state(), []
+            for token in s.tolist():
+                lg, state = engine.run([token], state)
+                rows_.append(lg[0])
+            logits.append(np.stack(rows_))
+        del engine
         ppl, agree = _score(logits, ref, seqs)
         rows.append({"format": fmt, "precision": precision, "mb": summary["bytes"] / 2**20,
                      "export_s": summary["seconds"], "export_peak_rss_mb": summary["peak_rss_mb"],
