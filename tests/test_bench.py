@@ -125,3 +125,18 @@ def test_llama_cpp_without_its_extra_buffer_types(tmp_path, smol_tokenizer):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["extra_bufts"] is False and row["decode_tokens_per_s"] > 0
     assert "| llama.cpp (no extra buffer types) |" in markdown([row])
+
+
+def test_a_worker_peak_memory_is_its_own():
+    """Benchmarks spawn a fresh process per measurement; its peak RSS must not include the parent's
+    memory at the fork (getrusage's ru_maxrss does: it survives exec)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    parent = np.ones(300 * 2**20 // 8)  # 300 MB resident here
+    code = "from edge_lolcats.runtime.generation import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 200, child  # an interpreter with numpy is ~30 MB; inherited, it would read 300+
+    assert parent.sum() > 0

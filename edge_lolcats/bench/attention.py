@@ -9,13 +9,7 @@ import subprocess
 import sys
 import time
 
-
-def _vm_hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from edge_lolcats.runtime.generation import peak_rss_mb
 
 
 def worker(form: str, n: int, heads: int, head_dim: int, feature_dim: int, window: int, backward: bool,
@@ -35,7 +29,7 @@ def worker(form: str, n: int, heads: int, head_dim: int, feature_dim: int, windo
         for t in tensors:
             t.requires_grad_()
     fn = FORMS[form]
-    before_mb = _vm_hwm_mb()
+    before_mb = peak_rss_mb()
 
     def run_once():
         if backward:
@@ -55,7 +49,7 @@ def worker(form: str, n: int, heads: int, head_dim: int, feature_dim: int, windo
     except (RuntimeError, MemoryError) as e:
         return {"form": form, "n": n, "backward": backward, "error": f"out of memory under {limit_gb:g} GB cap"
                 if "alloc" in str(e).lower() or isinstance(e, MemoryError) else str(e).splitlines()[0]}
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"form": form, "n": n, "backward": backward, "seconds": min(times),
             "tokens_per_s": n / min(times), "peak_rss_mb": peak_mb, "extra_rss_mb": peak_mb - before_mb}
 

@@ -9,7 +9,7 @@ from .common import CLIError
 
 
 def cmd_export(args):
-    import resource
+    from edge_lolcats.runtime.generation import peak_rss_mb
     import time
 
     from edge_lolcats.converters.gguf_export import DTYPES, export_gguf
@@ -25,7 +25,7 @@ def cmd_export(args):
             raise CLIError(f"--out {args.out} is a folder; give a file name")
     else:
         if args.dtype != "f32":
-            raise CLIError("--dtype is for GGUF; ONNX takes --quantize int8")
+            raise CLIError("--dtype is for GGUF; ONNX takes --quantize int8 or int4")
         if args.softmax_teacher:
             raise CLIError("--softmax-teacher is for GGUF (llama.cpp)")
         if os.path.isfile(args.out):
@@ -47,7 +47,7 @@ def cmd_export(args):
                               progress=progress, as_softmax=args.softmax_teacher)
         bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(summary))
 
 
