@@ -36,7 +36,9 @@ from edge_lolcats.arch.ops import TorchOps
 from edge_lolcats.formats.fileio import atomic_folder
 from .gguf_export import model_fingerprint
 
-FORMAT_VERSION = 4  # 3: the model description (ModelArgs) in model.json; 4: the recurrence, rings per KV head
+# 3: the model description (ModelArgs) in model.json; 4: the recurrence, rings per KV head; 5: int8 / int4
+# weights as MatMulNBits (GGUF's q8_0 / q4_0 blocks) instead of onnxruntime's dynamic quantization
+FORMAT_VERSION = 5
 WEIGHTS_FILE = "weights.bin"
 # initializers this small stay inside the graph (shape constants, scales): not worth an offset
 INLINE_BYTES = 4096
@@ -194,41 +196,66 @@ def _export_graph(graph: nn.Module, model, path: str, decode: bool):
                           dynamic_axes=dynamic, opset_version=18, dynamo=False)
 
 
-def _quantize_int8(path: str, decode: bool):
-    """int8 weights for the linear layers: onnxruntime's dynamic quantization, one scale per matrix
-    (its per-channel mode came out 4x less accurate on a plain MatMul in onnxruntime 1.32). Only
-    MatMuls by a 2-D weight are linear layers; the feature maps' per-head [H, D, F] weights stay
-    float32 (small, and the softmax after them is sensitive).
+QUANTIZE = {"int8": 8, "int4": 4}  # --quantize: bits of MatMulNBits, blocks of 32
 
-    The vocabulary projection: one scale for the whole matrix cost +38% held-out perplexity on the
-    untrained linearization (docs/BENCHMARKS.md), so the block graph (which projects one token per
-    block) keeps it float32, and the decode graph, where its 113 MB of float32 are a sixth of the time per token, gets
-    ``MatMulNBits`` with 8 bits in blocks of 32 and int8 activations (llama.cpp's q8_0 scheme)."""
-    import logging
 
+def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int):
+    """Every linear layer (a MatMul by a 2-D weight initializer [K, N], K a multiple of 32) becomes
+    ``com.microsoft.MatMulNBits`` with GGUF's own quantization of the same weight: 8 bits are q8_0,
+    4 bits q4_0 except the vocabulary projection, which stays 8 bits (as the GGUF q4_0 file keeps
+    it q8_0); the embedding lookup becomes ``GatherBlockQuantized`` over the q8_0 rows. So an int8 / int4 export holds exactly the weights of the q8_0 / q4_0 GGUF file
+    (converters/nbits.py). The feature maps' per-head [H, D, F] weights stay float32 (small, and
+    the softmax after them is sensitive). ``accuracy_level`` 4 multiplies with int8 activations
+    (onnxruntime's fast kernels; 1 keeps them float32: 8-bit at level 0 ran 80x slower, FACTS)."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from gguf import GGMLQuantizationType, quants
+    from onnx import helper, numpy_helper
 
-    m = onnx.load(path, load_external_data=False)
-    rank = {i.name: len(i.dims) for i in m.graph.initializer}
-    logits = [n.name for n in m.graph.node if "logits" in n.output]
-    keep = [n.name for n in m.graph.node if n.op_type == "MatMul" and rank.get(n.input[1], 2) != 2] + logits
-    del m
-    qpath = path + ".int8"
-    quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_exclude=keep)
-    os.replace(qpath, path)
-    if decode:
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
-        try:
-            q = MatMulNBitsQuantizer(path, bits=8, block_size=32, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_include=logits)
-            q.process()
-            q.model.save_model_to_file(qpath)
-        finally:
-            logging.getLogger().setLevel(level)
-        os.replace(qpath, path)
+    from . import nbits
+
+    m = onnx.load(path)
+    inits = {i.name: i for i in m.graph.initializer}
+    uses = {}
+    for n in m.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    nodes, dropped = [], set()
+    for n in m.graph.node:
+        table = inits.get(n.input[0]) if n.op_type == "Gather" else None
+        if table is not None and len(table.dims) == 2 and table.dims[0] == vocab_size and table.dims[1] % nbits.BLOCK == 0:
+            # the embedding as the q8_0 file stores it: 8-bit rows in blocks of 32, gathered and scaled
+            raw = quants.quantize(numpy_helper.to_array(table).astype("float32"), GGMLQuantizationType.Q8_0)
+            packed, scales = nbits.from_gguf(raw, 8)
+            m.graph.initializer.extend([numpy_helper.from_array(packed.reshape(len(packed), -1), table.name + ".nbits"),
+                                        numpy_helper.from_array(scales, table.name + ".scales")])
+            nodes.append(helper.make_node("GatherBlockQuantized", [table.name + ".nbits", n.input[1], table.name + ".scales"],
+                                          list(n.output), name=n.name + "_nbits", domain="com.microsoft", bits=8,
+                                          block_size=nbits.BLOCK, gather_axis=0, quantize_axis=1))
+            dropped.add(table.name)
+            continue
+        weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.dims[0] % nbits.BLOCK or uses[weight.name] != 1:
+            nodes.append(n)
+            continue
+        k, cols = (int(d) for d in weight.dims)
+        w = numpy_helper.to_array(weight).T.astype("float32")  # [N, K]
+        b = 8 if cols == vocab_size else bits  # the vocabulary projection: 8 bits always
+        raw = quants.quantize(w, GGMLQuantizationType.Q8_0 if b == 8 else GGMLQuantizationType.Q4_0)
+        packed, scales = nbits.from_gguf(raw, b)
+        m.graph.initializer.extend([numpy_helper.from_array(packed, weight.name + ".nbits"),
+                                    numpy_helper.from_array(scales, weight.name + ".scales")])
+        nodes.append(helper.make_node("MatMulNBits", [n.input[0], weight.name + ".nbits", weight.name + ".scales"],
+                                      list(n.output), name=n.name + "_nbits", domain="com.microsoft", K=k, N=cols,
+                                      bits=b, block_size=nbits.BLOCK, accuracy_level=accuracy_level))
+        dropped.add(weight.name)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    kept = [i for i in m.graph.initializer if i.name not in dropped]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(m, path)
 
 
 def _share_weights(paths: list[str], weights_path: str) -> dict:
@@ -252,7 +279,9 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
                 raw = t.raw_data or onnx.numpy_helper.to_array(t).tobytes()
                 if len(raw) < INLINE_BYTES:
                     continue
-                key = hashlib.sha256(raw + str((t.data_type, tuple(t.dims))).encode()).digest()
+                # bytes and type, not shape: a tied vocabulary matrix is the embedding's gather table
+                # [V, K] and the head's MatMulNBits weight [V, K/32, 32], the same bytes stored once
+                key = hashlib.sha256(raw + str(t.data_type).encode()).digest()
                 if key not in offsets:
                     out.seek(-out.tell() % 64, 1)  # 64-byte aligned: arrays mapped from the file stay aligned
                     offsets[key] = (out.tell(), len(raw))
@@ -270,16 +299,18 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
     return table
 
 
-def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "") -> dict:
+def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "",
+                accuracy_level: int = 4) -> dict:
     """Write ``model.onnx`` + ``decode.onnx`` + ``weights.bin`` + ``model.json`` + tokenizer files to
-    ``out_dir`` (atomically)."""
+    ``out_dir`` (atomically). ``quantize`` "int8" / "int4": the linear layers as MatMulNBits with
+    the q8_0 / q4_0 GGUF file's weights (:func:`_quantize_nbits`)."""
     from edge_lolcats.nn.lora import lora_modules, merge_lora
     from edge_lolcats.nn.model import is_linearized, state_layout
 
     if not is_linearized(model):
         raise ExportError("ONNX export needs a linearized model (its state is what the graph carries)")
-    if quantize not in (None, "int8"):
-        raise ExportError(f"unsupported --quantize {quantize!r}; choose int8")
+    if quantize not in (None, *QUANTIZE):
+        raise ExportError(f"unsupported --quantize {quantize!r}; choose {' or '.join(QUANTIZE)}")
     model = copy.deepcopy(model).float().eval()
     if lora_modules(model):
         merge_lora(model)
@@ -296,8 +327,8 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             path = os.path.join(tmp, file)
             _export_graph(StepGraph(model, decode=decode).eval(), model, path, decode)
             onnx.checker.check_model(path)
-            if quantize == "int8":
-                _quantize_int8(path, decode)
+            if quantize:
+                _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size)
         paths = [os.path.join(tmp, f) for f in graphs]
         external = _share_weights(paths, os.path.join(tmp, WEIGHTS_FILE))
         for path in paths:
@@ -307,7 +338,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         meta = {
             "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": 18,
             "model_fingerprint": model_fingerprint(model),
-            "weights": "int8" if quantize else "f32",
+            "weights": quantize or "f32", "accuracy_level": accuracy_level if quantize else None,
             "graph": "model.onnx", "decode_graph": "decode.onnx", "weights_file": WEIGHTS_FILE,
             "inputs": ["input_ids", "position", *names], "outputs": out_names,
             "logits": "last token only, [batch, vocab]",

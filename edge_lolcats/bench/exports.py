@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 import torch
 
-DEFAULT_TARGETS = "gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8"
+DEFAULT_TARGETS = "gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8,onnx:int4"
 
 
 def _export(model: str, fmt: str, precision: str, out: str) -> dict:

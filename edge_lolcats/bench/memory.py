@@ -74,7 +74,7 @@ def _export(model_name, kind, path, args, dtype):
     print(f"exporting {model_name} ({kind}) to {path} ...", file=sys.stderr)
     loaded = load_model(model_name)
     if kind == "onnx":
-        export_onnx(loaded.model, loaded.tokenizer, path, quantize=None if args.onnx_weights == "f32" else "int8",
+        export_onnx(loaded.model, loaded.tokenizer, path, quantize=None if args.onnx_weights == "f32" else args.onnx_weights,
                     source=model_name)
     else:
         export_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, source=model_name,

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("model", metavar="MODEL")
     ex.add_argument("--format", choices=["gguf", "onnx"], default="gguf")
     ex.add_argument("--dtype", default="f32", help="GGUF: f32, f16, q8_0 or q4_0 for the weight matrices")
-    ex.add_argument("--quantize", choices=["int8"], help="ONNX: dynamic int8 quantization of MatMul weights")
+    ex.add_argument("--quantize", choices=["int8", "int4"],
+                    help="ONNX: linear layers as MatMulNBits with the q8_0 (int8) or q4_0 (int4) GGUF file's weights")
     ex.add_argument("--out", required=True, metavar="FILE|DIR")
     ex.add_argument("--softmax-teacher", action="store_true",
                     help="write the weights (LoRA merged) as a plain llama file with softmax attention, for llama.cpp")
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--baseline-max", type=positive_int, help="longest context to run the baseline at")
     bm.add_argument("--dtype", default="q8_0",
                     help="GGUF weight precisions, ours and the teacher's, comma-separated (default q8_0)")
-    bm.add_argument("--onnx-weights", choices=["f32", "int8"], default="int8")
+    bm.add_argument("--onnx-weights", choices=["f32", "int8", "int4"], default="int8")
     bm.add_argument("--onnx", metavar="DIR", help="an ONNX export to measure (default: exported into --work-dir)")
     bm.add_argument("--teacher-gguf", metavar="FILE", help="the llama.cpp baseline's file (default: exported)")
     bm.add_argument("--work-dir", default="out/bench-memory", help="exports are made and kept here")
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--json", metavar="OUT")
     bex = bsub.add_parser("exports", help="export time, size, memory and quality per format and precision")
     bex.add_argument("model", metavar="MODEL", help="linearized checkpoint")
-    bex.add_argument("--targets", default="gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8")
+    bex.add_argument("--targets", default="gguf:f32,gguf:f16,gguf:q8_0,gguf:q4_0,onnx:f32,onnx:int8,onnx:int4")
     bex.add_argument("--tokens", type=positive_int, default=2048, help="held-out tokens for quality")
     bex.add_argument("--seq-len", type=positive_int, default=1024)
     bex.add_argument("--data", metavar="PATH")
