@@ -24,12 +24,34 @@ from __future__ import annotations
 import math
 import os
 
-# Before numba starts its OpenMP pool: threads that wait asleep instead of spinning, or two
-# threads stall each other on a busy 2-core machine (shared/FACTS.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+from numba import njit, prange
 
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+# How long an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT). A token step is
+# ~180 parallel regions; threads that sleep between them (OMP_WAIT_POLICY=PASSIVE) made 2 threads no
+# faster than 1 (decode 26.8 vs 27.9 ms, prefill 139 vs 231 tok/s on the 2-core machine), spinning
+# for ever (ACTIVE, or libgomp's default 300,000) stalls when another process holds a core. 10,000
+# spins: 15.0 ms and 387 tok/s idle, as ACTIVE (14.9 ms, 382 tok/s). Measured by hand, 2026-12-02.
+SPIN_COUNT = "10000"
+
+
+def _start_thread_pool():
+    """Start numba's OpenMP pool with :data:`SPIN_COUNT` unless the user set a wait policy, and
+    take the setting back out of the environment: libgomp reads it once, when it loads, and the
+    processes this one starts (llama.cpp's, in the benchmarks) must not inherit it."""
+    from numba.np.ufunc import parallel
+
+    ours = not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)
+    if ours:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    try:
+        parallel._launch_threads()
+    finally:
+        if ours:
+            del os.environ["GOMP_SPINCOUNT"]
+
+
+_start_thread_pool()
 
 F32, Q8, Q4 = 0, 1, 2
 KIND, OFFSET, SCALE_OFFSET, ROWS, COLS = range(5)

@@ -166,3 +166,22 @@ def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path
     second = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split()
     assert first[:2] == ["compiled", "compiled"] and second[:2] == ["compiled", "disk"], (first, second)
     assert first[-1] == second[-1] == "True"
+
+
+def test_thread_tuner_moves_to_the_faster_count_and_back():
+    """The engine's thread count follows the measured step times (a core taken by another process
+    makes 2 threads slower than 1), and keeps looking at the other count."""
+    from edge_lolcats.runtime.compiled_engine import ThreadTuner
+
+    tuner = ThreadTuner(2, period=8)
+    cost = {1: 28e-3, 2: 15e-3}  # idle machine
+    used = []
+    for step in range(200):
+        if step == 100:
+            cost = {1: 28e-3, 2: 60e-3}  # another process takes a core
+        t = tuner.choose("decode")
+        tuner.record("decode", t, cost[t])
+        used.append(t)
+    assert used[40:100].count(2) > 0.8 * 60 and used[150:].count(1) > 0.8 * 50
+    assert 1 in used[40:100] and 2 in used[150:]  # the other count is still tried now and then
+    assert ThreadTuner(1).choose("decode") == 1

@@ -118,7 +118,10 @@ def run(args):
     if not args.model:
         raise ValueError("give a MODEL to measure (or --merge earlier --json reports)")
     paths = _ensure_exports(args)
-    bandwidth = bench.bandwidth_probe(threads=args.threads)
+    bandwidth = bench.bandwidth_in_fresh_process(threads=args.threads)
+    if not args.text:
+        os.makedirs(args.work_dir, exist_ok=True)
+        args.text = bench.write_context_text(os.path.join(args.work_dir, "context.txt"), 6 * max(args.contexts))
     print(f"memory bandwidth (compiled q8_0 matrix-vector product): {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
     results = []
     for context in args.contexts:

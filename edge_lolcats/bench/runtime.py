@@ -133,6 +133,23 @@ def llama_cpp_bytes_per_token(path: str, context: int) -> int:
     return int(total + 2 * layers * kv_heads * head_dim * 2 * context)
 
 
+def bandwidth_in_fresh_process(threads: int | None = None) -> float:
+    """:func:`bandwidth_probe` in its own process: the benchmark's parent keeps neither its 256 MB
+    nor numba's thread pool (whose settings its children would inherit)."""
+    cmd = [sys.executable, "-m", "edge_lolcats.bench.runtime", "--bandwidth"] + ([str(threads)] if threads else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+def write_context_text(path: str, min_chars: int) -> str:
+    """The default corpus's first ``min_chars`` characters into ``path``, for the workers' ``--text``:
+    a worker that loaded the whole corpus (31M characters) to cut its context held 100+ MB of text,
+    which its peak RSS counted as the engine's."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(context_text(min_chars)[:min_chars])
+    return path
+
+
 def bandwidth_probe(megabytes: int = 256, threads: int | None = None, repeats: int = 5) -> float:
     """Bytes per second this machine's compiled q8_0 matrix-vector product reads from memory (a
     matrix far larger than the caches, all threads): the ceiling a decode step's traffic is held to."""
@@ -375,6 +392,9 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--onnx-decode"]:
         for name, ms in onnx_decode_paths(sys.argv[2]).items():
             print(f"{name:28s} {ms:.2f} ms per token")
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["--bandwidth"]:
+        print(bandwidth_probe(threads=int(sys.argv[2]) if sys.argv[2:] else None))
         raise SystemExit(0)
     if sys.argv[1:2] != ["--worker"]:
         raise SystemExit("usage: python -m edge_lolcats.bench.runtime --worker ENGINE PATH CONTEXT DECODE "
