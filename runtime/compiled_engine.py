@@ -17,6 +17,7 @@ import math
 import os
 import time
 
+import numba
 import numpy as np
 
 from edge_lolcats.arch.hybrid import PRE_ROPE
@@ -25,11 +26,8 @@ from edge_lolcats.converters import gguf_names as names
 from edge_lolcats.formats.gguf_io import ModelFileError
 
 from . import compiled_kernels as ck
-from .gguf_model import check_shapes, open_lolcats_gguf
+from .gguf_model import FUSED, check_shapes, log_decay, open_lolcats_gguf
 from .state import State
-
-FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-
 
 def _kind(tensor) -> int:
     from gguf import GGMLQuantizationType as QT
@@ -181,8 +179,6 @@ class CompiledEngine:
     name = "compiled"
 
     def __init__(self, path: str, threads: int | None = None):
-        import numba
-
         # compiled (or loaded from numba's cache) before the weights are read, and the compiler's code
         # pages let go: the process's peak memory is the weights plus the runtime, not LLVM besides
         self.compile_seconds, self.compiled = compile_step()
@@ -194,7 +190,7 @@ class CompiledEngine:
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         self.tuner = ThreadTuner(self.threads)
         self._pack(f)
-        self._offsets = self.layout_offsets()
+        self._offsets = self.layout.offsets()
 
     def _pack(self, f):
         args, layout, gguf = f.args, f.layout, f.gguf
@@ -209,7 +205,7 @@ class CompiledEngine:
             raise ModelFileError(f"{self.path}: layer types rotate different numbers of dimensions")
         rope_row = {t: i for i, t in enumerate(ropes)}
         layers = np.full((args.num_layers, ck.LAYER_COLUMNS), -1, np.int64)
-        state_offset = 0
+        offsets = layout.offsets()
         for i in range(args.num_layers):
             check_shapes(f, i)
             lay = layers[i]
@@ -238,11 +234,9 @@ class CompiledEngine:
             if layout.kinds[i] == HYBRID:
                 lay[ck.L_FMAP_Q], lay[ck.L_FMAP_K] = p.param(t("self_attn.feature_map_q")), p.param(t("self_attn.feature_map_k"))
                 lay[ck.L_WINDOW_FACTOR] = p.param(tensor(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight"))
-                if self.recurrence.decay:  # log(lam) = -exp(decay_log_rate), once at load
-                    rate = f.gguf.tensor(f"blk.{i}.{names.DECAY_GGUF}.weight")
-                    lay[ck.L_LOG_DECAY] = p.param(-np.exp(rate).astype(np.float32))
-            lay[ck.L_STATE] = state_offset
-            state_offset += sum(math.prod(s) for s in layout.part_shapes(i).values())
+                if self.recurrence.decay:
+                    lay[ck.L_LOG_DECAY] = p.param(log_decay(f, i))
+            lay[ck.L_STATE] = offsets[layout.layer_names(i)[0]][0]  # the layer's parts follow in order
             lay[ck.L_ROPE] = rope_row[args.layer_types[i]]
         p.fill(lambda tensor_: f.gguf.tensor(tensor_.name), gguf.release_pages)
         self.q8, self.q4, self.scales, self.f32, self.entries = p.q8, p.q4, p.scales, p.f32, p.entries
@@ -253,12 +247,12 @@ class CompiledEngine:
             args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, layout.feature_dim,
             layout.window_size, layout.sink_tokens, args.intermediate_size, args.vocab_size, layout.base_window]
         dims[ck.D_PRE_ROPE] = self.recurrence.feature_maps == PRE_ROPE
-        dims[ck.D_QK_NORM], dims[ck.D_SANDWICH] = args.qk_norm, args.sandwich_norms
+        dims[ck.D_QK_NORM] = args.qk_norm  # sandwich norms: the layers' post-norm offsets (-1: none)
         dims[ck.D_ACTIVATION] = {"silu": ck.ACT_SILU, "gelu_tanh": ck.ACT_GELU_TANH}[args.activation]
         self.dims = dims
         self.consts = np.array([args.norm_eps, args.norm_offset, args.attention_scale, args.embedding_scale,
                                 args.attn_softcap or 0.0, args.final_softcap or 0.0], np.float32)
-        self.state_size = state_offset
+        self.state_size = layout.size_per_sequence
 
     def decode_bytes_per_token(self) -> int:
         """Bytes one decode step reads or writes: every matrix as stored with its scales (the
@@ -282,15 +276,6 @@ class CompiledEngine:
 
     def _missing(self, name):
         raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
-
-    def layout_offsets(self) -> dict:
-        """{state name: (offset, shape)} in a sequence's flat buffer (the layer table's order)."""
-        out, offset = {}, 0
-        for i in range(self.layout.num_layers):
-            for part_name, shape in zip(self.layout.layer_names(i), self.layout.part_shapes(i).values()):
-                out[part_name] = (offset, shape)
-                offset += math.prod(shape)
-        return out
 
     @property
     def state_bytes(self) -> int:
@@ -320,8 +305,6 @@ class CompiledEngine:
     def run(self, tokens, state: State, want_logits: bool = True):
         """Feed ``tokens`` ([T] or [B, T]) after ``state``, which is updated in place and returned
         with the logits of the last token [B, V] (None when ``want_logits`` is false)."""
-        import numba
-
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]

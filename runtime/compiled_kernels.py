@@ -389,8 +389,8 @@ LAYER_COLUMNS = 21
 KIND_HYBRID, KIND_WINDOW = 0, 1
 # dims (int64): the model's sizes and switches; consts (float32): its scalars
 (D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FEATURES, D_WINDOW, D_SINKS, D_INTERMEDIATE, D_VOCAB, D_BASE_WINDOW,
- D_PRE_ROPE, D_QK_NORM, D_SANDWICH, D_ACTIVATION, D_EMBED, D_HEAD, D_FINAL_NORM) = range(17)
-DIMS = 17  # D_EMBED, D_HEAD: rows of the weight table; D_FINAL_NORM: an offset in f32
+ D_PRE_ROPE, D_QK_NORM, D_ACTIVATION, D_EMBED, D_HEAD, D_FINAL_NORM) = range(16)
+DIMS = 16  # D_EMBED, D_HEAD: rows of the weight table; D_FINAL_NORM: an offset in f32
 C_EPS, C_NORM_OFFSET, C_SCALE, C_EMBEDDING_SCALE, C_ATTN_SOFTCAP, C_FINAL_SOFTCAP = range(6)
 CONSTS = 6
 ACT_SILU, ACT_GELU_TANH = 0, 1
@@ -415,6 +415,17 @@ def _add_bias(y, f32, off):
         for t in range(y.shape[0]):
             for i in range(y.shape[1]):
                 y[t, i] += f32[off + i]
+
+
+@njit(inline="always", **_JIT)
+def _add_residual(x, out, f32, post_norm, eps, offset):
+    """x += out of a sub-layer [T, hidden], normed first where the layer has a post-norm
+    (sandwich norms; ``post_norm`` its offset in f32, -1 for none)."""
+    for t in range(x.shape[0]):
+        if post_norm >= 0:
+            _rms_norm(out[t], f32, post_norm, eps, offset, out[t])
+        for i in range(x.shape[1]):
+            x[t, i] += out[t, i]
 
 
 @njit(**_JIT)
@@ -507,11 +518,8 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
                               k_sink, v_sink, position + t, scale, attn_cap, rope, pre_rope, att[t])
         linear(q8, q4, scales, f32, entries[lay[L_O]], att.reshape((t_n, q_size)), proj)
         _add_bias(proj, f32, lay[L_O_BIAS])
+        _add_residual(x, proj, f32, lay[L_ATTN_POST_NORM], eps, offset)
         for t in range(t_n):
-            if dims[D_SANDWICH]:
-                _rms_norm(proj[t], f32, lay[L_ATTN_POST_NORM], eps, offset, proj[t])
-            for i in range(hidden):
-                x[t, i] += proj[t, i]
             _rms_norm(x[t], f32, lay[L_FFN_NORM], eps, offset, normed[t])
         linear(q8, q4, scales, f32, entries[lay[L_GATE_UP]], normed, gate_up)
         _add_bias(gate_up, f32, lay[L_GATE_UP_BIAS])
@@ -526,11 +534,7 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
                 act[t, i] = g_ * gate_up[t, inter + i]
         linear(q8, q4, scales, f32, entries[lay[L_DOWN]], act, proj)
         _add_bias(proj, f32, lay[L_DOWN_BIAS])
-        for t in range(t_n):
-            if dims[D_SANDWICH]:
-                _rms_norm(proj[t], f32, lay[L_FFN_POST_NORM], eps, offset, proj[t])
-            for i in range(hidden):
-                x[t, i] += proj[t, i]
+        _add_residual(x, proj, f32, lay[L_FFN_POST_NORM], eps, offset)
     if logits.shape[0] == 0:
         return
     last = np.empty((1, hidden), np.float32)

@@ -14,6 +14,10 @@ from edge_lolcats.formats.gguf_io import GGUFFile, ModelFileError, read_gguf
 from edge_lolcats.formats.tokenizer import Tokenizer
 
 
+# projections both GGUF engines run as one matrix each (rows joined): fewer, larger products per token
+FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
 @dataclass
 class LolcatsFile:
     gguf: GGUFFile
@@ -42,6 +46,16 @@ def open_lolcats_gguf(path: str) -> LolcatsFile:
     return LolcatsFile(gguf, args, lolcats, recurrence, StateLayout.of(args, lolcats),
                        Tokenizer.from_gguf_metadata(gguf.metadata), gguf.value(names.KEY_MODEL_FINGERPRINT),
                        names.file_type_name(gguf.value(names.KEY_FILE_TYPE)))
+
+
+def log_decay(f: LolcatsFile, layer: int):
+    """A hybrid layer's log(lam) per head, float32, from the stored rate: log(lam) = -exp(rate)
+    (None without decay)."""
+    import numpy as np
+
+    if not f.recurrence.decay:
+        return None
+    return (-np.exp(f.gguf.tensor(f"blk.{layer}.{names.DECAY_GGUF}.weight"))).astype(np.float32)
 
 
 def expected_shapes(f: LolcatsFile, layer: int) -> dict:

@@ -24,7 +24,7 @@ from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.converters import gguf_names as names
 
 from .generation import large_allocations_unmapped_when_freed
-from .gguf_model import check_shapes, open_lolcats_gguf
+from .gguf_model import FUSED, check_shapes, log_decay, open_lolcats_gguf
 from .state import State, empty_state
 
 
@@ -101,8 +101,6 @@ class Biased:
 
 
 WEIGHT_MODES = ("float32", "stored")
-# projections run as one matrix each: fewer, larger products per token
-FUSED = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
 class GGUFEngine:
@@ -161,9 +159,7 @@ class GGUFEngine:
                 attn.feature_map_q = t(names.layer_tensor(i, "self_attn.feature_map_q"))
                 attn.feature_map_k = t(names.layer_tensor(i, "self_attn.feature_map_k"))
                 attn.window_factor = t(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight")
-                # log(lam) = -exp(decay_log_rate), once at load
-                attn.log_decay = (-np.exp(t(f"blk.{i}.{names.DECAY_GGUF}.weight")).astype(np.float32)
-                                  if self.recurrence.decay else None)
+                attn.log_decay = log_decay(f, i)
             if args.qk_norm:
                 attn.q_norm = t(names.layer_tensor(i, "self_attn.q_norm"))
                 attn.k_norm = t(names.layer_tensor(i, "self_attn.k_norm"))

@@ -79,9 +79,25 @@ class StateLayout:
         """{state name: [batch, ...]} for every layer (``batch`` may be a symbolic name)."""
         return {name(i, p): [batch, *s] for i in range(self.num_layers) for p, s in self.part_shapes(i).items()}
 
+    def offsets(self) -> dict:
+        """{state name: (offset, shape without the batch axis)} of every part laid end to end in one
+        sequence's flat float32 buffer, layer by layer in :meth:`part_shapes` order (the compiled
+        engine keeps a sequence's state as one such buffer)."""
+        out, offset = {}, 0
+        for i in range(self.num_layers):
+            for part, shape in self.part_shapes(i).items():
+                out[name(i, part)] = (offset, shape)
+                offset += math.prod(shape)
+        return out
+
+    @property
+    def size_per_sequence(self) -> int:
+        """Floats in one sequence's state."""
+        return sum(math.prod(s) for i in range(self.num_layers) for s in self.part_shapes(i).values())
+
     @property
     def bytes_per_sequence(self) -> int:
-        return 4 * sum(math.prod(s) for i in range(self.num_layers) for s in self.part_shapes(i).values())
+        return 4 * self.size_per_sequence
 
 
 def name(layer: int, part: str) -> str:

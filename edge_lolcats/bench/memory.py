@@ -145,10 +145,9 @@ PREFILL_RATIOS = {1024: 1.0, 16384: 3.0}
 RSS_GROWTH = 1.02  # our peak RSS at the longest context over 1K
 
 
-def runtime_targets(results: list[dict], engine: str = "compiled", bandwidth: float | None = None) -> list[dict]:
+def runtime_targets(results: list[dict], engine: str = "compiled") -> list[dict]:
     """The targets checked on one report, per weight precision where llama.cpp ran at the same one;
-    a context not measured is left out, not counted as met. With ``bandwidth`` (bytes/s, from
-    :func:`bench.bandwidth_probe`) each decode's traffic as a fraction of it is reported too."""
+    a context not measured is left out, not counted as met (bandwidth: :func:`bandwidth_fractions`)."""
     rows = []
     for weights in dict.fromkeys(r.get("weights") for r in results if r["engine"] == engine):
         ours = {r["context"]: r for r in results if r["engine"] == engine and r.get("weights") == weights}

@@ -186,11 +186,11 @@ def read_gguf(path: str) -> GGUFFile:
         mapped = np.memmap(path, mode="r")
         metadata, infos, start = _parse(memoryview(mapped), path)
         tensors = {}
+        floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
         for name, dims, kind, offset in infos:
             ggml_type = GGMLQuantizationType(kind)
             block, size = GGML_QUANT_SIZES[ggml_type]
             shape = tuple(reversed(dims))  # row-major
-            floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
             dtype = floats.get(ggml_type, np.uint8)
             row = shape[-1] if dtype is not np.uint8 else shape[-1] // block * size
             count = int(np.prod(shape[:-1], dtype=np.int64)) * row
