@@ -145,13 +145,13 @@ def release_compiler_pages() -> int:
 class ThreadTuner:
     """The thread count for each kind of step (decode, prefill block), chosen by timing them, so the
     engine stays fast when other processes share the cores: on the idle 2-core machine 2 threads
-    decode in 15 ms against 28 for 1, but with another process holding a core 2 threads took 30-70
-    ms against 28 for 1 (by hand, 2026-12-02). Every ``period`` steps one step runs at the other
+    decode in 15 ms against 27 for 1, but with another process holding a core 2 threads took 34-66
+    ms against 25 for 1 (``python -m edge_lolcats.bench.runtime --compiled-threads FILE``). Every ``period`` steps one step runs at the other
     count; each count keeps a moving average of its step time and the faster one is used. The
     logits do not depend on the thread count (each output is summed by one thread), only the time."""
 
-    def __init__(self, most: int, period: int = 32, weight: float = 0.25):
-        self.counts = sorted({1, most})
+    def __init__(self, counts, period: int = 32, weight: float = 0.25):
+        self.counts = sorted(set(counts))
         self.period, self.weight = period, weight
         self.average = {}  # (kind, threads) -> seconds
         self.steps = {}  # kind -> steps run
@@ -188,7 +188,7 @@ class CompiledEngine:
         self.layout, self.tokenizer, self.fingerprint, self.weights = f.layout, f.tokenizer, f.fingerprint, f.weights
         self.max_position_embeddings = f.args.max_position_embeddings
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
-        self.tuner = ThreadTuner(self.threads)
+        self.tuner = ThreadTuner({1, self.threads})
         self._pack(f)
         self._offsets = self.layout.offsets()
 

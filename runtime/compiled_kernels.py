@@ -29,9 +29,9 @@ from numba import njit, prange
 
 # How long an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT). A token step is
 # ~180 parallel regions; threads that sleep between them (OMP_WAIT_POLICY=PASSIVE) made 2 threads no
-# faster than 1 (decode 26.8 vs 27.9 ms, prefill 139 vs 231 tok/s on the 2-core machine), spinning
-# for ever (ACTIVE, or libgomp's default 300,000) stalls when another process holds a core. 10,000
-# spins: 15.0 ms and 387 tok/s idle, as ACTIVE (14.9 ms, 382 tok/s). Measured by hand, 2026-12-02.
+# faster than 1 (decode 26.6 vs 26.8 ms on the 2-core machine), spinning for ever (ACTIVE, or
+# libgomp's default 300,000) stalls when another process holds a core. 10,000 spins: 15.3 ms idle,
+# as ACTIVE (15.4). `python -m edge_lolcats.bench.runtime --compiled-threads FILE`; docs/BENCHMARKS.md.
 SPIN_COUNT = "10000"
 
 

@@ -173,7 +173,7 @@ def test_thread_tuner_moves_to_the_faster_count_and_back():
     makes 2 threads slower than 1), and keeps looking at the other count."""
     from edge_lolcats.runtime.compiled_engine import ThreadTuner
 
-    tuner = ThreadTuner(2, period=8)
+    tuner = ThreadTuner({1, 2}, period=8)
     cost = {1: 28e-3, 2: 15e-3}  # idle machine
     used = []
     for step in range(200):
@@ -184,4 +184,4 @@ def test_thread_tuner_moves_to_the_faster_count_and_back():
         used.append(t)
     assert used[40:100].count(2) > 0.8 * 60 and used[150:].count(1) > 0.8 * 50
     assert 1 in used[40:100] and 2 in used[150:]  # the other count is still tried now and then
-    assert ThreadTuner(1).choose("decode") == 1
+    assert ThreadTuner({1}).choose("decode") == 1

@@ -133,6 +133,56 @@ def llama_cpp_bytes_per_token(path: str, context: int) -> int:
     return int(total + 2 * layers * kv_heads * head_dim * 2 * context)
 
 
+# how the compiled engine's threads wait between parallel regions: (label, environment, thread counts)
+THREAD_SETTINGS = [("OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}, [2]),
+                   ("OMP_WAIT_POLICY=ACTIVE", {"OMP_WAIT_POLICY": "ACTIVE"}, [2]),
+                   ("GOMP_SPINCOUNT=1000", {"GOMP_SPINCOUNT": "1000"}, [2]),
+                   ("GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}, [2]),
+                   ("one thread", {}, [1]),
+                   ("the engine's default (10,000 spins, tuner over 1 and 2)", {}, [1, 2])]
+
+
+def compiled_step_times(path: str, counts: list, tokens: int = 1024, decode_steps: int = 48) -> dict:
+    """Prefill tokens/s over ``tokens`` (blocks of 128) and median decode ms per token after them,
+    on the compiled engine with its tuner limited to ``counts`` threads."""
+    import numpy as np
+
+    from edge_lolcats.runtime.compiled_engine import CompiledEngine, ThreadTuner
+
+    engine = CompiledEngine(path)
+    engine.tuner = ThreadTuner(counts)
+    ids = np.random.default_rng(0).integers(100, 40000, tokens)
+    state, start = engine.empty_state(), time.perf_counter()
+    for i in range(0, tokens, PREFILL_CHUNK):
+        engine.run(ids[i : i + PREFILL_CHUNK], state)
+    prefill = tokens / (time.perf_counter() - start)
+    times = []
+    for token in ids[:decode_steps]:
+        start = time.perf_counter()
+        engine.run([int(token)], state)
+        times.append(time.perf_counter() - start)
+    return {"prefill_tokens_per_s": prefill, "decode_ms": 1e3 * float(np.median(times))}
+
+
+def compiled_threads(path: str) -> list:
+    """:data:`THREAD_SETTINGS` each in a fresh process, on an idle machine and with another process
+    spinning on one core: [(label, busy, prefill tok/s, decode ms)]."""
+    rows = []
+    for busy in (False, True):
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+        try:
+            for label, env, counts in THREAD_SETTINGS:
+                clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                cmd = [sys.executable, "-m", "edge_lolcats.bench.runtime", "--compiled-step", path, ",".join(map(str, counts))]
+                r = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**clean, **env})
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+                rows.append((label, busy, out["prefill_tokens_per_s"], out["decode_ms"]))
+        finally:
+            if hog:
+                hog.kill()
+    return rows
+
+
 def bandwidth_in_fresh_process(threads: int | None = None) -> float:
     """:func:`bandwidth_probe` in its own process: the benchmark's parent keeps neither its 256 MB
     nor numba's thread pool (whose settings its children would inherit)."""
@@ -392,6 +442,14 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--onnx-decode"]:
         for name, ms in onnx_decode_paths(sys.argv[2]).items():
             print(f"{name:28s} {ms:.2f} ms per token")
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["--compiled-step"]:
+        print(json.dumps(compiled_step_times(sys.argv[2], [int(c) for c in sys.argv[3].split(",")])))
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["--compiled-threads"]:
+        print("| threads | machine | prefill tok/s | decode ms per token |\n|---|---|---|---|")
+        for label, busy, prefill, decode in compiled_threads(sys.argv[2]):
+            print(f"| {label} | {'one core busy' if busy else 'idle'} | {prefill:.0f} | {decode:.1f} |")
         raise SystemExit(0)
     if sys.argv[1:2] == ["--bandwidth"]:
         print(bandwidth_probe(threads=int(sys.argv[2]) if sys.argv[2:] else None))
