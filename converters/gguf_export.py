@@ -8,6 +8,7 @@ The file is written to a temporary name beside the destination and renamed into 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 from edge_lolcats.arch.hybrid import Recurrence
 from edge_lolcats.formats.fileio import atomic_file
 from . import gguf_names as names
+from . import quantize
 
 DTYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -48,10 +50,8 @@ def _qtype(dtype: str):
     return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
 
 
-def _encode(array: np.ndarray, dtype: str, name: str):
-    """(data, raw_dtype) for GGUFWriter.add_tensor."""
-    from gguf import quants
-
+def _encode(array: np.ndarray, dtype: str, name: str, importance: np.ndarray | None = None):
+    """(data, raw_dtype) for GGUFWriter.add_tensor; ``importance`` [K] weights q4_0's rounding."""
     small = array.ndim < 2 or any(p in name for p in names.LOLCATS_ONLY) or name.endswith("_norm.weight")
     if small or dtype == "f32":
         return array.astype(np.float32), _qtype("f32")
@@ -63,12 +63,30 @@ def _encode(array: np.ndarray, dtype: str, name: str):
         # as llama.cpp's own 4-bit mixes do, the vocabulary matrices keep more bits: measured on SmolLM2
         # (tied embeddings), q4_0 there cost +50% held-out perplexity, q8_0 there costs little
         dtype = "q8_0"
-    return quants.quantize(array.astype(np.float32), _qtype(dtype)), _qtype(dtype)
+    return quantize.quantize(array, dtype, importance), _qtype(dtype)
+
+
+def _gguf_importance(importance: dict) -> dict:
+    """{Linear module name: importance [K]} -> {GGUF tensor name: importance}. A fused matrix
+    (attn_qkv; gate and up as ffn_up) shares its parts' input, so it takes the first part's."""
+    out = {}
+    for module, values in importance.items():
+        try:
+            out[names.to_gguf(module + ".weight")] = values
+        except KeyError:
+            continue
+    for g, values in list(out.items()):
+        if ".attn_q." in g:
+            out.setdefault(g.replace(".attn_q.", f".{names.FUSED_QKV}."), values)
+    return out
 
 
 def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "", progress=None,
-                as_softmax: bool = False) -> dict:
+                as_softmax: bool = False, calibration: np.ndarray | None = None) -> dict:
     """Write ``model`` to ``path``; returns a summary (architecture, tensor count, bytes).
+
+    ``calibration`` (token ids [n, T]) weights q4_0's rounding by each input channel's activations on
+    that text (:mod:`.quantize`; the CLI passes the installed corpus's); None rounds as gguf-py does.
 
     A linearized model becomes a ``lolcats`` file. A softmax model becomes llama.cpp's file of its
     family (edge_lolcats.arch.gguf: the same layout llama.cpp's converter writes); ``as_softmax``
@@ -104,6 +122,12 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         arch = convention.arch
         state = {k: v for k, v in state.items() if not any(p in names.to_gguf(k) for p in names.LOLCATS_ONLY)}
         tensors = weights_to_gguf(args, convention, state)
+    importance = {}
+    if dtype == "q4_0" and calibration is not None:
+        from edge_lolcats.nn.model import teacher_mode
+
+        with teacher_mode(model) if is_linearized(model) and as_softmax else contextlib.nullcontext():
+            importance = _gguf_importance(quantize.input_importance(model, calibration))
 
     with atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -130,7 +154,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         for k, v in tokenizer.gguf_metadata().items():
             _add_value(writer, k, v)
         for i, (gg_name, array) in enumerate(tensors.items()):
-            data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name)
+            data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name, importance.get(gg_name))
             writer.add_tensor(gg_name, data, raw_dtype=raw)
             if progress is not None:
                 progress(i + 1, len(tensors))

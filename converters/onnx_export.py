@@ -25,6 +25,7 @@ import json
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -199,20 +200,48 @@ def _export_graph(graph: nn.Module, model, path: str, decode: bool):
 QUANTIZE = {"int8": 8, "int4": 4}  # --quantize: bits of MatMulNBits, blocks of 32
 
 
-def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int):
+def _weight_key(w) -> bytes:
+    """A weight matrix [N, K] by its float32 bytes: how a traced graph's anonymous MatMul initializer
+    (the Linear's weight, transposed by constant folding) is matched to its Linear."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(w, np.float32)).tobytes()).digest()
+
+
+def _importance_by_weight(graph: "StepGraph", by_module: dict) -> dict:
+    """{_weight_key: importance [K]} for every Linear the graph multiplies by, from
+    ``quantize.input_importance``'s {module name: importance}; a fused Linear takes its first
+    part's (the parts share their input)."""
+    name_of = {id(m): n for n, m in graph.model.named_modules()}
+    out = {}
+    for m in graph.modules():
+        if isinstance(m, nn.Linear) and name_of.get(id(m)) in by_module:
+            out[_weight_key(m.weight.detach().numpy())] = by_module[name_of[id(m)]]
+        elif isinstance(m, _Fused):
+            for names, (linear, _) in m.fused.items():
+                part = name_of.get(id(getattr(m.module, names[0])))
+                if part in by_module:
+                    out[_weight_key(linear.weight.detach().numpy())] = by_module[part]
+    return out
+
+
+def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, importance: dict | None = None,
+                    done: dict | None = None):
     """Every linear layer (a MatMul by a 2-D weight initializer [K, N], K a multiple of 32) becomes
     ``com.microsoft.MatMulNBits`` with GGUF's own quantization of the same weight: 8 bits are q8_0,
     4 bits q4_0 except the vocabulary projection, which stays 8 bits (as the GGUF q4_0 file keeps
     it q8_0); the embedding lookup becomes ``GatherBlockQuantized`` over the q8_0 rows. So an int8 / int4 export holds exactly the weights of the q8_0 / q4_0 GGUF file
     (converters/nbits.py). The feature maps' per-head [H, D, F] weights stay float32 (small, and
     the softmax after them is sensitive). ``accuracy_level`` 4 multiplies with int8 activations
-    (onnxruntime's fast kernels; 1 keeps them float32: 8-bit at level 0 ran 80x slower, FACTS)."""
+    (onnxruntime's fast kernels; 1 keeps them float32: 8-bit at level 0 ran 80x slower, FACTS).
+    ``importance`` ({_weight_key: [K]}) weights q4_0's rounding as the GGUF exporter does; ``done``
+    keeps each matrix's blocks for the next graph (both graphs hold the same weights)."""
     import onnx
-    from gguf import GGMLQuantizationType, quants
     from onnx import helper, numpy_helper
 
-    from . import nbits
+    from . import nbits, quantize
 
+    done = {} if done is None else done
     m = onnx.load(path)
     inits = {i.name: i for i in m.graph.initializer}
     uses = {}
@@ -224,7 +253,7 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int):
         table = inits.get(n.input[0]) if n.op_type == "Gather" else None
         if table is not None and len(table.dims) == 2 and table.dims[0] == vocab_size and table.dims[1] % nbits.BLOCK == 0:
             # the embedding as the q8_0 file stores it: 8-bit rows in blocks of 32, gathered and scaled
-            raw = quants.quantize(numpy_helper.to_array(table).astype("float32"), GGMLQuantizationType.Q8_0)
+            raw = quantize.reference(numpy_helper.to_array(table), "q8_0")
             packed, scales = nbits.from_gguf(raw, 8)
             m.graph.initializer.extend([numpy_helper.from_array(packed.reshape(len(packed), -1), table.name + ".nbits"),
                                         numpy_helper.from_array(scales, table.name + ".scales")])
@@ -240,8 +269,16 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int):
         k, cols = (int(d) for d in weight.dims)
         w = numpy_helper.to_array(weight).T.astype("float32")  # [N, K]
         b = 8 if cols == vocab_size else bits  # the vocabulary projection: 8 bits always
-        raw = quants.quantize(w, GGMLQuantizationType.Q8_0 if b == 8 else GGMLQuantizationType.Q4_0)
-        packed, scales = nbits.from_gguf(raw, b)
+        key = (_weight_key(w), b)
+        if key not in done:
+            weights = None
+            if b == 4 and importance is not None:
+                weights = importance.get(key[0])
+                if weights is None:
+                    raise ExportError(f"no calibration for MatMul weight {weight.name} {list(weight.dims)}: "
+                                      "a traced Linear not matched to the model's")
+            done[key] = nbits.from_gguf(quantize.quantize(w, "q8_0" if b == 8 else "q4_0", weights), b)
+        packed, scales = done[key]
         m.graph.initializer.extend([numpy_helper.from_array(packed, weight.name + ".nbits"),
                                     numpy_helper.from_array(scales, weight.name + ".scales")])
         nodes.append(helper.make_node("MatMulNBits", [n.input[0], weight.name + ".nbits", weight.name + ".scales"],
@@ -300,10 +337,11 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
 
 
 def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "",
-                accuracy_level: int = 4) -> dict:
+                accuracy_level: int = 4, calibration: np.ndarray | None = None) -> dict:
     """Write ``model.onnx`` + ``decode.onnx`` + ``weights.bin`` + ``model.json`` + tokenizer files to
     ``out_dir`` (atomically). ``quantize`` "int8" / "int4": the linear layers as MatMulNBits with
-    the q8_0 / q4_0 GGUF file's weights (:func:`_quantize_nbits`)."""
+    the q8_0 / q4_0 GGUF file's weights (:func:`_quantize_nbits`; ``calibration`` as for
+    :func:`.gguf_export.export_gguf`, so the same calibration gives the same weights)."""
     from edge_lolcats.nn.lora import lora_modules, merge_lora
     from edge_lolcats.nn.model import is_linearized, state_layout
 
@@ -322,13 +360,18 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
     with atomic_folder(out_dir) as tmp:
         import onnx
 
-        graphs = {"model.onnx": False, "decode.onnx": True}
+        importance = None
+        if quantize == "int4" and calibration is not None:
+            from . import quantize as quantization
+
+            importance = _importance_by_weight(StepGraph(model), quantization.input_importance(model, calibration))
+        graphs, quantized = {"model.onnx": False, "decode.onnx": True}, {}
         for file, decode in graphs.items():
             path = os.path.join(tmp, file)
             _export_graph(StepGraph(model, decode=decode).eval(), model, path, decode)
             onnx.checker.check_model(path)
             if quantize:
-                _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size)
+                _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size, importance, quantized)
         paths = [os.path.join(tmp, f) for f in graphs]
         external = _share_weights(paths, os.path.join(tmp, WEIGHTS_FILE))
         for path in paths:

@@ -95,9 +95,12 @@ def test_quantized_export_holds_the_gguf_weights(tmp_path, smol_tokenizer, quant
     from edge_lolcats.runtime.compiled_engine import CompiledEngine
 
     model = linearize(tiny_model("qwen2"), window_size=8, feature_dim=8)
-    export_onnx(model, smol_tokenizer, str(tmp_path / "exact"), quantize=quantize, accuracy_level=1)
-    export_onnx(model, smol_tokenizer, str(tmp_path / "fast"), quantize=quantize)
-    export_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), dtype=dtype)
+    # int4 rounded with calibration text, as `edge-lolcats export` does: the same text gives the same blocks
+    calibration = np.random.default_rng(1).integers(0, 49152, (2, 16)) if quantize == "int4" else None
+    export_onnx(model, smol_tokenizer, str(tmp_path / "exact"), quantize=quantize, accuracy_level=1,
+                calibration=calibration)
+    export_onnx(model, smol_tokenizer, str(tmp_path / "fast"), quantize=quantize, calibration=calibration)
+    export_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), dtype=dtype, calibration=calibration)
     graph = onnx.load(str(tmp_path / "exact" / "decode.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     bits = sorted({a.i for n in nbits for a in n.attribute if a.name == "bits"})

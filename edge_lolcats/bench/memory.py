@@ -73,12 +73,17 @@ def _export(model_name, kind, path, args, dtype):
 
     print(f"exporting {model_name} ({kind}) to {path} ...", file=sys.stderr)
     loaded = load_model(model_name)
+    calibration = None
+    if (dtype if kind != "onnx" else args.onnx_weights) in ("q4_0", "int4"):  # as `edge-lolcats export` rounds them
+        from edge_lolcats.training.data import calibration_tokens
+
+        calibration = calibration_tokens(loaded.tokenizer)
     if kind == "onnx":
         export_onnx(loaded.model, loaded.tokenizer, path, quantize=None if args.onnx_weights == "f32" else args.onnx_weights,
-                    source=model_name)
+                    source=model_name, calibration=calibration)
     else:
         export_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, source=model_name,
-                    as_softmax=kind == "teacher")
+                    as_softmax=kind == "teacher", calibration=calibration)
 
 
 def median_result(runs: list[dict]) -> dict:
@@ -110,11 +115,20 @@ def merged_results(files: list[str]) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["context"], order.get(r["engine"], len(order))))
 
 
+def merged_bandwidth(files: list[str]) -> float | None:
+    """The lowest bandwidth any of the reports measured (the ceilings it gives are the reachable ones)."""
+    values = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            values.append(json.load(f).get("bandwidth_bytes_per_s"))
+    return min((v for v in values if v), default=None)
+
+
 def run(args):
     if args.merge:
         results, paths = merged_results(args.merge), {"merged": args.merge}
         args.model = args.model or ", ".join(args.merge)
-        return _report(args, results, paths)
+        return _report(args, results, paths, merged_bandwidth(args.merge))
     if not args.model:
         raise ValueError("give a MODEL to measure (or --merge earlier --json reports)")
     paths = _ensure_exports(args)
@@ -195,7 +209,7 @@ def _report(args, results: list[dict], paths: dict, bandwidth: float | None = No
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(f"# bench memory: {args.model}\n\n{table}\n")
     if args.plot:
-        bench.plot(results, args.plot)
+        bench.plot(results, args.plot, bandwidth)
         print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

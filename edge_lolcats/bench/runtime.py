@@ -269,30 +269,47 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot(results: list[dict], path: str):
-    """Peak RSS and decode speed against context length (log x), one line per engine and weights."""
+def plot(results: list[dict], path: str, bandwidth: float | None = None):
+    """Peak RSS, decode and prefill speed against context length (log x): a colour per engine, a line
+    style per weight precision; on the decode panel, each engine's bandwidth ceiling (``bandwidth``
+    over its bytes read per token) dashed and thin, where both are known."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-
-    def line(r):
-        return f"{r['engine']} ({r['weights']})" if r.get("weights") else r["engine"]
-
-    for label in dict.fromkeys(line(r) for r in results):
-        rs = sorted((r for r in results if line(r) == label), key=lambda r: r["context"])
-        xs = [r["context"] for r in rs]
-        ax1.plot(xs, [r["peak_rss_mb"] for r in rs], marker="o", label=label)
-        ax2.plot(xs, [r["decode_tokens_per_s"] or 0 for r in rs], marker="o", label=label)
-    for ax, title in ((ax1, "peak RSS (MB)"), (ax2, "decode tokens/s after the context")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    engines = list(dict.fromkeys(r["engine"] for r in results))
+    precisions = list(dict.fromkeys(r.get("weights") for r in results))
+    colours = {e: f"C{i}" for i, e in enumerate(engines)}
+    styles = {w: s for w, s in zip(precisions, ("-", "--", ":", "-."))}
+    panels = (("peak_rss_mb", "peak RSS (MB)"), ("decode_tokens_per_s", "decode (tokens/s) after the context"),
+              ("prefill_tokens_per_s", "prefill (tokens/s) of the context"))
+    for engine in engines:
+        for weights in precisions:
+            rs = sorted((r for r in results if r["engine"] == engine and r.get("weights") == weights),
+                        key=lambda r: r["context"])
+            if not rs:
+                continue
+            label = f"{engine} ({weights})" if weights else engine
+            xs = [r["context"] for r in rs]
+            for ax, (key, _) in zip(axes, panels):
+                ax.plot(xs, [r.get(key) or 0 for r in rs], marker="o", color=colours[engine],
+                        linestyle=styles[weights], label=label)
+            ceiling = [bandwidth / r["decode_bytes_per_token"] if bandwidth and r.get("decode_bytes_per_token") else None
+                       for r in rs]
+            if all(ceiling):
+                axes[1].plot(xs, ceiling, color=colours[engine], linestyle=styles[weights], linewidth=0.8, alpha=0.5,
+                             label=f"{label}: bandwidth ceiling")
+    for ax, (_, title) in zip(axes, panels):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
         ax.set_xlabel("context (tokens)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -30,10 +30,23 @@ def cmd_export(args):
             raise CLIError("--softmax-teacher is for GGUF (llama.cpp)")
         if os.path.isfile(args.out):
             raise CLIError(f"--out {args.out} is a file; ONNX export writes a folder")
+    four_bit = args.dtype == "q4_0" or args.quantize == "int4"
+    if args.calibration and not four_bit:
+        raise CLIError("--calibration is for q4_0 (GGUF) and int4 (ONNX): 8-bit and float weights round as they are")
+    if args.calibration not in (None, "none") and not os.path.exists(args.calibration):
+        raise CLIError(f"--calibration {args.calibration}: no such file or folder")
     t0 = time.perf_counter()
     loaded = load_model(args.model)
+    calibration = None
+    if four_bit and args.calibration != "none":
+        from edge_lolcats.training.data import calibration_tokens
+
+        print("calibrating the 4-bit rounding on "
+              f"{args.calibration or 'the installed corpus'}'s training text", file=sys.stderr)
+        calibration = calibration_tokens(loaded.tokenizer, args.calibration)
     if args.format == "onnx":
-        summary = export_onnx(loaded.model, loaded.tokenizer, args.out, quantize=args.quantize, source=args.model)
+        summary = export_onnx(loaded.model, loaded.tokenizer, args.out, quantize=args.quantize, source=args.model,
+                              calibration=calibration)
     else:
         from tqdm import tqdm
 
@@ -44,7 +57,7 @@ def cmd_export(args):
             bar.update(1)
 
         summary = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.dtype, source=args.model,
-                              progress=progress, as_softmax=args.softmax_teacher)
+                              progress=progress, as_softmax=args.softmax_teacher, calibration=calibration)
         bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, metavar="FILE|DIR")
     ex.add_argument("--softmax-teacher", action="store_true",
                     help="write the weights (LoRA merged) as a plain llama file with softmax attention, for llama.cpp")
+    ex.add_argument("--calibration", metavar="PATH|none",
+                    help="q4_0 / int4: text whose activations weight the rounding (default: the installed corpus's "
+                         "training split; 'none': gguf-py's plain rounding)")
 
     ver = sub.add_parser("verify", help="check an exported file or folder, optionally against a reference model")
     ver.add_argument("file", metavar="FILE|DIR")

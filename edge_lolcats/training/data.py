@@ -358,6 +358,15 @@ def load_corpus(tokenizer, data: str | None = None, **kwargs) -> TokenizedCorpus
     return build_corpus(tokenizer, documents, **kwargs)
 
 
+def calibration_tokens(tokenizer, data: str | None = None, sequences: int = 8, seq_len: int = 1024) -> np.ndarray:
+    """Token ids [n, seq_len] that the exporters' 4-bit rounding is calibrated on
+    (``converters.quantize.input_importance``): the first ``sequences`` of the training split of
+    ``data`` (default: the installed corpus), never its held-out side, so quality measured on
+    held-out text is not measured on the calibration text. Eight sequences: the activations' mean
+    squares settle well before that."""
+    return load_corpus(tokenizer, data, seq_len=seq_len).train[:sequences]
+
+
 def heldout_text(tokenizer, min_tokens: int, source: str = "", seed: int = 0) -> Document:
     """The first held-out document of the default corpus (the split training uses, for ``seed``)
     whose name starts with ``source`` and that has at least ``min_tokens`` tokens: a long text no
