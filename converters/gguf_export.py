@@ -50,8 +50,9 @@ def _qtype(dtype: str):
     return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
 
 
-def _encode(array: np.ndarray, dtype: str, name: str, importance: np.ndarray | None = None):
-    """(data, raw_dtype) for GGUFWriter.add_tensor; ``importance`` [K] weights q4_0's rounding."""
+def _encode(array: np.ndarray, dtype: str, name: str, importance: dict | None = None):
+    """(data, raw_dtype) for GGUFWriter.add_tensor; ``importance`` ({GGUF name: [K]}, when calibrated)
+    weights q4_0's rounding."""
     small = array.ndim < 2 or any(p in name for p in names.LOLCATS_ONLY) or name.endswith("_norm.weight")
     if small or dtype == "f32":
         return array.astype(np.float32), _qtype("f32")
@@ -63,7 +64,12 @@ def _encode(array: np.ndarray, dtype: str, name: str, importance: np.ndarray | N
         # as llama.cpp's own 4-bit mixes do, the vocabulary matrices keep more bits: measured on SmolLM2
         # (tied embeddings), q4_0 there cost +50% held-out perplexity, q8_0 there costs little
         dtype = "q8_0"
-    return quantize.quantize(array, dtype, importance), _qtype(dtype)
+    weights = None
+    if dtype == "q4_0" and importance is not None:
+        weights = importance.get(name)
+        if weights is None:
+            raise ExportError(f"no calibration for {name}: its input is not among the model's Linear layers")
+    return quantize.quantize(array, dtype, weights), _qtype(dtype)
 
 
 def _gguf_importance(importance: dict) -> dict:
@@ -122,7 +128,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         arch = convention.arch
         state = {k: v for k, v in state.items() if not any(p in names.to_gguf(k) for p in names.LOLCATS_ONLY)}
         tensors = weights_to_gguf(args, convention, state)
-    importance = {}
+    importance = None
     if dtype == "q4_0" and calibration is not None:
         from edge_lolcats.nn.model import teacher_mode
 
@@ -154,7 +160,7 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         for k, v in tokenizer.gguf_metadata().items():
             _add_value(writer, k, v)
         for i, (gg_name, array) in enumerate(tensors.items()):
-            data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name, importance.get(gg_name))
+            data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name, importance)
             writer.add_tensor(gg_name, data, raw_dtype=raw)
             if progress is not None:
                 progress(i + 1, len(tensors))

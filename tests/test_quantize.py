@@ -96,3 +96,37 @@ def test_calibration_is_refused_where_it_does_nothing(tmp_path):
     r = run_cli("export", "smollm2-135m-lolcats", "--dtype", "q4_0", "--calibration", str(tmp_path / "missing.txt"),
                 "--out", str(tmp_path / "m.gguf"))
     assert r.returncode != 0 and "no such file" in r.stderr
+
+
+def test_the_quantization_study_rounds_as_the_exporter():
+    """bench.quantization's rules: vocabulary matrices at 8 bits in every rule, a tied matrix once,
+    and a rounded matrix is the export's blocks dequantized."""
+    from edge_lolcats.bench import quantization as study
+
+    model = linearize(tiny_model(), window_size=8, feature_dim=8)  # tied embeddings
+    linears = study._linears(model)
+    assert "model.embed_tokens" in linears and "lm_head" not in linears
+    assert "model.layers.0.self_attn.q_proj" in linears and not any("feature_map" in n for n in linears)
+    for name, (rule, _) in study.RULES.items():
+        if name != "f32":
+            assert rule("model.embed_tokens") == rule("lm_head") == "q8_0", name
+    gate_up = study.RULES["q4_0 calibrated gate/up only"][0]
+    assert [gate_up(f"model.layers.0.{n}") for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.v_proj")] \
+        == ["q4_0", "q4_0", "q8_0", "q8_0"]
+    w = model.model.layers[0].mlp.down_proj.weight.detach().numpy()
+    imp = np.random.default_rng().lognormal(0.0, 1.0, w.shape[1])
+    np.testing.assert_array_equal(study._rounded(w, "q4_0", imp).numpy(),
+                                  quants.dequantize(quantize.quantize(w, "q4_0", imp), T.Q4_0).reshape(w.shape))
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma3_text"])
+def test_every_4bit_matrix_of_a_family_finds_its_calibration(tmp_path, smol_tokenizer, family):
+    """Fused matrices (Phi-3's attn_qkv and gate-and-up ffn_up in llama.cpp's file) and kept-window
+    layers take their parts' importance: no 4-bit matrix is left to the plain rounding."""
+    model = linearize(tiny_model(family), window_size=8, feature_dim=8)
+    tokens = np.random.default_rng().integers(0, model.args.vocab_size, (1, 16))
+    for as_softmax in (False, True):
+        path = str(tmp_path / f"{as_softmax}.gguf")
+        export_gguf(model, smol_tokenizer, path, dtype="q4_0", as_softmax=as_softmax, calibration=tokens)
+        kinds = {t.tensor_type.name for t in read_gguf(path).tensors.values()}
+        assert "Q4_0" in kinds

@@ -368,6 +368,52 @@ def context_drift(path: str, context: int, decode_tokens: int = 64) -> list[tupl
     return rows
 
 
+def onnx_decode_profile(folder: str, steps: int = 32) -> list[tuple[str, int, int, float]]:
+    """Where an ONNX export's decode step goes: per op type, (op, nodes in the graph as written,
+    nodes after onnxruntime's optimizations, ms per token in onnxruntime's profile of ``steps``
+    decode steps after 512 tokens), the most time first. The compact decode graph's to-do list."""
+    import collections
+    import glob
+    import json as json_
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edge_lolcats.runtime.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(folder)
+    written = collections.Counter(n.op_type for n in onnx.load(os.path.join(folder, engine.meta["decode_graph"]),
+                                                                load_external_data=False).graph.node)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        for name, value in engine._weights.get(engine.meta["decode_graph"], {}).items():
+            options.add_initializer(name, value)
+        session = ort.InferenceSession(os.path.join(folder, engine.meta["decode_graph"]), options,
+                                       providers=["CPUExecutionProvider"])
+        optimized = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath,
+                                                                      load_external_data=False).graph.node)
+        state = engine.empty_state()
+        engine.run(np.arange(100, 612) % engine.meta["vocab_size"], state)
+        for t in range(steps):
+            out = session.run(None, {"input_ids": np.array([[200 + t]], np.int64),
+                                     "position": np.array(state.position, np.int64), **state.tensors})
+            state.tensors = dict(zip(engine.state_names, out[1:]))
+            state.position += 1
+        session.end_profiling()
+        events = json_.load(open(glob.glob(os.path.join(tmp, "profile*.json"))[0]))
+    spent = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            spent[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
+    ops = set(written) | set(optimized)
+    return sorted(((op, written[op], optimized[op], spent[op]) for op in ops), key=lambda r: -r[3])
+
+
 def onnx_decode_paths(folder: str, steps: int = 64, repeats: int = 3) -> dict:
     """ms per decode step (one token, one sequence, after 512 tokens) of an ONNX export along three
     paths on the same states: the block graph at T = 1, the decode graph through ``run`` (new
@@ -455,6 +501,13 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--context-drift"]:
         for label, position, rate in context_drift(sys.argv[2], int(sys.argv[3])):
             print(f"{label:38s} position {position:>7d}  decode {rate:.1f} tok/s")
+        raise SystemExit(0)
+    if sys.argv[1:2] == ["--onnx-profile"]:
+        rows = onnx_decode_profile(sys.argv[2])
+        print("| op | nodes written | after onnxruntime's fusions | ms per token |\n|---|---|---|---|")
+        for op, written, optimized, ms in rows:
+            print(f"| {op} | {written} | {optimized} | {ms:.2f} |")
+        print(f"| all | {sum(r[1] for r in rows)} | {sum(r[2] for r in rows)} | {sum(r[3] for r in rows):.2f} |")
         raise SystemExit(0)
     if sys.argv[1:2] == ["--onnx-decode"]:
         for name, ms in onnx_decode_paths(sys.argv[2]).items():
