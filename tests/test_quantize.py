@@ -107,6 +107,7 @@ def test_the_quantization_study_rounds_as_the_exporter():
     linears = study._linears(model)
     assert "model.embed_tokens" in linears and "lm_head" not in linears
     assert "model.layers.0.self_attn.q_proj" in linears and not any("feature_map" in n for n in linears)
+    assert not any("," in name for name in study.RULES)  # --rules takes them comma-separated
     for name, (rule, _) in study.RULES.items():
         if name != "f32":
             assert rule("model.embed_tokens") == rule("lm_head") == "q8_0", name

@@ -36,8 +36,8 @@ RULES = {
     "q8_0": (lambda name: "q8_0", False),
     "q4_0": (_four_bit(), False),
     "q4_0 calibrated": (_four_bit(), True),
-    "q4_0 calibrated, down_proj q8_0": (_four_bit(eight=("down_proj",)), True),
-    "q4_0 calibrated, attention q8_0": (_four_bit(eight=("self_attn",)), True),
+    "q4_0 calibrated + down_proj q8_0": (_four_bit(eight=("down_proj",)), True),
+    "q4_0 calibrated + attention q8_0": (_four_bit(eight=("self_attn",)), True),
     "q4_0 calibrated gate/up only": (_four_bit(only=("gate_proj", "up_proj")), True),
 }
 BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "q4_0": 18 / 32, None: 4}
