@@ -8,6 +8,7 @@ The file is written to a temporary name beside the destination and renamed into 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import json
@@ -159,11 +160,15 @@ def export_gguf(model, tokenizer, path: str, dtype: str = "f32", source: str = "
         writer.add_file_type(names.FILE_TYPES[dtype])
         for k, v in tokenizer.gguf_metadata().items():
             _add_value(writer, k, v)
-        for i, (gg_name, array) in enumerate(tensors.items()):
-            data, raw = _encode(np.ascontiguousarray(array), dtype, gg_name, importance)
-            writer.add_tensor(gg_name, data, raw_dtype=raw)
-            if progress is not None:
-                progress(i + 1, len(tensors))
+        # tensors encoded on every core (numpy releases the GIL in its loops: the calibrated q4_0 search
+        # is most of a 4-bit export's time), written in order
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            encoded = pool.map(lambda item: _encode(np.ascontiguousarray(item[1]), dtype, item[0], importance),
+                               tensors.items())
+            for i, (gg_name, (data, raw)) in enumerate(zip(tensors, encoded)):
+                writer.add_tensor(gg_name, data, raw_dtype=raw)
+                if progress is not None:
+                    progress(i + 1, len(tensors))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

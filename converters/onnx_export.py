@@ -20,6 +20,7 @@ state layout, the tokenizer files and the chat template.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
 import os
@@ -248,6 +249,38 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
     for n in m.graph.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
+
+    def linear_weight(n):
+        """(initializer, K, N, W [N, K] float32, bits) of a MatMul by a weight of its own, else None."""
+        weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if weight is None or len(weight.dims) != 2 or weight.dims[0] % nbits.BLOCK or uses[weight.name] != 1:
+            return None
+        k, cols = (int(d) for d in weight.dims)
+        b = 8 if cols == vocab_size else bits  # the vocabulary projection: 8 bits always
+        return weight, k, cols, numpy_helper.to_array(weight).T.astype("float32"), b
+
+    jobs = {}
+    for n in m.graph.node:
+        found = linear_weight(n)
+        if found is None:
+            continue
+        weight, _, _, w, b = found
+        key = (_weight_key(w), b)
+        if key in done or key in jobs:
+            continue
+        weights = None
+        if b == 4 and importance is not None:
+            weights = importance.get(key[0])
+            if weights is None:
+                raise ExportError(f"no calibration for MatMul weight {weight.name} {list(weight.dims)}: "
+                                  "a traced Linear not matched to the model's")
+        jobs[key] = (w, "q8_0" if b == 8 else "q4_0", weights)
+    # rounded on every core (numpy releases the GIL in its loops: the calibrated q4_0 search is most of the time)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        rounded = pool.map(lambda job: nbits.from_gguf(quantize.quantize(*job), 8 if job[1] == "q8_0" else 4),
+                           jobs.values())
+        done.update(zip(jobs, rounded))
+
     nodes, dropped = [], set()
     for n in m.graph.node:
         table = inits.get(n.input[0]) if n.op_type == "Gather" else None
@@ -262,22 +295,12 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
                                           block_size=nbits.BLOCK, gather_axis=0, quantize_axis=1))
             dropped.add(table.name)
             continue
-        weight = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or weight.dims[0] % nbits.BLOCK or uses[weight.name] != 1:
+        found = linear_weight(n)
+        if found is None:
             nodes.append(n)
             continue
-        k, cols = (int(d) for d in weight.dims)
-        w = numpy_helper.to_array(weight).T.astype("float32")  # [N, K]
-        b = 8 if cols == vocab_size else bits  # the vocabulary projection: 8 bits always
+        weight, k, cols, w, b = found
         key = (_weight_key(w), b)
-        if key not in done:
-            weights = None
-            if b == 4 and importance is not None:
-                weights = importance.get(key[0])
-                if weights is None:
-                    raise ExportError(f"no calibration for MatMul weight {weight.name} {list(weight.dims)}: "
-                                      "a traced Linear not matched to the model's")
-            done[key] = nbits.from_gguf(quantize.quantize(w, "q8_0" if b == 8 else "q4_0", weights), b)
         packed, scales = done[key]
         m.graph.initializer.extend([numpy_helper.from_array(packed, weight.name + ".nbits"),
                                     numpy_helper.from_array(scales, weight.name + ".scales")])
