@@ -45,22 +45,16 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def _qtype(dtype: str):
-    from gguf import GGMLQuantizationType as T
-
-    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
-
-
 def _encode(array: np.ndarray, dtype: str, name: str, importance: dict | None = None):
     """(data, raw_dtype) for GGUFWriter.add_tensor; ``importance`` ({GGUF name: [K]}, when calibrated)
     weights q4_0's rounding."""
     small = array.ndim < 2 or any(p in name for p in names.LOLCATS_ONLY) or name.endswith("_norm.weight")
     if small or dtype == "f32":
-        return array.astype(np.float32), _qtype("f32")
+        return array.astype(np.float32), quantize.qtype("f32")
     if dtype == "f16":
-        return array.astype(np.float16), _qtype("f16")
+        return array.astype(np.float16), quantize.qtype("f16")
     if array.shape[-1] % 32:
-        return array.astype(np.float16), _qtype("f16")  # rows that do not split into blocks of 32
+        return array.astype(np.float16), quantize.qtype("f16")  # rows that do not split into blocks of 32
     if dtype == "q4_0" and name in ("token_embd.weight", "output.weight"):
         # as llama.cpp's own 4-bit mixes do, the vocabulary matrices keep more bits: measured on SmolLM2
         # (tied embeddings), q4_0 there cost +50% held-out perplexity, q8_0 there costs little
@@ -70,7 +64,7 @@ def _encode(array: np.ndarray, dtype: str, name: str, importance: dict | None = 
         weights = importance.get(name)
         if weights is None:
             raise ExportError(f"no calibration for {name}: its input is not among the model's Linear layers")
-    return quantize.quantize(array, dtype, weights), _qtype(dtype)
+    return quantize.quantize(array, dtype, weights), quantize.qtype(dtype)
 
 
 def _gguf_importance(importance: dict) -> dict:

@@ -259,13 +259,15 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
         b = 8 if cols == vocab_size else bits  # the vocabulary projection: 8 bits always
         return weight, k, cols, numpy_helper.to_array(weight).T.astype("float32"), b
 
+    found = {}  # node index -> (initializer, K, N, bits, key) of each MatMul to replace
     jobs = {}
-    for n in m.graph.node:
-        found = linear_weight(n)
-        if found is None:
+    for index, n in enumerate(m.graph.node):
+        linear = linear_weight(n)
+        if linear is None:
             continue
-        weight, _, _, w, b = found
+        weight, k, cols, w, b = linear
         key = (_weight_key(w), b)
+        found[index] = (weight, k, cols, b, key)
         if key in done or key in jobs:
             continue
         weights = None
@@ -282,7 +284,7 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
         done.update(zip(jobs, rounded))
 
     nodes, dropped = [], set()
-    for n in m.graph.node:
+    for index, n in enumerate(m.graph.node):
         table = inits.get(n.input[0]) if n.op_type == "Gather" else None
         if table is not None and len(table.dims) == 2 and table.dims[0] == vocab_size and table.dims[1] % nbits.BLOCK == 0:
             # the embedding as the q8_0 file stores it: 8-bit rows in blocks of 32, gathered and scaled
@@ -295,12 +297,10 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
                                           block_size=nbits.BLOCK, gather_axis=0, quantize_axis=1))
             dropped.add(table.name)
             continue
-        found = linear_weight(n)
-        if found is None:
+        if index not in found:
             nodes.append(n)
             continue
-        weight, k, cols, w, b = found
-        key = (_weight_key(w), b)
+        weight, k, cols, b, key = found[index]
         packed, scales = done[key]
         m.graph.initializer.extend([numpy_helper.from_array(packed, weight.name + ".nbits"),
                                     numpy_helper.from_array(scales, weight.name + ".scales")])

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 32
+from .nbits import BLOCK
 Q4_SWEEP = np.arange(-20, 21) / 10  # candidate inverse scales -(8 + s) / extreme, as llama.cpp's make_qx_quants
 Q4_REFITS = 2  # rounds of (round with the fitted scale, refit the scale) per candidate
 
 
-def _qtype(dtype: str):
+def qtype(dtype: str):
+    """gguf-py's type of an export precision (f32, f16, q8_0, q4_0)."""
     from gguf import GGMLQuantizationType as T
 
-    return {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
+    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
 
 
 def reference(array: np.ndarray, dtype: str) -> np.ndarray:
     """GGUF blocks [N, bytes] of ``array`` [N, K] by gguf-py's reference rounding."""
     from gguf import quants
 
-    return quants.quantize(np.asarray(array, np.float32), _qtype(dtype))
+    return quants.quantize(np.asarray(array, np.float32), qtype(dtype))
 
 
 def q4_0_blocks(d: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -40,17 +41,12 @@ def q4_0_blocks(d: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.concatenate([scale, packed], axis=-1).reshape(q.shape[0], -1)
 
 
-def _q4_0_dequantize(blocks: np.ndarray) -> np.ndarray:
-    b = blocks.reshape(blocks.shape[0], -1, 18)
-    d = np.ascontiguousarray(b[..., :2]).view(np.float16).astype(np.float32)  # [N, nb, 1]
-    n = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], axis=-1).astype(np.float32)
-    return d * (n - 8)
-
-
 def q4_0_weighted(array: np.ndarray, importance: np.ndarray) -> np.ndarray:
     """q4_0 rows of ``array`` [N, K], each block's scale chosen to minimise sum_j w_j (x_j - d q_j)^2
     with w = ``importance`` [K] (the reference rounding is one of the candidates, so no block is worse
     than gguf-py's by this measure)."""
+    from gguf import quants
+
     x = np.asarray(array, np.float32)
     rows, k = x.shape
     if k % BLOCK or importance.shape != (k,):
@@ -63,8 +59,9 @@ def q4_0_weighted(array: np.ndarray, importance: np.ndarray) -> np.ndarray:
     def error(y):
         return (w * (x - y) ** 2).sum(-1)
 
-    best = reference(array, "q4_0").reshape(rows, k // BLOCK, 18)
-    best_error = error(_q4_0_dequantize(best))
+    best = reference(array, "q4_0")
+    best_error = error(quants.dequantize(best, qtype("q4_0")).reshape(x.shape))
+    best = best.reshape(rows, k // BLOCK, 18)
     extreme = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)  # signed, [N, nb, 1]
     extreme = np.where(extreme == 0, 1.0, extreme)
     for s in Q4_SWEEP:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 
 import numpy as np
@@ -66,16 +65,11 @@ def _rounded(weight: np.ndarray, dtype: str | None, importance) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(blocks, T.Q8_0 if dtype == "q8_0" else T.Q4_0).reshape(weight.shape))
 
 
-@torch.inference_mode()
 def perplexity(model, seqs) -> float:
-    from edge_lolcats.nn.model import forward
+    from .exports import _reference_logits, _score
 
-    nll = n = 0
-    for s in seqs:
-        logp = forward(model, s[None], with_state=False)[0][0][:-1].float().log_softmax(-1)
-        nll += -logp.gather(-1, s[1:, None]).sum().item()
-        n += len(s) - 1
-    return math.exp(nll / n)
+    logits = _reference_logits(model, seqs)
+    return _score(logits, logits, seqs)[0]
 
 
 def run(model_name: str, tokens: int, rules: list[str], seq_len: int = 1024) -> list[dict]:
@@ -85,7 +79,7 @@ def run(model_name: str, tokens: int, rules: list[str], seq_len: int = 1024) -> 
     from edge_lolcats.formats.loading import load_model
     from edge_lolcats.nn.lora import lora_modules, merge_lora
     from edge_lolcats.nn.model import is_linearized, teacher_mode
-    from edge_lolcats.training.data import load_corpus
+    from edge_lolcats.training.data import CALIBRATION_SEQUENCES, load_corpus
 
     loaded = load_model(model_name)
     model = loaded.model
@@ -93,7 +87,7 @@ def run(model_name: str, tokens: int, rules: list[str], seq_len: int = 1024) -> 
         model = merge_lora(copy.deepcopy(model))
     corpus = load_corpus(loaded.tokenizer, None, seq_len=seq_len)
     seqs = [torch.from_numpy(s) for s in corpus.heldout[: max(1, tokens // seq_len)]]
-    calibration = corpus.train[:8]  # as the exporters' calibration_tokens
+    calibration = corpus.train[:CALIBRATION_SEQUENCES]  # as the exporters' calibration_tokens, from this corpus
     if is_linearized(model):
         kinds = {"linearized": contextlib.nullcontext, "teacher": lambda: teacher_mode(model)}
     else:

@@ -358,12 +358,15 @@ def load_corpus(tokenizer, data: str | None = None, **kwargs) -> TokenizedCorpus
     return build_corpus(tokenizer, documents, **kwargs)
 
 
-def calibration_tokens(tokenizer, data: str | None = None, sequences: int = 8, seq_len: int = 1024) -> np.ndarray:
+CALIBRATION_SEQUENCES = 8  # the activations' mean squares settle well before that
+
+
+def calibration_tokens(tokenizer, data: str | None = None, sequences: int = CALIBRATION_SEQUENCES,
+                       seq_len: int = 1024) -> np.ndarray:
     """Token ids [n, seq_len] that the exporters' 4-bit rounding is calibrated on
     (``converters.quantize.input_importance``): the first ``sequences`` of the training split of
     ``data`` (default: the installed corpus), never its held-out side, so quality measured on
-    held-out text is not measured on the calibration text. Eight sequences: the activations' mean
-    squares settle well before that."""
+    held-out text is not measured on the calibration text."""
     return load_corpus(tokenizer, data, seq_len=seq_len).train[:sequences]
 
 
