@@ -136,7 +136,7 @@ def run(args):
     if not args.text:
         os.makedirs(args.work_dir, exist_ok=True)
         args.text = bench.write_context_text(os.path.join(args.work_dir, "context.txt"), 6 * max(args.contexts))
-    print(f"memory bandwidth (compiled q8_0 matrix-vector product): {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    print(f"memory read bandwidth (a streaming float32 sum): {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
     results = []
     for context in args.contexts:
         for label, (engine, path) in paths.items():
@@ -202,8 +202,8 @@ def _report(args, results: list[dict], paths: dict, bandwidth: float | None = No
         print("\n" + target_table(targets))
     fractions = bandwidth_fractions(results, bandwidth) if bandwidth else []
     if fractions:
-        print(f"\ndecode traffic as a share of this machine's {bandwidth / 1e9:.1f} GB/s (compiled q8_0 "
-              f"matrix-vector product over 256 MB): " + ", ".join(
+        print(f"\ndecode traffic as a share of this machine's {bandwidth / 1e9:.1f} GB/s (a streaming "
+              f"read of 256 MB): " + ", ".join(
                   f"{f['engine']} {f['weights']} {f['context'] // 1024}K {100 * f['fraction']:.0f}%" for f in fractions))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -201,27 +201,33 @@ def write_context_text(path: str, min_chars: int) -> str:
 
 
 def bandwidth_probe(megabytes: int = 256, threads: int | None = None, repeats: int = 5) -> float:
-    """Bytes per second this machine's compiled q8_0 matrix-vector product reads from memory (a
-    matrix far larger than the caches, all threads): the ceiling a decode step's traffic is held to."""
+    """Bytes per second this machine reads from memory: a float32 sum over an array far larger than
+    the caches, a contiguous part per thread, all threads (the plainest streaming read there is;
+    2 threads read ~38 GB/s on the 2-core machine). The ceiling a decode step's traffic is held to.
+    (Until session 10 it was the compiled q8_0 product itself, which then ran at half of this: a
+    ceiling that measured the engine, not the machine.)"""
     import numba
     import numpy as np
 
-    from edge_lolcats.runtime import compiled_kernels as ck
+    @numba.njit(parallel=True, fastmath=True, nogil=True)
+    def read(values, sums):
+        width = values.shape[0] // sums.shape[0]
+        for part in numba.prange(sums.shape[0]):
+            chunk = values[part * width : (part + 1) * width]
+            total = np.float32(0.0)
+            for i in range(width):
+                total += chunk[i]
+            sums[part] = total
 
-    k = 1024
-    n = megabytes * 2**20 // k
-    q8 = np.random.default_rng(0).integers(-127, 128, n * k, dtype=np.int8)
-    scales = np.ones(n * k // ck.BLOCK, np.float32)
-    entry = np.array([ck.Q8, 0, 0, n, k], np.int64)
-    x, y = np.ones((1, k), np.float32), np.empty((1, n), np.float32)
-    empty = np.zeros(1, np.uint8), np.zeros(1, np.float32)
+    values = np.random.default_rng(0).random(megabytes * 2**20 // 4, dtype=np.float32)
     numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
+    sums = np.zeros(64, np.float32)
     best = float("inf")
-    for _ in range(repeats + 1):  # the first call compiles or loads, and faults the pages in
+    for _ in range(repeats + 1):  # the first call compiles
         t0 = time.perf_counter()
-        ck.linear(q8, empty[0], scales, empty[1], entry, x, y)
+        read(values, sums)
         best = min(best, time.perf_counter() - t0)
-    return (q8.nbytes + scales.nbytes) / best
+    return values.nbytes / best
 
 
 def _kv_width(llm) -> int:
