@@ -2,7 +2,7 @@
 token (or per block of prefill tokens) on the weights as the file stores them. No torch.
 
 At load every matrix is repacked once into the kernels' flat buffers (:mod:`.compiled_kernels`):
-q8_0 quants as int8, q4_0 quants as the file's bytes, their block scales widened to float32, f16
+q8_0 quants as int8, q4_0 quants as the file's bytes, their block scales as the file's float16, f16
 matrices widened to float32; q/k/v and gate/up joined along their rows, so each is one product.
 A quantized matrix is never copied to float32. The state of a sequence is one flat float32 buffer
 laid out as :class:`~edge_lolcats.arch.state.StateLayout` says; ``State.tensors`` are views of it,
@@ -72,7 +72,7 @@ class _Packer:
     def fill(self, read_float32, release):
         self.q8 = np.empty(max(1, self.size[ck.Q8]), np.int8)
         self.q4 = np.empty(max(1, self.size[ck.Q4]), np.uint8)
-        self.scales = np.empty(max(1, self.size["scales"]), np.float32)
+        self.scales = np.empty(max(1, self.size["scales"]), np.uint16)  # float16 bits
         self.f32 = np.empty(max(1, self.size[ck.F32]), np.float32)
         for offset, values in self.params:
             values = values if isinstance(values, np.ndarray) else read_float32(values)
@@ -90,7 +90,7 @@ class _Packer:
                 width = quants.shape[-1] * rows * (k // ck.BLOCK)
                 target = self.q8 if kind == ck.Q8 else self.q4
                 target[off : off + width].reshape(quants.shape)[...] = quants.view(target.dtype)
-                d = np.ascontiguousarray(raw[..., :2]).view(np.float16)[..., 0]
+                d = np.ascontiguousarray(raw[..., :2]).view(np.uint16)[..., 0]
                 self.scales[soff : soff + d.size] = d.ravel()
                 off, soff = off + width, soff + d.size
             release()
@@ -109,7 +109,7 @@ def compile_step() -> tuple[float, str]:
     width = ck.BLOCK
     dims = np.zeros(ck.DIMS, np.int64)
     dims[[ck.D_HIDDEN, ck.D_HEADS, ck.D_KV_HEADS, ck.D_HEAD_DIM, ck.D_INTERMEDIATE, ck.D_VOCAB]] = [width, 1, 1, width, width, 1]
-    ck.forward(np.zeros(1, np.int64), 0, np.zeros(width, np.int8), np.zeros(1, np.uint8), np.ones(1, np.float32),
+    ck.forward(np.zeros(1, np.int64), 0, np.zeros(width, np.int8), np.zeros(1, np.uint8), np.ones(1, np.float16).view(np.uint16),
                np.ones(width, np.float32), np.array([[ck.Q8, 0, 0, 1, width]], np.int64),
                np.zeros((0, ck.LAYER_COLUMNS), np.int64), dims, np.ones(ck.CONSTS, np.float32),
                np.zeros((1, width // 2), np.float32), np.zeros(1, np.float32), np.zeros((1, 1), np.float32))
@@ -146,32 +146,47 @@ class ThreadTuner:
     """The thread count for each kind of step (decode, prefill block), chosen by timing them, so the
     engine stays fast when other processes share the cores: on the idle 2-core machine 2 threads
     decode in 15 ms against 27 for 1, but with another process holding a core 2 threads took 34-66
-    ms against 25 for 1 (``python -m edge_lolcats.bench.runtime --compiled-threads FILE``). Every ``period`` steps one step runs at the other
-    count; each count keeps a moving average of its step time and the faster one is used. The
-    logits do not depend on the thread count (each output is summed by one thread), only the time."""
+    ms against 25 for 1 (``python -m edge_lolcats.bench.runtime --compiled-threads FILE``).
 
-    def __init__(self, counts, period: int = 32, weight: float = 0.25):
+    All threads until measured otherwise: each count keeps a moving average of its step time and
+    the faster one is used; the other count is tried every ``period`` steps, and at once when a
+    step's threads did not all run (its CPU time under ``crowded`` x wall time x threads: 0.99 idle,
+    0.50 with a busy process beside it, measured), unless it was tried in the last ``period // 4``
+    steps. So an idle machine never pays for a look at 1 thread early on (a prefill of 8 blocks
+    lost ~10% to it), and a busy one is noticed at its first step. The logits do not depend on the
+    thread count (each output is summed by one thread), only the time."""
+
+    def __init__(self, counts, period: int = 32, weight: float = 0.25, crowded: float = 0.8):
         self.counts = sorted(set(counts))
-        self.period, self.weight = period, weight
+        self.period, self.weight, self.crowded = period, weight, crowded
         self.average = {}  # (kind, threads) -> seconds
         self.steps = {}  # kind -> steps run
+        self.tried = {}  # (kind, threads) -> the step it last ran at
+        self.look = set()  # kinds whose last step was crowded
 
     def choose(self, kind) -> int:
         n = self.steps.get(kind, 0)
         self.steps[kind] = n + 1
         known = {t: self.average[(kind, t)] for t in self.counts if (kind, t) in self.average}
-        unknown = [t for t in self.counts if t not in known]
-        if unknown and n % 2:  # try each count early on
-            return unknown[0]
         best = min(known, key=known.get) if known else self.counts[-1]
-        if len(self.counts) > 1 and n % self.period == self.period - 1:  # look at the other one now and then
-            return next(t for t in self.counts if t != best)
-        return best
+        chosen = best
+        if len(self.counts) > 1:
+            other = next(t for t in self.counts if t != best)
+            recent = n - self.tried.get((kind, other), -self.period) < self.period // 4
+            if n % self.period == self.period - 1 or (kind in self.look and not recent):
+                chosen = other
+        self.look.discard(kind)
+        self.tried[(kind, chosen)] = n
+        return chosen
 
-    def record(self, kind, threads: int, seconds: float):
+    def record(self, kind, threads: int, seconds: float, cpu_seconds: float | None = None):
+        """A step of ``kind`` ran on ``threads`` in ``seconds`` (wall) and ``cpu_seconds`` (the
+        process's CPU time, all threads)."""
         key = (kind, threads)
         old = self.average.get(key)
         self.average[key] = seconds if old is None else (1 - self.weight) * old + self.weight * seconds
+        if threads > 1 and cpu_seconds is not None and cpu_seconds < self.crowded * seconds * threads:
+            self.look.add(kind)
 
 
 class CompiledEngine:
@@ -259,7 +274,7 @@ class CompiledEngine:
         embedding only its one row, unless it is also the vocabulary projection), the small float32
         parameters, and the state (S and z read and written, rings and sinks read, one slot written)."""
         size = {ck.Q8: 1.0, ck.Q4: 0.5, ck.F32: 4.0}
-        matrix = lambda e: e[ck.ROWS] * e[ck.COLS] * (size[e[ck.KIND]] + (4 / ck.BLOCK if e[ck.KIND] != ck.F32 else 0))  # noqa: E731
+        matrix = lambda e: e[ck.ROWS] * e[ck.COLS] * (size[e[ck.KIND]] + (2 / ck.BLOCK if e[ck.KIND] != ck.F32 else 0))  # noqa: E731
         total = sum(matrix(e) for i, e in enumerate(self.entries) if i != self.dims[ck.D_EMBED])
         embed = self.entries[self.dims[ck.D_EMBED]]
         total += matrix(embed) if self.dims[ck.D_HEAD] == self.dims[ck.D_EMBED] else matrix(embed) / embed[ck.ROWS]
@@ -317,10 +332,10 @@ class CompiledEngine:
         threads = self.tuner.choose(kind)
         numba.set_num_threads(threads)
         logits = np.zeros((ids.shape[0], self.args.vocab_size if want_logits else 0), np.float32)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for b in range(ids.shape[0]):
             ck.forward(ids[b], state.position, self.q8, self.q4, self.scales, self.f32, self.entries, self.layers,
                        self.dims, self.consts, self.inv_freq, flat[b], logits[b : b + 1])
-        self.tuner.record(kind, threads, (time.perf_counter() - start) / ids.size)
+        self.tuner.record(kind, threads, (time.perf_counter() - start) / ids.size, (time.process_time() - cpu) / ids.size)
         state.position += ids.shape[1]
         return (logits if want_logits else None), state

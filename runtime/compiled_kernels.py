@@ -1,5 +1,5 @@
 """The compiled engine's kernels (numba): products over weights as GGUF stores them, and the
-hybrid and kept-window attentions' decode step on the fixed state. No torch.
+hybrid and kept-window attentions over a block of tokens on the fixed state. No torch.
 
 Weights live in four flat buffers, repacked once at load by :mod:`.compiled_engine` (never a
 float32 copy of a quantized matrix), and every matrix is one row of a table::
@@ -7,17 +7,19 @@ float32 copy of a quantized matrix), and every matrix is one row of a table::
     q8      int8[:]     q8_0 quants, row-major [N, K]
     q4      uint8[:]    q4_0 quants as GGUF stores them, [N, K / 2]: byte j of a block holds
                         element j in its low nibble and element j + 16 in its high nibble
-    scales  float32[:]  one per block of 32 along K: [N, K / 32] (q8 and q4)
+    scales  uint16[:]   one float16 per block of 32 along K, as the file stores it: [N, K / 32]
+                        (q8 and q4; widened when read, a row at a time: float32 scales were 8 MB
+                        more resident and read per token)
     f32     float32[:]  float32 matrices (f16 files widened), [N, K]
     entry   int64[5]    (kind, offset in the kind's buffer, offset in scales, N, K)
 
-W[n, k] = q8[off + n K + k] * scales[soff + n K/32 + k // 32] for q8, ((nibble) - 8) * scale for q4.
+W[n, k] = q8[off + n K + k] * half(scales[soff + n K/32 + k // 32]) for q8, ((nibble) - 8) * scale for q4.
 Only the flat inner loop ``s += float32(q[k]) * x[k] * d[k >> 5]`` vectorises (shared/FACTS.md:
 reading the 34-byte blocks in place, or int8 dot products, is about 10x slower), hence the repack.
 
 The attention kernels transcribe :func:`edge_lolcats.arch.hybrid.decode_step` and
-:func:`edge_lolcats.arch.window.window_ring_step` at T = 1 for one sequence; tests hold them to
-those (the one definition), option by option.
+:func:`edge_lolcats.arch.window.window_ring_step` at T = 1 for one sequence, token after token of
+a block; tests hold them to those (the one definition), option by option, in blocks of any size.
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 # below the kernel's in-cache speed: the two did not overlap. Asking ~8 KB ahead took the 30 layers'
 # products of a SmolLM2-shaped q8_0 model from 7.9 to 3.5 ms (2 threads, by hand; 4 KB 3.8, 16 KB 3.8).
 PREFETCH_BYTES = 8192
+PARTS = 64  # a one-token product's rows in this many parts (at most)
+CHUNK = 16  # rows whose scales a part widens at once
 
 
 @intrinsic
@@ -90,6 +94,23 @@ def _prefetch(typingctx, array, index):
     return types.void(array, types.intp), codegen
 
 
+@intrinsic
+def _half(typingctx, bits):
+    """The float16 whose bits are ``bits`` (uint16), as float32 (exact; vcvtph2ps with F16C)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+@njit(inline="always", **_JIT)
+def _widen_scales(scales, start, count, out):
+    """``count`` float16 scales from ``start`` into out[:count] (float32). A slice, then indices
+    from 0: with ``start + i`` the loop does not vectorise."""
+    source = scales[start : start + count]
+    for i in range(count):
+        out[i] = _half(source[i])
+
+
 @njit(inline="always", **_JIT)
 def _prefetch_row(buffer, start, width, scales, scale_start, blocks):
     """Ask for ``width`` elements of ``buffer`` from ``start`` (one request per 64-byte line) and
@@ -104,7 +125,9 @@ def _prefetch_row(buffer, start, width, scales, scale_start, blocks):
 def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out):
     """Row n of the matrix into out [K] (float32)."""
     nb = k // BLOCK
-    sc = scales[soff + n * nb : soff + (n + 1) * nb]
+    sc = np.empty(nb, np.float32)
+    if kind != F32:
+        _widen_scales(scales, soff + n * nb, nb, sc)
     if kind == Q8:
         row = q8[off + n * k : off + (n + 1) * k]
         for j in range(k):
@@ -133,16 +156,27 @@ def linear(q8, q4, scales, f32, entry, x, y):
     # Each weight is read once, so the loads are asked for PREFETCH_BYTES ahead.
     row_bytes = k // 2 if kind == Q4 else (4 * k if kind == F32 else k)
     ahead = max(1, PREFETCH_BYTES // row_bytes)  # rows
+    # The rows in contiguous parts (a thread takes consecutive parts); a part widens its rows'
+    # float16 scales CHUNK rows at a time into its scratch (one vectorised loop: row by row, 18
+    # scalar conversions cost 2 ms of a 30-layer step). One allocation per call; numba.get_num_threads()
+    # here would make the function uncacheable (a ctypes global).
+    parts = min(n, PARTS)
+    scratch = np.empty((parts, CHUNK * nb), np.float32)
     if t == 1 and kind == Q8:
         x0 = x[0]
-        for r in prange(n):
-            a = min(r + ahead, n - 1)
-            _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
-            row, sc = q8[off + r * k : off + (r + 1) * k], scales[soff + r * nb : soff + (r + 1) * nb]
-            s = np.float32(0.0)
-            for j in range(k):
-                s += np.float32(row[j]) * x0[j] * sc[j >> 5]
-            y[0, r] = s
+        for part in prange(parts):
+            sc = scratch[part]
+            end = (part + 1) * n // parts
+            for r0 in range(part * n // parts, end, CHUNK):
+                _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
+                for r in range(r0, min(r0 + CHUNK, end)):
+                    a = min(r + ahead, n - 1)
+                    _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
+                    row, d = q8[off + r * k : off + (r + 1) * k], sc[(r - r0) * nb : (r - r0 + 1) * nb]
+                    s = np.float32(0.0)
+                    for j in range(k):
+                        s += np.float32(row[j]) * x0[j] * d[j >> 5]
+                    y[0, r] = s
         return
     if t == 1 and kind == Q4:
         half = k // 2
@@ -157,18 +191,23 @@ def linear(q8, q4, scales, f32, entry, x, y):
                 x_low[16 * b + j] = x[0, BLOCK * b + j]
                 x_high[16 * b + j] = x[0, BLOCK * b + 16 + j]
                 x_sum[b] += x[0, BLOCK * b + j] + x[0, BLOCK * b + 16 + j]
-        for r in prange(n):
-            a = min(r + ahead, n - 1)
-            _prefetch_row(q4, off + a * half, half, scales, soff + a * nb, nb)
-            row4, sc = q4[off + r * half : off + (r + 1) * half], scales[soff + r * nb : soff + (r + 1) * nb]
-            s = np.float32(0.0)
-            for j in range(half):
-                byte = np.int32(row4[j])
-                s += (np.float32(byte & 15) * x_low[j] + np.float32(byte >> 4) * x_high[j]) * sc[j >> 4]
-            offset = np.float32(0.0)
-            for b in range(nb):
-                offset += sc[b] * x_sum[b]
-            y[0, r] = s - np.float32(8.0) * offset
+        for part in prange(parts):
+            sc = scratch[part]
+            end = (part + 1) * n // parts
+            for r0 in range(part * n // parts, end, CHUNK):
+                _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
+                for r in range(r0, min(r0 + CHUNK, end)):
+                    a = min(r + ahead, n - 1)
+                    _prefetch_row(q4, off + a * half, half, scales, soff + a * nb, nb)
+                    row4, d = q4[off + r * half : off + (r + 1) * half], sc[(r - r0) * nb : (r - r0 + 1) * nb]
+                    s = np.float32(0.0)
+                    for j in range(half):
+                        byte = np.int32(row4[j])
+                        s += (np.float32(byte & 15) * x_low[j] + np.float32(byte >> 4) * x_high[j]) * d[j >> 4]
+                    offset = np.float32(0.0)
+                    for b in range(nb):
+                        offset += d[b] * x_sum[b]
+                    y[0, r] = s - np.float32(8.0) * offset
         return
     if t == 1:
         x0 = x[0]
@@ -295,140 +334,160 @@ def _score(q, k, scale, softcap):
     return s
 
 
-# --- the attentions' decode steps ------------------------------------------------------------
+# --- the attentions over a block of tokens ---------------------------------------------------
+#
+# T tokens of a layer at once, each head on one thread for all T tokens (one parallel region per
+# layer, not two per token: prefill's attention 34 -> ~20 us per token and layer on 2 threads). The
+# ring is only read while the heads run: the key at position p' comes from the block's own keys
+# when p' >= position, else from the ring's slot p' % W, which still holds it; the ring takes the
+# block's last W keys after. Every head's arithmetic is the token-by-token step's, in its order.
+
+
+@njit(inline="always", **_JIT)
+def _slot_key(keys, ring, first, p_key, g, slot):
+    """The key (or value) at position ``p_key``: the block's row when the block holds it (``first``:
+    the block's first position), else the ring's ``slot``."""
+    return keys[p_key - first, g] if p_key >= first else ring[g, slot]
+
 
 @njit(parallel=True, **_JIT)
-def hybrid_decode(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_window, k_sink, v_sink,
-                  position, scale, softcap, inv_freq, pre_rope, out):
-    """One token of a hybrid layer, as ``arch.hybrid.decode_step``, the state updated in place.
+def hybrid_attention(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_window, k_sink, v_sink,
+                     position, scale, softcap, inv_freq, pre_rope, out):
+    """T tokens of a hybrid layer after ``position`` tokens, as T calls of
+    ``arch.hybrid.decode_step``; the state updated in place.
 
-    q [H, D]; k, v [Hkv, D] (before RoPE when ``pre_rope``, else already rotated); fq, fk [H, D, F];
-    window_factor, log_decay [H] (log_decay all 0: no decay); kv [H, 2F, D], z [H, 2F];
+    q [T, H, D]; k, v [T, Hkv, D] (before RoPE when ``pre_rope``, else already rotated); fq, fk
+    [H, D, F]; window_factor, log_decay [H] (log_decay all 0: no decay); kv [H, 2F, D], z [H, 2F];
     k_window, v_window [Hkv, W, D]; k_sink, v_sink [Hkv, n_s, D] (n_s may be 0); softcap 0: none.
-    Writes out [H, D]."""
-    h, d = q.shape
+    Writes out [T, H, D]."""
+    t_n, h, d = q.shape
     hkv, w = k_window.shape[0], k_window.shape[1]
     n_s = k_sink.shape[1]
     f2 = kv.shape[1]
     group = h // hkv
-    slot = position % w
-    enters = position - w >= n_s  # the key at position - W leaves the window into S and z
-    # keys as the softmax reads them (rotated), and the leaving key as the feature map reads it
-    k_rot = np.empty((hkv, d), np.float32)
-    k_leave = np.empty((hkv, d), np.float32)
-    v_leave = np.empty((hkv, d), np.float32)
-    for g in range(hkv):
-        if pre_rope:
-            _rope(k[g], k_rot[g], inv_freq, position)
-            _rope(k_window[g, slot], k_leave[g], inv_freq, w - position)
-        else:
-            k_rot[g] = k[g]
-            k_leave[g] = k_window[g, slot]
-        v_leave[g] = v_window[g, slot]
+    # keys as the softmax reads them (rotated)
+    k_rot = np.empty((t_n, hkv, d), np.float32)
+    for t in range(t_n):
+        for g in range(hkv):
+            if pre_rope:
+                _rope(k[t, g], k_rot[t, g], inv_freq, position + t)
+            else:
+                k_rot[t, g] = k[t, g]
+            # a sink is written once (at position < n_s) and read only from position W on
+            if position + t < n_s:
+                k_sink[g, position + t] = k_rot[t, g]
+                v_sink[g, position + t] = v[t, g]
     for head in prange(h):
         g = head // group
         lam = np.float32(math.exp(log_decay[head]))
-        kv_h, z_h, v_l = kv[head], z[head], v_leave[g]
-        if enters:
-            phi = np.empty(f2, np.float32)
-            _feature_map(k_leave[g], fk[head], phi)
+        factor = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-window_factor[head])))
+        kv_h, z_h = kv[head], z[head]
+        phi = np.empty(f2, np.float32)
+        k_leave = np.empty(d, np.float32)
+        q_rot = np.empty(d, np.float32)
+        q_sink = np.empty(d, np.float32)
+        scores = np.empty(w + n_s, np.float32)
+        num = np.empty(d, np.float32)
+        for t in range(t_n):
+            p = position + t
+            # the key at p - W leaves the window into S and z (unless it is a sink)
+            if p - w >= n_s:
+                slot = p % w
+                src = _slot_key(k_rot, k_window, position, p - w, g, slot)
+                v_l = _slot_key(v, v_window, position, p - w, g, slot)
+                if pre_rope:
+                    _rope(src, k_leave, inv_freq, w - p)
+                else:
+                    k_leave[:] = src
+                _feature_map(k_leave, fk[head], phi)
+                for i in range(f2):
+                    z_h[i] = z_h[i] * lam + phi[i]
+                    row, ph = kv_h[i], phi[i]
+                    for j in range(d):
+                        row[j] = row[j] * lam + ph * v_l[j]
+            elif lam != 1.0:
+                for i in range(f2):
+                    z_h[i] *= lam
+                    row = kv_h[i]
+                    for j in range(d):
+                        row[j] *= lam
+            filled = min(w, p + 1)
+            active = min(n_s, max(0, p - w + 1))  # sinks the window has passed
+            if pre_rope:
+                _rope(q[t, head], q_rot, inv_freq, p)
+            else:
+                q_rot[:] = q[t, head]
+            top = -np.inf
+            for j in range(filled):  # slot j holds the latest position <= p that is j mod W
+                key = _slot_key(k_rot, k_window, position, p - (p - j) % w, g, j)
+                scores[j] = _score(q_rot, key, scale, softcap)
+                top = max(top, scores[j])
+            if active:
+                if pre_rope:
+                    _rope(q[t, head], q_sink, inv_freq, min(p, w + n_s - 1))
+                else:
+                    q_sink[:] = q[t, head]
+                for j in range(active):
+                    scores[filled + j] = _score(q_sink, k_sink[g, j], scale, softcap)
+                    top = max(top, scores[filled + j])
+            num[:] = 0.0
+            den = np.float32(0.0)
+            for j in range(filled + active):
+                a = np.float32(math.exp(scores[j] - top))
+                den += a
+                vj = _slot_key(v, v_window, position, p - (p - j) % w, g, j) if j < filled else v_sink[g, j - filled]
+                for i in range(d):
+                    num[i] += a * vj[i]
+            den *= factor
+            for i in range(d):
+                num[i] *= factor
+            _feature_map(q[t, head], fq[head], phi)
             for i in range(f2):
-                z_h[i] = z_h[i] * lam + phi[i]
-                row, p = kv_h[i], phi[i]
-                for j in range(d):
-                    row[j] = row[j] * lam + p * v_l[j]
-        elif lam != 1.0:
-            for i in range(f2):
-                z_h[i] *= lam
+                ph = phi[i]
+                den += ph * z_h[i]
                 row = kv_h[i]
                 for j in range(d):
-                    row[j] *= lam
-    # the new key takes the leaving one's slot (and a sink's while position < n_s)
-    for g in range(hkv):
-        k_window[g, slot] = k_rot[g]
-        v_window[g, slot] = v[g]
-        if position < n_s:
-            k_sink[g, position] = k_rot[g]
-            v_sink[g, position] = v[g]
-    filled = min(w, position + 1)
-    active = min(n_s, max(0, position - w + 1))  # sinks the window has passed
-    for head in prange(h):
-        g = head // group
-        q_rot = np.empty(d, np.float32)
-        if pre_rope:
-            _rope(q[head], q_rot, inv_freq, position)
-        else:
-            q_rot[:] = q[head]
-        scores = np.empty(filled + active, np.float32)
-        top = -np.inf
-        k_w, v_w = k_window[g], v_window[g]
-        for j in range(filled):
-            scores[j] = _score(q_rot, k_w[j], scale, softcap)
-            top = max(top, scores[j])
-        if active:
-            q_sink = np.empty(d, np.float32)
-            if pre_rope:
-                _rope(q[head], q_sink, inv_freq, min(position, w + n_s - 1))
-            else:
-                q_sink[:] = q[head]
-            for j in range(active):
-                scores[filled + j] = _score(q_sink, k_sink[g, j], scale, softcap)
-                top = max(top, scores[filled + j])
-        factor = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-window_factor[head])))
-        num = np.zeros(d, np.float32)
-        den = np.float32(0.0)
-        for j in range(filled + active):
-            a = np.float32(math.exp(scores[j] - top))
-            den += a
-            vj = v_w[j] if j < filled else v_sink[g, j - filled]
+                    num[j] += ph * row[j]
             for i in range(d):
-                num[i] += a * vj[i]
-        den *= factor
-        for i in range(d):
-            num[i] *= factor
-        phi_q = np.empty(f2, np.float32)
-        _feature_map(q[head], fq[head], phi_q)
-        kv_h, z_h = kv[head], z[head]
-        for i in range(f2):
-            p = phi_q[i]
-            den += p * z_h[i]
-            row = kv_h[i]
-            for j in range(d):
-                num[j] += p * row[j]
-        for i in range(d):
-            out[head, i] = num[i] / den
+                out[t, head, i] = num[i] / den
+    for t in range(max(0, t_n - w), t_n):  # the ring keeps the last W keys
+        for g in range(hkv):
+            k_window[g, (position + t) % w] = k_rot[t, g]
+            v_window[g, (position + t) % w] = v[t, g]
 
 
 @njit(parallel=True, **_JIT)
-def window_decode(q, k, v, k_ring, v_ring, position, scale, softcap, out):
-    """One token of a kept sliding-window layer, as ``arch.window.window_ring_step`` at T = 1:
-    q [H, D], k and v [Hkv, D] rotated; the ring [Hkv, Wb, D] updated in place; out [H, D]."""
-    h, d = q.shape
+def window_attention(q, k, v, k_ring, v_ring, position, scale, softcap, out):
+    """T tokens of a kept sliding-window layer, as T calls of ``arch.window.window_ring_step``:
+    q [T, H, D], k and v [T, Hkv, D] rotated; the ring [Hkv, Wb, D] updated in place; out [T, H, D]."""
+    t_n, h, d = q.shape
     hkv, w = k_ring.shape[0], k_ring.shape[1]
     group = h // hkv
-    slot = position % w
-    for g in range(hkv):
-        k_ring[g, slot] = k[g]
-        v_ring[g, slot] = v[g]
-    filled = min(w, position + 1)
     for head in prange(h):
         g = head // group
-        scores = np.empty(filled, np.float32)
-        top = -np.inf
-        k_r, v_r = k_ring[g], v_ring[g]
-        for j in range(filled):
-            scores[j] = _score(q[head], k_r[j], scale, softcap)
-            top = max(top, scores[j])
-        num = np.zeros(d, np.float32)
-        den = np.float32(0.0)
-        for j in range(filled):
-            a = np.float32(math.exp(scores[j] - top))
-            den += a
-            vj = v_r[j]
+        scores = np.empty(w, np.float32)
+        num = np.empty(d, np.float32)
+        for t in range(t_n):
+            p = position + t
+            filled = min(w, p + 1)
+            top = -np.inf
+            for j in range(filled):
+                scores[j] = _score(q[t, head], _slot_key(k, k_ring, position, p - (p - j) % w, g, j), scale, softcap)
+                top = max(top, scores[j])
+            num[:] = 0.0
+            den = np.float32(0.0)
+            for j in range(filled):
+                a = np.float32(math.exp(scores[j] - top))
+                den += a
+                vj = _slot_key(v, v_ring, position, p - (p - j) % w, g, j)
+                for i in range(d):
+                    num[i] += a * vj[i]
             for i in range(d):
-                num[i] += a * vj[i]
-        for i in range(d):
-            out[head, i] = num[i] / den
+                out[t, head, i] = num[i] / den
+    for t in range(max(0, t_n - w), t_n):
+        for g in range(hkv):
+            k_ring[g, (position + t) % w] = k[t, g]
+            v_ring[g, (position + t) % w] = v[t, g]
 
 
 # --- the whole model -------------------------------------------------------------------------
@@ -541,7 +600,7 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
                     _rope(q[t, hd], q[t, hd], rope, position + t)
                 for g in range(kv_heads):
                     _rope(k[t, g], k[t, g], rope, position + t)
-                window_decode(q[t], k[t], v[t], k_ring, v_ring, position + t, scale, attn_cap, att[t])
+            window_attention(q, k, v, k_ring, v_ring, position, scale, attn_cap, att)
         else:
             kv = state[so : so + heads * f2 * d].reshape((heads, f2, d))
             so += heads * f2 * d
@@ -560,14 +619,14 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
             fk = f32[lay[L_FMAP_K] : lay[L_FMAP_K] + fm].reshape((heads, d, f2 // 2))
             window_factor = f32[lay[L_WINDOW_FACTOR] : lay[L_WINDOW_FACTOR] + heads]
             log_decay = no_decay if lay[L_LOG_DECAY] < 0 else f32[lay[L_LOG_DECAY] : lay[L_LOG_DECAY] + heads]
-            for t in range(t_n):
-                if not pre_rope:  # the first models: feature maps on the rotated q and k
+            if not pre_rope:  # the first models: feature maps on the rotated q and k
+                for t in range(t_n):
                     for hd in range(heads):
                         _rope(q[t, hd], q[t, hd], rope, position + t)
                     for g in range(kv_heads):
                         _rope(k[t, g], k[t, g], rope, position + t)
-                hybrid_decode(q[t], k[t], v[t], fq, fk, window_factor, log_decay, kv, z, k_window, v_window,
-                              k_sink, v_sink, position + t, scale, attn_cap, rope, pre_rope, att[t])
+            hybrid_attention(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_window, k_sink, v_sink,
+                             position, scale, attn_cap, rope, pre_rope, att)
         linear(q8, q4, scales, f32, entries[lay[L_O]], att.reshape((t_n, q_size)), proj)
         _add_bias(proj, f32, lay[L_O_BIAS])
         _add_residual(x, proj, f32, lay[L_ATTN_POST_NORM], eps, offset)

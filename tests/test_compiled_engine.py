@@ -170,18 +170,30 @@ def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path
 
 def test_thread_tuner_moves_to_the_faster_count_and_back():
     """The engine's thread count follows the measured step times (a core taken by another process
-    makes 2 threads slower than 1), and keeps looking at the other count."""
+    makes 2 threads slower than 1), keeps looking at the other count, never looks early on an idle
+    machine, and looks at once when a step's threads did not all get a core."""
     from edge_lolcats.runtime.compiled_engine import ThreadTuner
 
     tuner = ThreadTuner({1, 2}, period=8)
     cost = {1: 28e-3, 2: 15e-3}  # idle machine
+    busy = False
     used = []
     for step in range(200):
         if step == 100:
-            cost = {1: 28e-3, 2: 60e-3}  # another process takes a core
+            cost, busy = {1: 28e-3, 2: 60e-3}, True  # another process takes a core
         t = tuner.choose("decode")
-        tuner.record("decode", t, cost[t])
+        # CPU time of the step: every thread on a core when idle; two threads share one when busy
+        tuner.record("decode", t, cost[t], cost[t] * (t if not busy or t == 1 else 1.0))
         used.append(t)
-    assert used[40:100].count(2) > 0.8 * 60 and used[150:].count(1) > 0.8 * 50
+    assert used[:7] == [2] * 7  # idle: no look at 1 thread before the period
+    assert used[100:102] == [2, 1]  # the first crowded step makes the next one look
+    assert used[40:100].count(2) > 0.8 * 60 and used[110:].count(1) > 0.8 * 90
     assert 1 in used[40:100] and 2 in used[150:]  # the other count is still tried now and then
+    # crowded but 2 threads still faster: looks at 1 thread at most every period // 4 steps
+    tuner, used = ThreadTuner({1, 2}, period=32), []
+    for step in range(64):
+        t = tuner.choose("block")
+        tuner.record("block", t, {1: 30e-3, 2: 20e-3}[t], 20e-3 * 1.2 if t == 2 else 30e-3)
+        used.append(t)
+    assert 1 < used.count(1) <= 64 // 8 + 2
     assert ThreadTuner({1}).choose("decode") == 1

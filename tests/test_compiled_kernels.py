@@ -20,19 +20,19 @@ def packed(w: np.ndarray, kind: int):
     """One matrix in the kernels' flat buffers, quantized as the GGUF exporter does; returns the
     buffers, the table entry and the matrix the file holds (dequantized, float64)."""
     n, k = w.shape
-    empty = dict(q8=np.zeros(1, np.int8), q4=np.zeros(1, np.uint8), scales=np.zeros(1, np.float32),
+    empty = dict(q8=np.zeros(1, np.int8), q4=np.zeros(1, np.uint8), scales=np.zeros(1, np.uint16),
                  f32=np.zeros(1, np.float32))
     if kind == ck.F32:
         empty["f32"] = np.concatenate([np.zeros(3, np.float32), w.astype(np.float32).ravel()])  # at an offset
         return empty, np.array([ck.F32, 3, 0, n, k]), w.astype(np.float32).astype(np.float64)
     qt, size = (QT.Q8_0, 34) if kind == ck.Q8 else (QT.Q4_0, 18)
     raw = quants.quantize(w.astype(np.float32), qt).reshape(n, k // 32, size)
-    scales = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32).ravel()
+    scales = raw[..., :2].copy().view(np.uint16)[..., 0].ravel()  # float16 bits, as the engine keeps them
     if kind == ck.Q8:
         empty["q8"] = np.concatenate([np.zeros(5, np.int8), raw[..., 2:].copy().view(np.int8).ravel()])
     else:
         empty["q4"] = np.concatenate([np.zeros(5, np.uint8), raw[..., 2:].ravel()])
-    empty["scales"] = np.concatenate([np.zeros(2, np.float32), scales])
+    empty["scales"] = np.concatenate([np.zeros(2, np.uint16), scales])
     dense = quants.dequantize(raw.reshape(n, -1), qt).astype(np.float64).reshape(n, k)
     return empty, np.array([kind, 5, 2, n, k]), dense
 
@@ -77,12 +77,23 @@ def test_embedding_row_is_the_dequantized_row():
 
 
 OPTION_SETS = ["", "rope", "decay", "sinks", "rope+decay+sinks"]
+# 80 tokens in blocks of these sizes, in turn (1: decode; 13 > W: a block passes the whole ring)
+BLOCKS = [1, 5, 1, 8, 13, 2, 3, 1, 9]
+
+
+def blocks(total: int):
+    p, i = 0, 0
+    while p < total:
+        n = min(BLOCKS[i % len(BLOCKS)], total - p)
+        yield p, n
+        p, i = p + n, i + 1
 
 
 @pytest.mark.parametrize("kind", OPTION_SETS)
 @pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 4, 0.0), (6, 3, 0.0), (4, 2, 5.0)])
-def test_hybrid_decode_equals_the_decode_step(kind, heads, kv_heads, softcap):
-    """80 steps of one sequence, W = 8: the ring wraps ten times, the sinks fill and are passed."""
+def test_hybrid_attention_equals_the_decode_steps(kind, heads, kv_heads, softcap):
+    """80 tokens of one sequence in blocks of 1 to 13, W = 8: the ring wraps ten times (within a
+    block too), the sinks fill and are passed; each block against as many decode steps."""
     rng = np.random.default_rng(len(kind) + 7 * heads + kv_heads)
     d, f, w, steps = 16, 6, 8, 80
     n_s = 3 if "sinks" in kind else 0
@@ -94,37 +105,69 @@ def test_hybrid_decode_equals_the_decode_step(kind, heads, kv_heads, softcap):
     ref = [np.zeros((1, heads, 2 * f, d), np.float32), np.zeros((1, heads, 2 * f), np.float32)] + [
         np.zeros((1, kv_heads, m, d), np.float32) for m in (w, w) + ((n_s, n_s) if n_s else ())]
     ours = [a[0].copy() for a in ref] + ([] if n_s else [np.zeros((kv_heads, 0, d), np.float32)] * 2)
-    for p in range(steps):
-        q = (2 * rng.standard_normal((1, heads, 1, d))).astype(np.float32)
-        k = (2 * rng.standard_normal((1, kv_heads, 1, d))).astype(np.float32)
-        v = rng.standard_normal((1, kv_heads, 1, d)).astype(np.float32)
-        want, ref = decode_step(NUMPY, q, k, v, fq, fk, window_factor, log_decay, ref, p, scale=scale,
-                                softcap=softcap or None, rope=inv_freq, sink_tokens=n_s)
-        ref = list(ref)
-        out = np.zeros((heads, d), np.float32)
-        ck.hybrid_decode(q[0, :, 0], k[0, :, 0], v[0, :, 0], fq, fk, window_factor,
-                         np.zeros(heads, np.float32) if log_decay is None else log_decay, *ours, p, scale,
-                         np.float32(softcap), np.zeros(0, np.float32) if inv_freq is None else inv_freq,
-                         inv_freq is not None, out)
+    for start, n in blocks(steps):
+        q = (2 * rng.standard_normal((n, heads, d))).astype(np.float32)
+        k = (2 * rng.standard_normal((n, kv_heads, d))).astype(np.float32)
+        v = rng.standard_normal((n, kv_heads, d)).astype(np.float32)
+        want = []
+        for t in range(n):
+            o, ref = decode_step(NUMPY, q[None, t, :, None], k[None, t, :, None], v[None, t, :, None], fq, fk,
+                                 window_factor, log_decay, ref, start + t, scale=scale, softcap=softcap or None,
+                                 rope=inv_freq, sink_tokens=n_s)
+            ref = list(ref)
+            want.append(o[0, :, 0])
+        out = np.zeros((n, heads, d), np.float32)
+        ck.hybrid_attention(q, k, v, fq, fk, window_factor,
+                            np.zeros(heads, np.float32) if log_decay is None else log_decay, *ours, start, scale,
+                            np.float32(softcap), np.zeros(0, np.float32) if inv_freq is None else inv_freq,
+                            inv_freq is not None, out)
         # float32 both, summed in other orders: relative 1e-5 of values of order 1 (1e-4: FACTS'
         # float32 tolerance across backends, kept tighter here because the math is the same)
-        np.testing.assert_allclose(out, want[0, :, 0], rtol=2e-5, atol=2e-5, err_msg=f"{kind} out at {p}")
+        np.testing.assert_allclose(out, np.stack(want), rtol=2e-5, atol=2e-5, err_msg=f"{kind} out at {start}+{n}")
         for name, got, exp in zip(("kv", "z", "k_window", "v_window", "k_sink", "v_sink"), ours, ref):
-            np.testing.assert_allclose(got, exp[0], rtol=2e-5, atol=2e-5, err_msg=f"{kind} {name} at {p}")
+            np.testing.assert_allclose(got, exp[0], rtol=2e-5, atol=2e-5, err_msg=f"{kind} {name} at {start}+{n}")
 
 
 @pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 2, 0.0), (3, 3, 5.0)])
-def test_window_decode_equals_the_ring_step(heads, kv_heads, softcap):
+def test_window_attention_equals_the_ring_steps(heads, kv_heads, softcap):
     rng = np.random.default_rng(heads)
     d, w = 8, 5
     ring = [np.zeros((1, kv_heads, w, d), np.float32) for _ in range(2)]
     ours = [r[0].copy() for r in ring]
-    for p in range(23):
-        q = rng.standard_normal((1, heads, 1, d)).astype(np.float32)
-        k, v = (rng.standard_normal((1, kv_heads, 1, d)).astype(np.float32) for _ in range(2))
-        want, *ring = window_ring_step(NUMPY, q, k, v, *ring, p, scale=0.3, softcap=softcap or None)
-        out = np.zeros((heads, d), np.float32)
-        ck.window_decode(q[0, :, 0], k[0, :, 0], v[0, :, 0], *ours, p, np.float32(0.3), np.float32(softcap), out)
-        np.testing.assert_allclose(out, want[0, :, 0], rtol=2e-5, atol=2e-5, err_msg=f"out at {p}")
+    for start, n in blocks(40):
+        q = rng.standard_normal((n, heads, d)).astype(np.float32)
+        k, v = (rng.standard_normal((n, kv_heads, d)).astype(np.float32) for _ in range(2))
+        want = []
+        for t in range(n):
+            o, *ring = window_ring_step(NUMPY, q[None, t, :, None], k[None, t, :, None], v[None, t, :, None], *ring,
+                                        start + t, scale=0.3, softcap=softcap or None)
+            want.append(o[0, :, 0])
+        out = np.zeros((n, heads, d), np.float32)
+        ck.window_attention(q, k, v, *ours, start, np.float32(0.3), np.float32(softcap), out)
+        np.testing.assert_allclose(out, np.stack(want), rtol=2e-5, atol=2e-5, err_msg=f"out at {start}+{n}")
         for got, exp in zip(ours, ring):
             np.testing.assert_array_equal(got, exp[0])
+
+
+def test_attention_blocks_equal_single_steps_exactly():
+    """A block's heads do the token-by-token arithmetic in its order: the same bits as T blocks of one."""
+    rng = np.random.default_rng(11)
+    heads, kv_heads, d, f, w, n_s, steps = 6, 2, 16, 6, 8, 3, 40
+    inv_freq = Rope(theta=10.0, dim=d).inv_freq()
+    fq, fk = (rng.standard_normal((heads, d, f)).astype(np.float32) for _ in range(2))
+    window_factor, log_decay = rng.standard_normal(heads).astype(np.float32), -rng.random(heads).astype(np.float32)
+    q = rng.standard_normal((steps, heads, d)).astype(np.float32)
+    k, v = (rng.standard_normal((steps, kv_heads, d)).astype(np.float32) for _ in range(2))
+    results = []
+    for sizes in ([1] * steps, [steps]):
+        state = [np.zeros(s, np.float32) for s in ((heads, 2 * f, d), (heads, 2 * f), (kv_heads, w, d), (kv_heads, w, d),
+                                                   (kv_heads, n_s, d), (kv_heads, n_s, d))]
+        out, p = np.zeros((steps, heads, d), np.float32), 0
+        for n in sizes:
+            ck.hybrid_attention(q[p : p + n], k[p : p + n], v[p : p + n], fq, fk, window_factor, log_decay, *state, p,
+                                np.float32(0.25), np.float32(0.0), inv_freq, True, out[p : p + n])
+            p += n
+        results.append((out, state))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_array_equal(a, b)
