@@ -150,13 +150,15 @@ class ThreadTuner:
 
     All threads until measured otherwise: each count keeps a moving average of its step time and
     the faster one is used; the other count is tried every ``period`` steps, and at once when a
-    step's threads did not all run (its CPU time under ``crowded`` x wall time x threads: 0.99 idle,
-    0.50 with a busy process beside it, measured), unless it was tried in the last ``period // 4``
-    steps. So an idle machine never pays for a look at 1 thread early on (a prefill of 8 blocks
-    lost ~10% to it), and a busy one is noticed at its first step. The logits do not depend on the
-    thread count (each output is summed by one thread), only the time."""
+    step's threads did not all get a core (its CPU time under ``crowded`` x wall time x threads;
+    on the idle 2-core machine decode steps measured 0.91 (median; the lowest of 200 0.66),
+    prefill blocks 0.92-0.94 (a process's first 0.75), and 0.50 with a busy process beside them),
+    unless it was tried in the last ``period // 4`` steps. So an idle machine never pays for a
+    look at 1 thread early on (a prefill of 8 blocks lost ~10% to it), and a busy one is noticed
+    at its first step. The logits do not depend on the thread count (each output is summed by one
+    thread), only the time."""
 
-    def __init__(self, counts, period: int = 32, weight: float = 0.25, crowded: float = 0.8):
+    def __init__(self, counts, period: int = 32, weight: float = 0.25, crowded: float = 0.65):
         self.counts = sorted(set(counts))
         self.period, self.weight, self.crowded = period, weight, crowded
         self.average = {}  # (kind, threads) -> seconds
