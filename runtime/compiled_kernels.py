@@ -74,7 +74,7 @@ _JIT = dict(cache=True, fastmath=_FAST, nogil=True)
 # below the kernel's in-cache speed: the two did not overlap. Asking ~8 KB ahead took the 30 layers'
 # products of a SmolLM2-shaped q8_0 model from 7.9 to 3.5 ms (2 threads, by hand; 4 KB 3.8, 16 KB 3.8).
 PREFETCH_BYTES = 8192
-PARTS = 64  # a one-token product's rows in this many parts (at most)
+PARTS = 16  # a product's rows in this many parts at most, each with its scratch (a part a thread at 16)
 CHUNK = 16  # rows whose scales a part widens at once
 
 
@@ -156,10 +156,34 @@ def _prefetch_row(buffer, start, width, scales, scale_start, blocks):
         _prefetch(scales, scale_start)
 
 @njit(inline="always", **_JIT)
-def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out):
-    """Row n of the matrix into out [K] (float32)."""
+def _dot_q8(row, x, d):
+    """One row of a q8_0 matrix times x: its quants, d its widened block scales."""
+    s = np.float32(0.0)
+    for j in range(row.shape[0]):
+        s += np.float32(row[j]) * x[j] * d[j >> 5]
+    return s
+
+
+@njit(inline="always", **_JIT)
+def _dot_q4(row, x_low, x_high, x_sum, d):
+    """One row of a q4_0 matrix (its bytes) times x, given as x_low / x_high (the nibbles' order)
+    and x_sum (each block's sum). The -8 offset is out of the inner loop:
+    sum_b d_b sum_j (c_j - 8) x_j = sum_b d_b sum_j c_j x_j - 8 sum_b d_b x_sum_b (3.47 -> 2.93 ms
+    on a 49152 x 576 matrix, one thread)."""
+    s = np.float32(0.0)
+    for j in range(row.shape[0]):
+        byte = np.int32(row[j])
+        s += (np.float32(byte & 15) * x_low[j] + np.float32(byte >> 4) * x_high[j]) * d[j >> 4]
+    offset = np.float32(0.0)
+    for b in range(d.shape[0]):
+        offset += d[b] * x_sum[b]
+    return s - np.float32(8.0) * offset
+
+
+@njit(inline="always", **_JIT)
+def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out, sc):
+    """Row n of the matrix into out [K] (float32); sc: a scratch of K / 32 for its scales."""
     nb = k // BLOCK
-    sc = np.empty(nb, np.float32)
     if kind != F32:
         _widen_scales(scales, soff + n * nb, nb, sc)
     if kind == Q8:
@@ -196,52 +220,32 @@ def linear(q8, q4, scales, f32, entry, x, y):
     # here would make the function uncacheable (a ctypes global).
     parts = min(n, PARTS)
     scratch = np.empty((parts, CHUNK * nb), np.float32)
-    if t == 1 and kind == Q8:
+    if t == 1 and kind != F32:
         x0 = x[0]
-        for part in prange(parts):
-            sc = scratch[part]
-            end = (part + 1) * n // parts
-            for r0 in range(part * n // parts, end, CHUNK):
-                _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
-                for r in range(r0, min(r0 + CHUNK, end)):
-                    a = min(r + ahead, n - 1)
-                    _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
-                    row, d = q8[off + r * k : off + (r + 1) * k], sc[(r - r0) * nb : (r - r0 + 1) * nb]
-                    s = np.float32(0.0)
-                    for j in range(k):
-                        s += np.float32(row[j]) * x0[j] * d[j >> 5]
-                    y[0, r] = s
-        return
-    if t == 1 and kind == Q4:
-        half = k // 2
-        # x's elements in the nibbles' order: byte j of block b holds elements 32 b + j (low) and
+        # q4: x's elements in the nibbles' order: byte j of block b holds elements 32 b + j (low) and
         # 32 b + 16 + j (high), so the inner loop reads x_low[16 b + j] and x_high[16 b + j]
-        # The -8 offset is taken out of the inner loop: sum_b d_b sum_j (c_j - 8) x_j =
-        # sum_b d_b sum_j c_j x_j - 8 sum_b d_b x_sum_b (3.47 -> 2.93 ms on a 49152 x 576 matrix, one thread)
+        half = k // 2
         x_low, x_high = np.empty(half, np.float32), np.empty(half, np.float32)
         x_sum = np.zeros(nb, np.float32)
-        for b in range(nb):
-            for j in range(16):
-                x_low[16 * b + j] = x[0, BLOCK * b + j]
-                x_high[16 * b + j] = x[0, BLOCK * b + 16 + j]
-                x_sum[b] += x[0, BLOCK * b + j] + x[0, BLOCK * b + 16 + j]
+        if kind == Q4:
+            for b in range(nb):
+                for j in range(16):
+                    x_low[16 * b + j] = x0[BLOCK * b + j]
+                    x_high[16 * b + j] = x0[BLOCK * b + 16 + j]
+                    x_sum[b] += x0[BLOCK * b + j] + x0[BLOCK * b + 16 + j]
         for part in prange(parts):
             sc = scratch[part]
             end = (part + 1) * n // parts
             for r0 in range(part * n // parts, end, CHUNK):
                 _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
                 for r in range(r0, min(r0 + CHUNK, end)):
-                    a = min(r + ahead, n - 1)
-                    _prefetch_row(q4, off + a * half, half, scales, soff + a * nb, nb)
-                    row4, d = q4[off + r * half : off + (r + 1) * half], sc[(r - r0) * nb : (r - r0 + 1) * nb]
-                    s = np.float32(0.0)
-                    for j in range(half):
-                        byte = np.int32(row4[j])
-                        s += (np.float32(byte & 15) * x_low[j] + np.float32(byte >> 4) * x_high[j]) * d[j >> 4]
-                    offset = np.float32(0.0)
-                    for b in range(nb):
-                        offset += d[b] * x_sum[b]
-                    y[0, r] = s - np.float32(8.0) * offset
+                    a, d = min(r + ahead, n - 1), sc[(r - r0) * nb : (r - r0 + 1) * nb]
+                    if kind == Q8:
+                        _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
+                        y[0, r] = _dot_q8(q8[off + r * k : off + (r + 1) * k], x0, d)
+                    else:
+                        _prefetch_row(q4, off + a * half, half, scales, soff + a * nb, nb)
+                        y[0, r] = _dot_q4(q4[off + r * half : off + (r + 1) * half], x_low, x_high, x_sum, d)
         return
     if t == 1:
         x0 = x[0]
@@ -257,62 +261,70 @@ def linear(q8, q4, scales, f32, entry, x, y):
     # several tokens: 4 rows dequantized into a scratch, then 4 rows x 4 tokens of sums at a time
     # (16 accumulators: each weight and each x element loaded once per 4 products; 2.5x the
     # throughput of one dot product per row and token, measured)
+    # Scratch per part of the row groups, allocated once per call (per group, six small
+    # allocations were ~1,300 a layer at 128 tokens).
     t4 = t - t % 4
-    for group in prange((n + 3) // 4):
-        r0 = 4 * group
-        rows = min(4, n - r0)
-        w = np.zeros((4, k), np.float32)
-        for a in range(rows):
-            _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r0 + a, w[a])
-        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-        acc = np.empty((4, 4), np.float32)  # [row, token]
-        for i in range(0, t4, 4):
-            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
-            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
-            for j in range(k):
-                a0, a1, a2, a3 = x0[j], x1[j], x2[j], x3[j]
-                b0, b1, b2, b3 = w0[j], w1[j], w2[j], w3[j]
-                s00 += b0 * a0
-                s01 += b0 * a1
-                s02 += b0 * a2
-                s03 += b0 * a3
-                s10 += b1 * a0
-                s11 += b1 * a1
-                s12 += b1 * a2
-                s13 += b1 * a3
-                s20 += b2 * a0
-                s21 += b2 * a1
-                s22 += b2 * a2
-                s23 += b2 * a3
-                s30 += b3 * a0
-                s31 += b3 * a1
-                s32 += b3 * a2
-                s33 += b3 * a3
-            acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = s00, s01, s02, s03
-            acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = s10, s11, s12, s13
-            acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = s20, s21, s22, s23
-            acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = s30, s31, s32, s33
+    groups = (n + 3) // 4
+    group_parts = min(groups, PARTS)
+    rows_scratch = np.zeros((group_parts, 4, k), np.float32)  # a last group's rows past N: not stored
+    scale_scratch = np.empty((group_parts, nb), np.float32)
+    acc_scratch = np.empty((group_parts, 4, 4), np.float32)
+    for part in prange(group_parts):
+        w, sc, acc = rows_scratch[part], scale_scratch[part], acc_scratch[part]  # acc: [row, token]
+        for group in range(part * groups // group_parts, (part + 1) * groups // group_parts):
+            r0 = 4 * group
+            rows = min(4, n - r0)
             for a in range(rows):
-                for b in range(4):
-                    y[i + b, r0 + a] = acc[a, b]
-        for i in range(t4, t):  # the last T % 4 tokens
-            xi = x[i]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for j in range(k):
-                s0 += w0[j] * xi[j]
-                s1 += w1[j] * xi[j]
-                s2 += w2[j] * xi[j]
-                s3 += w3[j] * xi[j]
-            acc[0, 0], acc[1, 0], acc[2, 0], acc[3, 0] = s0, s1, s2, s3
-            for a in range(rows):
-                y[i, r0 + a] = acc[a, 0]
+                _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r0 + a, w[a], sc)
+            w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+            for i in range(0, t4, 4):
+                x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+                for j in range(k):
+                    a0, a1, a2, a3 = x0[j], x1[j], x2[j], x3[j]
+                    b0, b1, b2, b3 = w0[j], w1[j], w2[j], w3[j]
+                    s00 += b0 * a0
+                    s01 += b0 * a1
+                    s02 += b0 * a2
+                    s03 += b0 * a3
+                    s10 += b1 * a0
+                    s11 += b1 * a1
+                    s12 += b1 * a2
+                    s13 += b1 * a3
+                    s20 += b2 * a0
+                    s21 += b2 * a1
+                    s22 += b2 * a2
+                    s23 += b2 * a3
+                    s30 += b3 * a0
+                    s31 += b3 * a1
+                    s32 += b3 * a2
+                    s33 += b3 * a3
+                acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = s00, s01, s02, s03
+                acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = s10, s11, s12, s13
+                acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = s20, s21, s22, s23
+                acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = s30, s31, s32, s33
+                for a in range(rows):
+                    for b in range(4):
+                        y[i + b, r0 + a] = acc[a, b]
+            for i in range(t4, t):  # the last T % 4 tokens
+                xi = x[i]
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for j in range(k):
+                    s0 += w0[j] * xi[j]
+                    s1 += w1[j] * xi[j]
+                    s2 += w2[j] * xi[j]
+                    s3 += w3[j] * xi[j]
+                acc[0, 0], acc[1, 0], acc[2, 0], acc[3, 0] = s0, s1, s2, s3
+                for a in range(rows):
+                    y[i, r0 + a] = acc[a, 0]
 
 
 @njit(**_JIT)
 def embedding_row(q8, q4, scales, f32, entry, token, out):
     """Row ``token`` of a [V, hidden] matrix (the embedding) into out [hidden]."""
-    _dequantize_row(q8, q4, scales, f32, entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS], token, out)
+    _dequantize_row(q8, q4, scales, f32, entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS], token, out,
+                    np.empty(entry[COLS] // BLOCK, np.float32))
 
 
 # --- pieces of the attention -----------------------------------------------------------------
