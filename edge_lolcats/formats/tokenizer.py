@@ -75,7 +75,7 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
-    def encode_long(self, text: str, add_special_tokens: bool = True, piece_chars: int = 1 << 15) -> np.ndarray:
+    def encode_long(self, text: str, add_special_tokens: bool = True, piece_chars: int = 1 << 12) -> np.ndarray:
         """:meth:`encode` for a text of any length in bounded memory, as an int32 array.
 
         A whole-text encoding holds offsets and token strings for every token (tens of MB at 128K
@@ -85,7 +85,9 @@ class Tokenizer:
         a non-space character into a space), so the ids are those of :meth:`encode` (tested).
         A SentencePiece vocabulary is cut there only when no token joins a character to the space
         after it (SentencePiece runs over the whole text) and no normalizer adds a space to each
-        call (Phi-3's); otherwise the text is encoded whole."""
+        call (Phi-3's); otherwise the text is encoded whole. Pieces of 4K characters: after 786K
+        characters (128K tokens) in pieces of 32K the process kept 5.9 MB more resident, in 4K
+        pieces 0.9 MB (SmolLM2's tokenizer, by hand, 2026-12-02)."""
         if not self.cuts_at_spaces:
             return np.asarray(self.encode(text, add_special_tokens), np.int32)
         parts, start = [], 0
