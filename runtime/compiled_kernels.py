@@ -215,19 +215,20 @@ def linear(q8, q4, scales, f32, entry, x, y):
     # Each weight is read once, so the loads are asked for PREFETCH_BYTES ahead.
     row_bytes = k // 2 if kind == Q4 else (4 * k if kind == F32 else k)
     ahead = max(1, PREFETCH_BYTES // row_bytes)  # rows
-    # The rows in contiguous parts (a thread takes consecutive parts); a part widens its rows'
-    # float16 scales CHUNK rows at a time into its scratch (one vectorised loop: row by row, 18
-    # scalar conversions cost 2 ms of a 30-layer step). One allocation per call; numba.get_num_threads()
-    # here would make the function uncacheable (a ctypes global).
-    parts = min(n, PARTS)
-    scratch = np.empty((parts, CHUNK * nb), np.float32)
     if t == 1 and kind != F32:
+        # The rows in contiguous parts (a thread takes consecutive parts); a part widens its rows'
+        # float16 scales CHUNK rows at a time into its scratch (one vectorised loop: row by row, 18
+        # scalar conversions cost 2 ms of a 30-layer step). One allocation per call; numba.get_num_threads()
+        # here would make the function uncacheable (a ctypes global).
+        parts = min(n, PARTS)
+        scratch = np.empty((parts, CHUNK * nb), np.float32)
         x0 = x[0]
         # q4: x's elements in the nibbles' order: byte j of block b holds elements 32 b + j (low) and
         # 32 b + 16 + j (high), so the inner loop reads x_low[16 b + j] and x_high[16 b + j]
         half = k // 2
-        x_low, x_high = np.empty(half, np.float32), np.empty(half, np.float32)
-        x_sum = np.zeros(nb, np.float32)
+        used = half if kind == Q4 else 0
+        x_low, x_high = np.empty(used, np.float32), np.empty(used, np.float32)
+        x_sum = np.zeros(nb if kind == Q4 else 0, np.float32)
         if kind == Q4:
             for b in range(nb):
                 for j in range(16):

@@ -55,14 +55,14 @@ def _linears(model) -> dict:
 
 
 def _rounded(weight: np.ndarray, dtype: str | None, importance) -> torch.Tensor:
-    from gguf import GGMLQuantizationType as T, quants
+    from gguf import quants
 
     from edge_lolcats.converters import quantize
 
     if dtype is None:
         return torch.from_numpy(weight)
     blocks = quantize.quantize(weight, dtype, importance)
-    return torch.from_numpy(quants.dequantize(blocks, T.Q8_0 if dtype == "q8_0" else T.Q4_0).reshape(weight.shape))
+    return torch.from_numpy(quants.dequantize(blocks, quantize.qtype(dtype)).reshape(weight.shape))
 
 
 def perplexity(model, seqs) -> float:

@@ -413,7 +413,8 @@ def onnx_decode_profile(folder: str, steps: int = 32) -> list[tuple[str, int, in
             state.tensors = dict(zip(engine.state_names, out[1:]))
             state.position += 1
         session.end_profiling()
-        events = json_.load(open(glob.glob(os.path.join(tmp, "profile*.json"))[0]))
+        with open(glob.glob(os.path.join(tmp, "profile*.json"))[0], encoding="utf-8") as f:
+            events = json_.load(f)
     spent = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
