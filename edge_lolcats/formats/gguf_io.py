@@ -150,7 +150,23 @@ def _parse(buf, path: str) -> tuple[dict, list, int]:
             out = np.frombuffer(buf, _NUMPY[item], n, pos).tolist()
             pos += width * n
             return out
+        if item == _STRING:  # the vocabulary and merges (~100K strings): one tight loop
+            return strings(n)
         return [value(item) for _ in range(n)]
+
+    def strings(n):
+        nonlocal pos
+        length, end, out = struct.Struct("<Q").unpack_from, len(buf), []
+        p = pos
+        for _ in range(n):
+            (size,) = length(buf, p)
+            p += 8
+            if p + size > end:
+                raise ValueError("a string runs past the end of the file")
+            out.append(str(buf[p : p + size], "utf-8"))
+            p += size
+        pos = p
+        return out
 
     magic, version = take("4s"), take("I")
     if magic != b"GGUF":
