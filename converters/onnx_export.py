@@ -9,9 +9,9 @@ Two graphs over one weights file, each a pure function
 - ``model.onnx``: any batch and any number of tokens T per call (prefill in blocks, batches); each
   layer computes :func:`edge_lolcats.arch.hybrid.block_step`.
 - ``decode.onnx``: one sequence, one token (input_ids [1, 1]); each layer computes
-  :func:`edge_lolcats.arch.hybrid.decode_step`. Static shapes let
-  onnxruntime fold every shape computation away, and the step does T = 1's work only: ~2x faster
-  per token than the dynamic graph on SmolLM2 (docs/BENCHMARKS.md).
+  :func:`edge_lolcats.arch.hybrid.decode_step`, built node by node with onnxruntime's contrib ops
+  (:mod:`.onnx_decode`: ~75 nodes a layer where the traced step had ~125 after onnxruntime's
+  fusions; static shapes, T = 1's work only).
 
 Both share the state layout, so a session moves between them freely. Their weights live once in
 ``weights.bin`` (ONNX external data; both graphs point at the same offsets), which the runtime
@@ -37,11 +37,16 @@ from edge_lolcats.arch.ops import TorchOps
 
 from edge_lolcats.formats.fileio import atomic_folder
 from .gguf_export import model_fingerprint
+from .onnx_decode import OPSET as DECODE_OPSET
+from .onnx_decode import build_decode_graph
 
 # 3: the model description (ModelArgs) in model.json; 4: the recurrence, rings per KV head; 5: int8 / int4
-# weights as MatMulNBits (GGUF's q8_0 / q4_0 blocks) instead of onnxruntime's dynamic quantization
-FORMAT_VERSION = 5
+# weights as MatMulNBits (GGUF's q8_0 / q4_0 blocks) instead of onnxruntime's dynamic quantization;
+# 6: the compact decode graph (onnx_decode, opset 23)
+FORMAT_VERSION = 6
+OPSET = 18  # the traced block graph's
 WEIGHTS_FILE = "weights.bin"
+DECODE_DATA = "decode.data"  # the decode graph's weights while it is written, before weights.bin takes them
 # initializers this small stay inside the graph (shape constants, scales): not worth an offset
 INLINE_BYTES = 4096
 
@@ -64,24 +69,6 @@ def _fused_linear(*linears: nn.Linear) -> nn.Linear:
         if bias:
             fused.bias.copy_(torch.cat([m.bias for m in linears]))
     return fused
-
-
-def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, head_dim: int | None = None) -> torch.Tensor:
-    """The rotary embedding of one position as a [D, D] matrix R, ``block.apply_rope``'s result
-    ``== x @ R``: one MatMul per tensor in the decode graph instead of seven small nodes, built once
-    per step and layer type. cos, sin [rot]; dimensions past ``rot`` (partial rotary) pass unchanged."""
-    rot = cos.shape[-1]
-    d = head_dim or rot
-    half = torch.arange(rot // 2)
-    rotate_half = torch.zeros(rot, rot, dtype=cos.dtype)  # x @ rotate_half == cat(-x2, x1)
-    rotate_half[half + rot // 2, half] = -1.0
-    rotate_half[half, half + rot // 2] = 1.0
-    r = torch.eye(rot, dtype=cos.dtype) * cos[None, :] + rotate_half * sin[None, :]
-    if d == rot:
-        return r
-    top = torch.cat([r, torch.zeros(rot, d - rot, dtype=cos.dtype)], 1)
-    bottom = torch.cat([torch.zeros(d - rot, rot, dtype=cos.dtype), torch.eye(d - rot, dtype=cos.dtype)], 1)
-    return torch.cat([top, bottom], 0)
 
 
 class _Fused(nn.Module):
@@ -111,18 +98,15 @@ def _fused_layer(layer: nn.Module) -> _Fused:
 
 
 class StepGraph(nn.Module):
-    """The whole decoder as one pure step (see the module docstring): over a block of tokens, or
-    (``decode=True``) over one token of one sequence with static shapes. It runs the model's one
-    definition (:mod:`edge_lolcats.arch.block`); what is the graph's own is only how it computes:
-    q/k/v and gate/up as one MatMul each (a graph pays per node, and one wider int8 MatMul is
-    cheaper than two narrow ones at decode), and at decode RoPE as one [D, D] matrix per layer type."""
+    """The whole decoder as one pure step over a block of tokens (see the module docstring). It
+    runs the model's one definition (:mod:`edge_lolcats.arch.block`); what is the graph's own is
+    only how it computes: q/k/v and gate/up as one MatMul each (a graph pays per node)."""
 
-    def __init__(self, model, decode: bool = False):
+    def __init__(self, model):
         super().__init__()
         from edge_lolcats.nn.model import state_layout
 
         self.model = model
-        self.decode = decode
         self.layers = nn.ModuleList(_fused_layer(layer) for layer in model.model.layers)
         layout = state_layout(model)
         sizes = [len(layout.layer_names(i)) for i in range(layout.num_layers)]
@@ -133,15 +117,10 @@ class StepGraph(nn.Module):
         from edge_lolcats.arch.window import window_ring_step
         from edge_lolcats.nn.model import WindowAttention
 
-        step = hybrid.decode_step if self.decode else hybrid.block_step
         args, inner = self.model.args, self.model.model
         xp = TorchOps()
-        t = 1 if self.decode else input_ids.shape[1]
-        positions = position + torch.arange(t, dtype=torch.int64)  # [T]
+        positions = position + torch.arange(input_ids.shape[1], dtype=torch.int64)  # [T]
         rotate = block.rotations(xp, args, positions)
-        if self.decode:  # RoPE at the one position as a [D, D] matrix: one MatMul per tensor
-            for r in rotate.values():
-                r.apply = lambda x, m=rope_matrix(r.cos[0], r.sin[0], args.head_dim): x @ m
         x = block.embed(xp, args, inner.embed_tokens, input_ids)
         new_states = []
         for i, layer in enumerate(self.layers):
@@ -158,7 +137,7 @@ class StepGraph(nn.Module):
                         rope = rotate.inv_freq
                     else:
                         q, k, rope = rotate(q), rotate(k), None
-                    out, state = step(xp, q, k, v, *attn.weights, attn.log_decay, layer_states, position,
+                    out, state = hybrid.block_step(xp, q, k, v, *attn.weights, attn.log_decay, layer_states, position,
                                       scale=attn.scale, softcap=attn.softcap, rope=rope, sink_tokens=rec.sink_tokens)
                 new_states.extend(state)
                 return out
@@ -182,20 +161,18 @@ def example_inputs(model, batch: int = 2, tokens: int = 3, position: int = 5):
             *states)
 
 
-def _export_graph(graph: nn.Module, model, path: str, decode: bool):
+def _export_graph(graph: nn.Module, model, path: str):
     names = list(state_shapes(model))
     out_names = output_names(names)
-    dynamic = None
-    if not decode:
-        dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}}
-        for n in names + out_names[1:]:
-            dynamic[n] = {0: "batch"}
-    inputs = example_inputs(model, batch=1 if decode else 2, tokens=1 if decode else 3)
+    dynamic = {"input_ids": {0: "batch", 1: "tokens"}, "logits": {0: "batch"}}
+    for n in names + out_names[1:]:
+        dynamic[n] = {0: "batch"}
+    inputs = example_inputs(model, batch=2, tokens=3)
     with torch.no_grad(), warnings.catch_warnings():
         # head counts and sizes are constants of the model, which is what the tracer warns about
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(graph, inputs, path, input_names=["input_ids", "position", *names], output_names=out_names,
-                          dynamic_axes=dynamic, opset_version=18, dynamo=False)
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
 
 
 QUANTIZE = {"int8": 8, "int4": 4}  # --quantize: bits of MatMulNBits, blocks of 32
@@ -388,21 +365,28 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
             from . import quantize as quantization
 
             importance = _importance_by_weight(StepGraph(model), quantization.input_importance(model, calibration))
-        graphs, quantized = {"model.onnx": False, "decode.onnx": True}, {}
-        for file, decode in graphs.items():
-            path = os.path.join(tmp, file)
-            _export_graph(StepGraph(model, decode=decode).eval(), model, path, decode)
-            onnx.checker.check_model(path)
-            if quantize:
-                _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size, importance, quantized)
-        paths = [os.path.join(tmp, f) for f in graphs]
+        quantized = {}  # each matrix's blocks, rounded once for both graphs
+        path = os.path.join(tmp, "model.onnx")
+        _export_graph(StepGraph(model).eval(), model, path)
+        onnx.checker.check_model(path)
+        if quantize:
+            _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size, importance, quantized)
+        decode = build_decode_graph(model, bits=QUANTIZE.get(quantize), accuracy_level=accuracy_level,
+                                    quantized=quantized, importance=importance)
+        # its weights outside the protobuf (over 2 GB it could not be written), then into weights.bin
+        onnx.save(decode, os.path.join(tmp, "decode.onnx"), save_as_external_data=True, location=DECODE_DATA,
+                  size_threshold=INLINE_BYTES)
+        del decode
+        paths = [os.path.join(tmp, f) for f in ("model.onnx", "decode.onnx")]
         external = _share_weights(paths, os.path.join(tmp, WEIGHTS_FILE))
+        os.remove(os.path.join(tmp, DECODE_DATA))
         for path in paths:
             onnx.checker.check_model(path)
         tokenizer.save(tmp)
         args, lol = model.args, model.lolcats
         meta = {
-            "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": 18,
+            "format": "edge-lolcats-onnx", "format_version": FORMAT_VERSION, "source": source, "opset": OPSET,
+            "decode_opset": DECODE_OPSET,
             "model_fingerprint": model_fingerprint(model),
             "weights": quantize or "f32", "accuracy_level": accuracy_level if quantize else None,
             "graph": "model.onnx", "decode_graph": "decode.onnx", "weights_file": WEIGHTS_FILE,

@@ -253,17 +253,64 @@ def test_weights_are_mapped_and_embedding_rows_do_not_stay_resident(tiny_export)
     assert resident[False] > resident[True] + 2_000_000  # the rows' pages (and their neighbours) stay
 
 
-def test_rope_matrix_is_apply_rope():
-    """The decode graph's rotary embedding as one matrix equals the block's apply_rope (float64,
-    random positions and head dims, full and partial rotary)."""
+def test_rope_constants_are_apply_rope():
+    """The compact decode graph's rotary embedding, x @ (E cos + S sin + P), equals the block's
+    apply_rope (float64, random positions and head dims, full and partial rotary)."""
     from edge_lolcats.arch import block
-    from edge_lolcats.arch.ops import TorchOps
-    from edge_lolcats.converters.onnx_export import rope_matrix
+    from edge_lolcats.arch.ops import NUMPY
+    from edge_lolcats.converters.onnx_decode import _rope_constants
 
+    rng = np.random.default_rng()
     for d, rot in ((8, 8), (64, 64), (16, 8)):
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-        angles = torch.randint(0, 100_000, ()).double() * inv_freq
-        cos, sin = torch.cat([angles, angles]).cos(), torch.cat([angles, angles]).sin()
-        for x in (torch.randn(1, 3, 1, d, dtype=torch.float64), torch.randn(1, 2, 1, d, dtype=torch.float64)):
-            expected = block.apply_rope(TorchOps(), x, cos, sin)
-            torch.testing.assert_close(x @ rope_matrix(cos, sin, d), expected, rtol=1e-12, atol=1e-12)
+        inv_freq = 1.0 / 10000 ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+        angles = rng.integers(0, 100_000) * inv_freq
+        cos, sin = np.cos(np.concatenate([angles, angles])), np.sin(np.concatenate([angles, angles]))
+        pad = np.zeros(d - rot)
+        e, s, p = (c.astype(np.float64) for c in _rope_constants(rot, d))
+        matrix = e * np.concatenate([cos, pad]) + s * np.concatenate([sin, pad]) + p
+        for x in (rng.standard_normal((1, 3, 1, d)), rng.standard_normal((1, 2, 1, d))):
+            np.testing.assert_allclose(x @ matrix, block.apply_rope(NUMPY, x, cos, sin), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family,options", [
+    ("llama", dict(feature_maps="post_rope")),  # the first models: phi after RoPE, no decay, no sinks
+    ("llama", dict(feature_maps="pre_rope", decay=True, sink_tokens=0)),
+    ("qwen3", dict(feature_maps="pre_rope", decay=False, sink_tokens=4)),  # qk norms
+    ("gemma2", dict(feature_maps="pre_rope", decay=True, sink_tokens=4)),  # soft-caps, sandwich norms, kept windows
+    ("mistral", dict(feature_maps="post_rope", decay=True, sink_tokens=2)),  # its own sliding window everywhere
+    ("phi3", dict(feature_maps="pre_rope", decay=True, sink_tokens=4)),  # partial rotary
+])
+def test_compact_decode_graph_equals_pytorch(family, options):
+    """The compact decode graph, token by token past the window, equals the PyTorch model (the one
+    definition) for each family and recurrence option: logits and the state it leaves (float32;
+    the graph folds the scale into the rotation and sums in another order)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edge_lolcats.arch.hybrid import Recurrence
+    from edge_lolcats.converters.onnx_decode import build_decode_graph
+    from edge_lolcats.nn.model import state_layout
+
+    model = linearize(tiny_model(family), window_size=8, feature_dim=8, recurrence=Recurrence(**options)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.self_attn, "feature_map_k"):
+                layer.self_attn.feature_map_k.weight.normal_()
+    graph = build_decode_graph(model)
+    onnx.checker.check_model(graph)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    layout = state_layout(model)
+    names = layout.names()
+    state = {n: np.zeros(s, np.float32) for n, s in layout.shapes(1).items()}
+    x = torch.randint(0, model.args.vocab_size, (1, 20))
+    with torch.no_grad():
+        ref, ref_state = forward(model, x)
+    for p in range(20):  # the window is 8 and the sinks 4: keys enter S from position 12
+        out = session.run(None, {"input_ids": x[:, p : p + 1].numpy(), "position": np.array(p, np.int64), **state})
+        state = dict(zip(names, out[1:]))
+        want = ref[:, p].numpy()
+        assert np.abs(out[0] - want).max() < 1e-4 * max(1.0, np.abs(want).max()), p
+    for i, layer_state in enumerate(ref_state.layers):
+        for part in layout.part_shapes(i):
+            want = getattr(layer_state, part).numpy()
+            np.testing.assert_allclose(state[f"state.{i}.{part}"], want, rtol=1e-4, atol=4e-6 * max(1.0, np.abs(want).max()))
