@@ -314,3 +314,24 @@ def test_compact_decode_graph_equals_pytorch(family, options):
         for part in layout.part_shapes(i):
             want = getattr(layer_state, part).numpy()
             np.testing.assert_allclose(state[f"state.{i}.{part}"], want, rtol=1e-4, atol=4e-6 * max(1.0, np.abs(want).max()))
+
+
+def test_compact_decode_graph_stays_compact():
+    """A graph pays per node (the traced decode graph had ~125 a layer after onnxruntime's fusions):
+    a budget per layer, so the compact graph cannot grow back unnoticed. Counted on the options
+    that need the most nodes (feature maps before RoPE, decay, sinks; a kept sliding window)."""
+    from collections import Counter
+
+    from edge_lolcats.converters.onnx_decode import build_decode_graph
+
+    from edge_lolcats.arch.state import HYBRID
+    from edge_lolcats.nn.model import state_layout
+
+    model = linearize(tiny_model("gemma2"), window_size=8, feature_dim=8)  # local and global layers
+    graph = build_decode_graph(model, bits=8)
+    kinds = state_layout(model).kinds
+    per_layer = Counter(n.name.split(".")[0] for n in graph.graph.node if n.name.split(".")[0][1:].isdigit())
+    assert len(per_layer) == len(kinds) and len(set(kinds)) == 2
+    for name, count in per_layer.items():
+        assert count <= (80 if kinds[int(name[1:])] == HYBRID else 32), (name, count)
+    assert len(graph.graph.node) - sum(per_layer.values()) <= 80  # the per-step tables, embedding and head
