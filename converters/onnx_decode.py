@@ -34,19 +34,29 @@ class _Graph:
     """Nodes and initializers under unique names."""
 
     def __init__(self):
-        self.nodes, self.initializers, self._names = [], [], {}
+        self.nodes, self.initializers, self._names, self._consts = [], [], set(), {}
 
     def _name(self, hint: str) -> str:
-        n = self._names.get(hint, 0)
-        self._names[hint] = n + 1
-        return hint if n == 0 else f"{hint}_{n}"
+        name, n = hint, 0
+        while name in self._names:
+            n += 1
+            name = f"{hint}_{n}"
+        self._names.add(name)
+        return name
 
     def const(self, value, hint: str, dtype=np.float32) -> str:
+        """An initializer; the same small constant (a shape, a scalar) asked for again is the same one."""
         from onnx import numpy_helper
 
-        name = self._name(hint)
-        self.initializers.append(numpy_helper.from_array(np.array(value, dtype), name))
-        return name
+        array = np.array(value, dtype)
+        key = (hint, array.dtype.str, array.shape, array.tobytes()) if array.size <= 64 else None
+        if key is None or key not in self._consts:
+            name = self._name(hint)
+            self.initializers.append(numpy_helper.from_array(array, name))
+            if key is None:
+                return name
+            self._consts[key] = name
+        return self._consts[key]
 
     def op(self, op_type: str, inputs: list, hint: str = "", outputs: int = 1, domain: str = "", unused=(), **attrs):
         """The node's output name, or names when ``outputs`` > 1 (those in ``unused`` left empty:
