@@ -13,7 +13,7 @@ with the same inputs and outputs, arranged for a graph runtime:
 - everything that depends only on the position (RoPE as [D, D] matrices, the ring slot, the
   masks, whether a key enters S) once per step, shared by the layers;
 - the attention scale folded into the queries' rotation, the feature maps' +x and -x halves
-  under one Softmax, sigmoid(window_factor) and the decay lam as constants;
+  through one product and one Softmax, the window factor into phi_q, the decay lam a constant;
 - the ring written with ``ScatterND`` at slot p % W (``Where`` on a one-hot slot, broadcast, was
   ~2x slower).
 
@@ -265,17 +265,17 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
     if args.embedding_scale != 1.0:
         x = g.op("Mul", [x, g.const(np.float32(args.embedding_scale), "embed.scale")], "embed_scaled")
 
-    def feature_map(x, weight, hint):
-        """Hedgehog on x [1, H, 1, D] with weight [H, D, F]: [1, H, 1, 2F] (arch.hybrid.feature_map).
-        +xW and -xW side by side on the length-1 axis, [1, H, 2, F], so one Softmax takes both
-        halves (weights [W, -W] would do it in the product, but as 18 MB more of weights.bin on SmolLM2)."""
-        w = _np(weight)
-        f = w.shape[-1]
-        proj = g.op("MatMul", [x, g.const(w, hint + ".weight")], hint)
-        halves = g.op("Concat", [proj, g.op("Neg", [proj], hint + "_neg")], hint + "_halves", axis=2)
-        soft = g.op("Max", [g.op("Softmax", [halves], hint + "_softmax", axis=-1),
-                            g.const(np.float32(FEATURE_MAP_EPS), "feature_eps")], hint + "_floored")
-        return g.op("Reshape", [soft, shape([1, h, 1, 2 * f], "shape_h12f")], hint + "_phi")
+    def feature_map(x, weight, hint, times=None):
+        """Hedgehog on x [1, H, 1, D] with weight [H, D, F] (arch.hybrid.feature_map), as [1, H, 2, F]:
+        the halves softmax(xW) and softmax(-xW) on the length-1 axis, so that one product and one
+        Softmax take both (x times a [+1, -1] column: -(xW) = (-x)W exactly), times ``times`` if
+        given. Reshaped to [1, H, 1, 2F] this is phi in arch.hybrid's order. (Weights [W, -W] would
+        save the sign's node at 18 MB more of weights.bin on SmolLM2.)"""
+        signed = g.op("Mul", [x, g.const(np.array([1.0, -1.0])[None, None, :, None], "signs")], hint + "_signed")
+        proj = g.op("MatMul", [signed, g.const(_np(weight), hint + ".weight")], hint)
+        phi = g.op("Max", [g.op("Softmax", [proj], hint + "_softmax", axis=-1),
+                           g.const(np.float32(FEATURE_MAP_EPS), "feature_eps")], hint + "_phi")
+        return phi if times is None else g.op("Mul", [phi, times], hint + "_times")
 
     def attend_softmax(scores, values, hint):
         """(sum_j e_j v_j [1, Hkv, G, D], sum_j e_j [1, Hkv, G, 1]), e = exp(scores - max)."""
@@ -353,8 +353,8 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
             if pre:
                 k_leave = g.op("MatMul", [k_leave, step.rope(layer_type, step.shifted("back", w, n_s))],
                                prefix + "k_leave_back")
-            phi_k = feature_map(repeat_heads(k_leave, prefix + "k_leave"), attn.feature_map_k.weight, prefix + "phi_k")
-            phi_k = g.op("Mul", [phi_k, step.enters(w, n_s)], prefix + "phi_k_enters")
+            phi_k = feature_map(repeat_heads(k_leave, prefix + "k_leave"), attn.feature_map_k.weight, prefix + "phi_k",
+                                times=step.enters(w, n_s))
             f2 = 2 * layout.feature_dim
             update = g.op("MatMul", [g.op("Reshape", [phi_k, shape([1, h, f2, 1], "shape_col")], prefix + "phi_k_col"),
                                      v_leave], prefix + "kv_update")
@@ -381,13 +381,14 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
                 values = g.op("Concat", [v_new, vs_new], prefix + "values", axis=2)
                 new_state += [ks_new, vs_new]
             soft, total = attend_softmax(scores, values, prefix + "soft")
-            factor = g.const((1.0 / (1.0 + np.exp(-_np(attn.window_factor).astype(np.float64))))
-                             .astype(np.float32)[None, :, None, None], prefix + "window_factor")
-            soft = g.op("Mul", [g.op("Reshape", [soft, shape([1, h, 1, d], "shape_q")], prefix + "soft_heads"), factor],
-                        prefix + "soft_weighted")
-            total = g.op("Mul", [g.op("Reshape", [total, shape([1, h, 1, 1], "shape_h111")], prefix + "total_heads"),
-                                 factor], prefix + "total_weighted")
-            phi_q = feature_map(q, attn.feature_map_q.weight, prefix + "phi_q")
+            soft = g.op("Reshape", [soft, shape([1, h, 1, d], "shape_q")], prefix + "soft_heads")
+            total = g.op("Reshape", [total, shape([1, h, 1, 1], "shape_h111")], prefix + "total_heads")
+            # o = (a soft + phi_q S) / (a total + phi_q z) with a = sigmoid(window_factor): numerator and
+            # denominator divided by a, so 1 / a scales phi_q (one node, not one on each softmax sum)
+            a = 1.0 / (1.0 + np.exp(-_np(attn.window_factor).astype(np.float64)))
+            phi_q = feature_map(q, attn.feature_map_q.weight, prefix + "phi_q",
+                                times=g.const((1.0 / a)[None, :, None, None], prefix + "inverse_window_factor"))
+            phi_q = g.op("Reshape", [phi_q, shape([1, h, 1, f2], "shape_h12f")], prefix + "phi_q_row")
             num = g.op("Add", [soft, g.op("MatMul", [phi_q, kv_new], prefix + "linear_num")], prefix + "num")
             z_col = g.op("Reshape", [z_new, shape([1, h, f2, 1], "shape_col")], prefix + "z_col")
             den = g.op("Add", [total, g.op("MatMul", [phi_q, z_col], prefix + "linear_den")], prefix + "den")
