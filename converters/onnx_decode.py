@@ -1,7 +1,7 @@
 """The compact decode graph: one token of one sequence, built node by node with onnxruntime's
 contrib ops instead of traced from PyTorch.
 
-The traced decode graph (:class:`.onnx_export.StepGraph`) pays per node: ~3,700 nodes after
+The decode graph traced from PyTorch (export format 5) paid per node: ~3,700 nodes after
 onnxruntime's fusions, a quarter of the step in the weights' products and the rest in small ops
 (norms left unfused, position tables rebuilt per layer; docs/BENCHMARKS.md, ``--onnx-profile``).
 This graph computes the same step, :func:`edge_lolcats.arch.hybrid.decode_step` (and
@@ -15,7 +15,7 @@ with the same inputs and outputs, arranged for a graph runtime:
 - the attention scale folded into the queries' rotation, the feature maps' +x and -x halves
   through one product and one Softmax, the window factor into phi_q, the decay lam a constant;
 - the ring written with ``ScatterND`` at slot p % W (``Where`` on a one-hot slot, broadcast, was
-  ~2x slower).
+  ~2x slower), the key leaving it read by one ``GatherND`` for every query head.
 
 Tests hold it to the PyTorch model (the one definition) for every family and recurrence option,
 through :class:`edge_lolcats.runtime.onnx_engine.OnnxEngine`.
@@ -24,10 +24,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_lolcats.arch import state as state_names
 from edge_lolcats.arch.hybrid import FEATURE_MAP_EPS, PRE_ROPE
 
 OPSET = 23  # RMSNormalization (the standalone norms)
 MS = "com.microsoft"
+
+
+class ExportError(ValueError):
+    pass
+
+
+def output_names(names: list[str]) -> list[str]:
+    """Both graphs' outputs: the last token's logits, then each state input's new value."""
+    return ["logits"] + [state_names.output_name(n) for n in names]
 
 
 class _Graph:
@@ -71,7 +81,7 @@ class _Graph:
 
 class _Weights:
     """The products' weights: float32 [K, N] for MatMul, or MatMulNBits' blocks (``quantized``:
-    {(onnx_export._weight_key(W), bits): (B, scales)}, shared with the traced block graph, so both
+    {(quantize.weight_key(W), bits): (B, scales)}, shared with the traced block graph, so both
     graphs hold the same bytes and weights.bin keeps them once)."""
 
     def __init__(self, g: _Graph, bits: int | None, accuracy_level: int, quantized: dict, vocab_size: int,
@@ -82,14 +92,13 @@ class _Weights:
     def linear(self, x: str, w: np.ndarray, bias: np.ndarray | None, hint: str) -> str:
         """x [..., K] @ w.T (+ bias); w [N, K] float32."""
         from . import nbits, quantize
-        from .onnx_export import ExportError, _weight_key
 
         n, k = w.shape
         if self.bits is None or k % nbits.BLOCK:
             y = self.g.op("MatMul", [x, self.g.const(w.T, hint + ".weight")], hint)
         else:
             bits = 8 if n == self.vocab else self.bits  # the vocabulary projection: 8 bits always
-            key = (_weight_key(w), bits)
+            key = (quantize.weight_key(w), bits)
             if key not in self.quantized:
                 weights = None
                 if bits == 4 and self.importance is not None:
@@ -119,8 +128,7 @@ def _linear_parts(parent, names) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _rope_constants(rot: int, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(E, S, P) [D, D] with x @ R(p) = x @ (E * cos_p + S * sin_p + P), cos_p / sin_p [D] zero past
-    ``rot`` (onnx_export.rope_matrix written as constants: transformers' rotate_half, the dims past
-    ``rot`` passed unchanged)."""
+    ``rot`` (transformers' rotate_half as a matrix, the dims past ``rot`` passed unchanged)."""
     half = rot // 2
     e, s, p = np.zeros((d, d), np.float32), np.zeros((d, d), np.float32), np.zeros((d, d), np.float32)
     e[np.arange(rot), np.arange(rot)] = 1.0
@@ -172,23 +180,40 @@ class _Step:
             return r if d == rot else g.op("Add", [r, g.const(p, "rope_pass")], "rope")
         return self._once(("rope", layer_type, position, scale), build)
 
-    def ring(self, w: int) -> tuple[str, str, str]:
-        """(slot [1] int64, ScatterND's indices [1, Hkv, 1, 3] of slot p % W in every KV head, additive
-        mask [W]: 0 where the slot holds a key once the new one is in, else -inf) for a ring of W."""
+    def _slot(self, w: int) -> str:
+        """p % W as a [1] int64 tensor."""
+        g = self.g
+        return self._once(("slot", w), lambda: g.op(
+            "Unsqueeze", [g.op("Mod", [self.position, self.int_const(w)], f"slot{w}"), g.const([0], "axis0", np.int64)],
+            f"slot{w}_1"))
+
+    def ring(self, w: int) -> tuple[str, str]:
+        """(ScatterND's indices [1, Hkv, 1, 3] of slot p % W in every KV head, additive mask [W]: 0
+        where the slot holds a key once the new one is in, else -inf) for a ring of W."""
         def build():
             g, p, hkv = self.g, self.position, self.args.num_kv_heads
             slots = g.const(np.arange(w), f"slots{w}", np.int64)
-            slot = g.op("Unsqueeze", [g.op("Mod", [p, self.int_const(w)], f"slot{w}"), g.const([0], "axis0", np.int64)],
-                        f"slot{w}_1")
             heads = np.zeros((1, hkv, 1, 3), np.int64)
             heads[0, :, 0, 1] = np.arange(hkv)
             indices = g.op("Add", [g.const(heads, "ring_heads", np.int64),
-                                   g.op("Mul", [slot, g.const([0, 0, 1], "slot_axis", np.int64)], f"slot{w}_index")],
+                                   g.op("Mul", [self._slot(w), g.const([0, 0, 1], "slot_axis", np.int64)], f"slot{w}_index")],
                            f"ring_indices{w}")
             mask = g.op("Where", [g.op("LessOrEqual", [slots, p], f"filled{w}"), g.const(0.0, "zero"),
                                   g.const(-np.inf, "minus_inf")], f"mask{w}")
-            return slot, indices, mask
+            return indices, mask
         return self._once(("ring", w), build)
+
+    def leaving(self, w: int) -> str:
+        """GatherND's indices [1, H, 1, 2] (batch_dims 1) of the key leaving a ring of W, slot p % W,
+        for every query head from its KV head: [1, Hkv, W, D] -> [1, H, 1, D] in one node."""
+        def build():
+            g, h, hkv = self.g, self.args.num_heads, self.args.num_kv_heads
+            heads = np.zeros((1, h, 1, 2), np.int64)
+            heads[0, :, 0, 0] = np.arange(h) // (h // hkv)
+            return g.op("Add", [g.const(heads, "leaving_heads", np.int64),
+                                g.op("Mul", [self._slot(w), g.const([0, 1], "leaving_axis", np.int64)], f"leaving{w}_slot")],
+                        f"leaving_indices{w}")
+        return self._once(("leaving", w), build)
 
     def past_window(self, w: int) -> str:
         """p - W: the position of the key leaving the window."""
@@ -220,14 +245,12 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
                        importance: dict | None = None):
     """The compact decode graph (an onnx.ModelProto) of a linearized model (float32, LoRA merged):
     inputs ``input_ids`` [1, 1], ``position`` [] and the state; outputs the logits [1, V] and the
-    new state, as :func:`.onnx_export.output_names`. ``bits`` 8 / 4: products as MatMulNBits with
+    new state, as :func:`output_names`. ``bits`` 8 / 4: products as MatMulNBits with
     the q8_0 / q4_0 GGUF blocks (``quantized`` caches them across graphs; ``importance`` weights
     q4_0's rounding as the GGUF exporter does)."""
     from onnx import TensorProto, helper
 
     from edge_lolcats.nn.model import HybridAttention, WindowAttention, state_layout
-
-    from .onnx_export import output_names
 
     args = model.args
     layout = state_layout(model)
@@ -290,11 +313,6 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
         s = g.op("MatMul", [qg, g.op("Transpose", [keys], hint + "_keys", perm=[0, 1, 3, 2])], hint)
         return g.op("Add", [softcap(s, cap, hint), mask], hint + "_masked")
 
-    def repeat_heads(x, hint):
-        if h == hkv:
-            return x
-        return g.op("Gather", [x, g.const(np.arange(h) // group, "head_map", np.int64)], hint + "_heads", axis=1)
-
     outputs = {}
     names = layout.names()
     residual, delta = x, None
@@ -325,7 +343,7 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
         if isinstance(attn, WindowAttention):
             k_ring, v_ring = state_in
             wb = layout.base_window
-            _, slot_index, mask = step.ring(wb)
+            slot_index, mask = step.ring(wb)
             q_s = g.op("MatMul", [q, step.rope(layer_type, "position", scale)], prefix + "q_rot")
             k_rot = g.op("MatMul", [k, here], prefix + "k_rot")
             k_new = g.op("ScatterND", [k_ring, slot_index, k_rot], prefix + "k_ring")
@@ -338,7 +356,7 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
             rec = attn.recurrence
             w, n_s = layout.window_size, layout.sink_tokens
             kv, z, k_window, v_window, *sinks = state_in
-            slot, slot_index, mask = step.ring(w)
+            slot_index, mask = step.ring(w)
             pre = rec.feature_maps == PRE_ROPE
             if pre:  # phi on q and k as they are; the softmax reads them rotated
                 q_s = g.op("MatMul", [q, step.rope(layer_type, "position", scale)], prefix + "q_rot")
@@ -348,12 +366,12 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
                 k = k_rot = g.op("MatMul", [k, here], prefix + "k_rot")
                 q_s = g.op("Mul", [q, g.const(np.float32(scale), "attn_scale")], prefix + "q_rot")
             # the key leaving the window (slot p % W, position p - W) enters S and z
-            k_leave = g.op("Gather", [k_window, slot], prefix + "k_leave", axis=2)
-            v_leave = repeat_heads(g.op("Gather", [v_window, slot], prefix + "v_leave", axis=2), prefix + "v_leave")
+            k_leave = g.op("GatherND", [k_window, step.leaving(w)], prefix + "k_leave", batch_dims=1)  # [1, H, 1, D]
+            v_leave = g.op("GatherND", [v_window, step.leaving(w)], prefix + "v_leave", batch_dims=1)
             if pre:
                 k_leave = g.op("MatMul", [k_leave, step.rope(layer_type, step.shifted("back", w, n_s))],
                                prefix + "k_leave_back")
-            phi_k = feature_map(repeat_heads(k_leave, prefix + "k_leave"), attn.feature_map_k.weight, prefix + "phi_k",
+            phi_k = feature_map(k_leave, attn.feature_map_k.weight, prefix + "phi_k",
                                 times=step.enters(w, n_s))
             f2 = 2 * layout.feature_dim
             update = g.op("MatMul", [g.op("Reshape", [phi_k, shape([1, h, f2, 1], "shape_col")], prefix + "phi_k_col"),

@@ -10,7 +10,7 @@ Two graphs over one weights file, each a pure function
   layer computes :func:`edge_lolcats.arch.hybrid.block_step`.
 - ``decode.onnx``: one sequence, one token (input_ids [1, 1]); each layer computes
   :func:`edge_lolcats.arch.hybrid.decode_step`, built node by node with onnxruntime's contrib ops
-  (:mod:`.onnx_decode`: ~75 nodes a layer where the traced step had ~125 after onnxruntime's
+  (:mod:`.onnx_decode`: ~65 nodes a layer where the traced step had ~125 after onnxruntime's
   fusions; static shapes, T = 1's work only).
 
 Both share the state layout, so a session moves between them freely. Their weights live once in
@@ -38,7 +38,8 @@ from edge_lolcats.arch.ops import TorchOps
 from edge_lolcats.formats.fileio import atomic_folder
 from .gguf_export import model_fingerprint
 from .onnx_decode import OPSET as DECODE_OPSET
-from .onnx_decode import build_decode_graph
+from .onnx_decode import ExportError, build_decode_graph, output_names
+from .quantize import weight_key
 
 # 3: the model description (ModelArgs) in model.json; 4: the recurrence, rings per KV head; 5: int8 / int4
 # weights as MatMulNBits (GGUF's q8_0 / q4_0 blocks) instead of onnxruntime's dynamic quantization;
@@ -49,15 +50,6 @@ WEIGHTS_FILE = "weights.bin"
 DECODE_DATA = "decode.data"  # the decode graph's weights while it is written, before weights.bin takes them
 # initializers this small stay inside the graph (shape constants, scales): not worth an offset
 INLINE_BYTES = 4096
-
-
-class ExportError(ValueError):
-    pass
-
-
-def output_names(names: list[str]) -> list[str]:
-    """The graphs' outputs: the last token's logits, then each state input's new value."""
-    return ["logits"] + [state_layout_names.output_name(n) for n in names]
 
 
 def _fused_linear(*linears: nn.Linear) -> nn.Linear:
@@ -178,28 +170,20 @@ def _export_graph(graph: nn.Module, model, path: str):
 QUANTIZE = {"int8": 8, "int4": 4}  # --quantize: bits of MatMulNBits, blocks of 32
 
 
-def _weight_key(w) -> bytes:
-    """A weight matrix [N, K] by its float32 bytes: how a traced graph's anonymous MatMul initializer
-    (the Linear's weight, transposed by constant folding) is matched to its Linear."""
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(w, np.float32)).tobytes()).digest()
-
-
 def _importance_by_weight(graph: "StepGraph", by_module: dict) -> dict:
-    """{_weight_key: importance [K]} for every Linear the graph multiplies by, from
+    """{weight_key: importance [K]} for every Linear the graph multiplies by, from
     ``quantize.input_importance``'s {module name: importance}; a fused Linear takes its first
     part's (the parts share their input)."""
     name_of = {id(m): n for n, m in graph.model.named_modules()}
     out = {}
     for m in graph.modules():
         if isinstance(m, nn.Linear) and name_of.get(id(m)) in by_module:
-            out[_weight_key(m.weight.detach().numpy())] = by_module[name_of[id(m)]]
+            out[weight_key(m.weight.detach().numpy())] = by_module[name_of[id(m)]]
         elif isinstance(m, _Fused):
             for names, (linear, _) in m.fused.items():
                 part = name_of.get(id(getattr(m.module, names[0])))
                 if part in by_module:
-                    out[_weight_key(linear.weight.detach().numpy())] = by_module[part]
+                    out[weight_key(linear.weight.detach().numpy())] = by_module[part]
     return out
 
 
@@ -243,7 +227,7 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
         if linear is None:
             continue
         weight, k, cols, w, b = linear
-        key = (_weight_key(w), b)
+        key = (weight_key(w), b)
         found[index] = (weight, k, cols, b, key)
         if key in done or key in jobs:
             continue

@@ -18,6 +18,15 @@ Q4_SWEEP = np.arange(-20, 21) / 10  # candidate inverse scales -(8 + s) / extrem
 Q4_REFITS = 2  # rounds of (round with the fitted scale, refit the scale) per candidate
 
 
+def weight_key(w) -> bytes:
+    """A weight matrix [N, K] by its float32 bytes: how an ONNX graph's anonymous MatMul initializer (a
+    traced Linear's weight, transposed by constant folding) is matched to its Linear, and how each
+    matrix's rounded blocks are shared between the block and decode graphs."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(w, np.float32)).tobytes()).digest()
+
+
 def qtype(dtype: str):
     """gguf-py's type of an export precision (f32, f16, q8_0, q4_0)."""
     from gguf import GGMLQuantizationType as T
