@@ -332,11 +332,16 @@ def embedding_row(q8, q4, scales, f32, entry, token, out):
 # --- pieces of the attention -----------------------------------------------------------------
 
 @njit(inline="always", **_JIT)
+def _angle(position, inv_freq):
+    """RoPE's angle: in float64, then float32 (as arch.ops.NumpyOps.outer)."""
+    return np.float32(np.float64(position) * np.float64(inv_freq))
+
+
+@njit(inline="always", **_JIT)
 def _rope_table(inv_freq, position, cos, sin):
-    """cos, sin [R/2] of RoPE at ``position``: angles in float64, then float32 (as
-    arch.ops.NumpyOps.outer), so a table gives bit for bit what rotating at the position does."""
+    """cos, sin [R/2] of RoPE at ``position``: a table row gives bit for bit what :func:`_rope` does."""
     for i in range(inv_freq.shape[0]):
-        angle = np.float32(np.float64(position) * np.float64(inv_freq[i]))
+        angle = _angle(position, inv_freq[i])
         cos[i], sin[i] = np.float32(math.cos(angle)), np.float32(math.sin(angle))
 
 
@@ -355,11 +360,17 @@ def _rotate(x, out, cos, sin):
 
 @njit(inline="always", **_JIT)
 def _rope(x, out, inv_freq, position):
-    """out [D] = x [D] rotated to ``position``."""
+    """out [D] = x [D] rotated to ``position``, without a table (no allocation: it runs per head and
+    token in the kept-window and post-RoPE layers)."""
     half = inv_freq.shape[0]
-    cos, sin = np.empty(half, np.float32), np.empty(half, np.float32)
-    _rope_table(inv_freq, position, cos, sin)
-    _rotate(x, out, cos, sin)
+    for i in range(half):
+        angle = _angle(position, inv_freq[i])
+        c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+        a, b = x[i], x[i + half]
+        out[i] = a * c - b * s
+        out[i + half] = b * c + a * s
+    for i in range(2 * half, x.shape[0]):
+        out[i] = x[i]
 
 
 @njit(inline="always", **_JIT)
