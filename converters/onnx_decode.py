@@ -155,30 +155,33 @@ class _Step:
         return self._once(("int", value), lambda: self.g.const(np.int64(value), f"i{value}", np.int64))
 
     def shifted(self, kind: str, w: int, n_s: int) -> str:
-        """An int64 scalar position: ``"here"`` p, ``"back"`` W - p, ``"sink"`` min(p, W + n_s - 1)."""
+        """An int64 scalar position: ``"back"`` W - p (a leaving key rotated back), ``"sink"``
+        min(p, W + n_s - 1) (the queries' position against the sinks)."""
         g, p = self.g, self.position
-        if kind == "here":
-            return p
         if kind == "back":
             return self._once(("back", w), lambda: g.op("Sub", [self.int_const(w), p], "back_position"))
         return self._once(("sink", w, n_s), lambda: g.op("Min", [p, self.int_const(w + n_s - 1)], "sink_position"))
 
     def rope(self, layer_type: str, position: str, scale: float = 1.0) -> str:
-        """RoPE of the layer type at ``position`` as a [D, D] matrix (times ``scale``)."""
+        """RoPE of the layer type at ``position`` as a [D, D] matrix (times ``scale``: the matrix at
+        the same position, scaled, not built again)."""
+        g = self.g
+        if scale != 1.0:
+            return self._once(("rope", layer_type, position, scale), lambda: g.op(
+                "Mul", [self.rope(layer_type, position), g.const(np.float32(scale), "rope_scale")], "rope_scaled"))
+
         def build():
-            g, d = self.g, self.args.head_dim
+            d = self.args.head_dim
             inv_freq = np.asarray(self.args.rope[layer_type].inv_freq(), np.float32)
             rot = 2 * inv_freq.size
             angles = g.op("Mul", [g.op("Cast", [position], "position_f", to=1), g.const(inv_freq, "inv_freq")], "angles")
             emb = g.op("Concat", [angles, angles] + ([g.const(np.zeros(d - rot), "rope_pad")] if d > rot else []),
                        "angles2", axis=0)
             e, s, p = _rope_constants(rot, d)
-            if scale != 1.0:
-                e, s, p = e * np.float32(scale), s * np.float32(scale), p * np.float32(scale)
             r = g.op("Add", [g.op("Mul", [g.const(e, "rope_e"), g.op("Cos", [emb], "cos")], "rope_cos"),
                              g.op("Mul", [g.const(s, "rope_s"), g.op("Sin", [emb], "sin")], "rope_sin")], "rope")
             return r if d == rot else g.op("Add", [r, g.const(p, "rope_pass")], "rope")
-        return self._once(("rope", layer_type, position, scale), build)
+        return self._once(("rope", layer_type, position, 1.0), build)
 
     def _slot(self, w: int) -> str:
         """p % W as a [1] int64 tensor."""

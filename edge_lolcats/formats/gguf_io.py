@@ -128,13 +128,7 @@ def _parse(buf, path: str) -> tuple[dict, list, int]:
         return out[0] if len(out) == 1 else out
 
     def string():
-        nonlocal pos
-        n = take("Q")
-        if pos + n > len(buf):
-            raise ValueError("a string runs past the end of the file")
-        out = bytes(buf[pos : pos + n]).decode("utf-8")
-        pos += n
-        return out
+        return strings(1)[0]
 
     def value(kind):
         nonlocal pos
@@ -155,6 +149,8 @@ def _parse(buf, path: str) -> tuple[dict, list, int]:
         return [value(item) for _ in range(n)]
 
     def strings(n):
+        """n strings (length-prefixed UTF-8) from pos, in one tight loop (the vocabulary and merges
+        are ~100K of them)."""
         nonlocal pos
         length, end, out = struct.Struct("<Q").unpack_from, len(buf), []
         p = pos
