@@ -86,6 +86,14 @@ def file_type_name(value) -> str:
     except (TypeError, ValueError):
         return "?"
 
+
+# ggml tensor types of the weights we write, by the format's numbering: name -> (id, elements per
+# block, bytes per block). The runtime sizes these without importing gguf-py (its import, which
+# pulls sentencepiece and yaml, was 45-90 ms and 2.5 MB of a process's start); other types go
+# through gguf-py's GGML_QUANT_SIZES. A test holds this to gguf-py's table.
+GGML_TYPES = {"F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34)}
+GGML_TYPE_IDS = {name: id_ for name, (id_, _, _) in GGML_TYPES.items()}
+
 # tensors: our parameter name (edge_lolcats.arch.block) -> GGUF name, per layer with {n}
 GLOBAL_TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from edge_lolcats.formats.gguf_io import ModelFileError
-from .generation import PREFILL_CHUNK, Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
+from .generation import Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
 from .sampling import Sampler, Sampling
 from .state import StateFileError, load_state_file, save_state_file
 
@@ -113,8 +113,9 @@ class Session:
         """Tokens in the context so far (including a pending one)."""
         return self.state.position + len(self.pending)
 
-    def feed(self, text_or_ids, *, chunk_size: int = PREFILL_CHUNK, progress: bool = False) -> "Session":
-        """Add text (or token ids) to the context: chunked prefill, no length limit."""
+    def feed(self, text_or_ids, *, chunk_size: int | None = None, progress: bool = False) -> "Session":
+        """Add text (or token ids) to the context: chunked prefill (the engine's chunk size unless
+        given), no length limit."""
         if isinstance(text_or_ids, str):
             if not text_or_ids:
                 raise ValueError("empty prompt")

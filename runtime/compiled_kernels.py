@@ -670,15 +670,26 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
         if consts[C_EMBEDDING_SCALE] != 1.0:
             for i in range(hidden):
                 x[t, i] *= consts[C_EMBEDDING_SCALE]
+    # The block's buffers: the attention's (qkv, q, k, v, att) and the MLP's (gate_up, act) are never
+    # live together, so they share one allocation; a sub-layer's output (proj) takes the normed
+    # input's place, which its product has read. A block of 256 tokens then holds 5.9 MB, not 9.0
+    # (SmolLM2), so it fits the peak-RSS budget that 128 tokens did.
     normed = np.empty((t_n, hidden), np.float32)
-    qkv = np.empty((t_n, q_size + 2 * kv_size), np.float32)
-    q = np.empty((t_n, heads, d), np.float32)
-    k = np.empty((t_n, kv_heads, d), np.float32)
-    v = np.empty((t_n, kv_heads, d), np.float32)
-    att = np.empty((t_n, heads, d), np.float32)
-    proj = np.empty((t_n, hidden), np.float32)
-    gate_up = np.empty((t_n, 2 * inter), np.float32)
-    act = np.empty((t_n, inter), np.float32)
+    proj = normed
+    qkv_width = q_size + 2 * kv_size
+    attention_part = qkv_width + 2 * q_size + 2 * kv_size
+    work = np.empty(t_n * max(attention_part, 3 * inter), np.float32)
+    qkv = work[: t_n * qkv_width].reshape((t_n, qkv_width))
+    o = t_n * qkv_width
+    q = work[o : o + t_n * q_size].reshape((t_n, heads, d))
+    o += t_n * q_size
+    k = work[o : o + t_n * kv_size].reshape((t_n, kv_heads, d))
+    o += t_n * kv_size
+    v = work[o : o + t_n * kv_size].reshape((t_n, kv_heads, d))
+    o += t_n * kv_size
+    att = work[o : o + t_n * q_size].reshape((t_n, heads, d))
+    gate_up = work[: t_n * 2 * inter].reshape((t_n, 2 * inter))
+    act = work[t_n * 2 * inter : t_n * 3 * inter].reshape((t_n, inter))
     no_decay = np.zeros(heads, np.float32)
     no_sinks = np.zeros((kv_heads, 0, d), np.float32)
     for li in range(layers.shape[0]):

@@ -144,13 +144,20 @@ class StopStrings:
         return piece
 
 
-# tokens per prefill block: the block step costs O(T (W + T)), and on 2 cores both engines were
-# fastest at 128 (ONNX 541 vs 421 tok/s at 512, numpy 230 vs 171; docs/BENCHMARKS.md), with less memory
+# tokens per prefill block, unless the engine says (``engine.prefill_chunk``): the numpy and ONNX
+# block steps cost O(T (W + T)), and on 2 cores both were fastest at 128 (ONNX 541 vs 421 tok/s at
+# 512, numpy 230 vs 171; docs/BENCHMARKS.md), with less memory
 PREFILL_CHUNK = 128
 
 
-def prefill(engine, tokens, state, chunk_size: int = PREFILL_CHUNK, progress: bool = False):
-    """Feed ``tokens`` in chunks (a progress bar on long inputs); returns the last logits [V]."""
+def prefill_chunk(engine) -> int:
+    return getattr(engine, "prefill_chunk", PREFILL_CHUNK)
+
+
+def prefill(engine, tokens, state, chunk_size: int | None = None, progress: bool = False):
+    """Feed ``tokens`` in chunks (the engine's size unless given; a progress bar on long inputs);
+    returns the last logits [V]."""
+    chunk_size = prefill_chunk(engine) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"prefill chunk size must be >= 1; got {chunk_size}")
     bar = None

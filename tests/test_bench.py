@@ -1,6 +1,8 @@
 """The benchmark commands run end to end on small inputs (their figures go to docs/BENCHMARKS.md)."""
 import json
 
+import pytest
+
 from conftest import run_cli
 from test_train import fake_documents
 from test_families import TINY_STATE_BYTES
@@ -125,6 +127,45 @@ def test_llama_cpp_without_its_extra_buffer_types(tmp_path, smol_tokenizer):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["extra_bufts"] is False and row["decode_tokens_per_s"] > 0
     assert "| llama.cpp (no extra buffer types) |" in markdown([row])
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["values-transposed", "values-by-row"])
+def test_a_tiled_kv_state_is_what_llama_cpp_holds(tmp_path, smol_tokenizer, flash_attn):
+    """The layout tiled_kv_state reads is this build's: llama.cpp takes the tiled state, holds the
+    tiled positions, and gives back exactly the bytes it was given (every cell the one it repeats);
+    then decodes after it. Both layouts of the values (transposed without flash attention)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+    from conftest import tiny_model
+
+    from edge_lolcats.bench.runtime import tiled_kv_state
+    from edge_lolcats.converters.gguf_export import export_gguf
+
+    path = str(tmp_path / "teacher.gguf")
+    export_gguf(tiny_model(), smol_tokenizer, path)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, flash_attn=flash_attn, verbose=False)
+
+    def state():
+        size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+        raw = (ctypes.c_uint8 * size)()
+        assert llama_cpp.llama_state_seq_get_data(llm.ctx, raw, size, 0) == size
+        return bytes(raw)
+
+    llm.eval([5, 9, 200, 31, 7, 1000, 42, 3])
+    short = state()
+    tiled = tiled_kv_state(short, 32)
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    assert llama_cpp.llama_state_seq_set_data(llm.ctx, tiled.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                              tiled.size, 0) == tiled.size
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) == 31
+    assert np.array_equal(np.frombuffer(state(), np.uint8), tiled)
+    llm.n_tokens = 32
+    llm.eval([11])
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) == 32
+    with pytest.raises(ValueError, match="cannot be tiled"):
+        tiled_kv_state(short, 30)
 
 
 def test_a_worker_peak_memory_is_its_own():

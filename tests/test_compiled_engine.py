@@ -157,8 +157,9 @@ def _run_in_fresh_process(code: str, cwd, cache_dir) -> str:
 
 def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path, files):
     """numba's cache: the first process compiles, the next one loads the machine code; neither
-    imports torch (the runtime never does)."""
-    code = ("import sys; sys.modules['torch'] = None\n"
+    imports torch (the runtime never does), nor gguf-py for a file of the types we write (its import
+    was 45-90 ms of the time to a first token)."""
+    code = ("import sys; sys.modules['torch'] = sys.modules['gguf'] = None\n"
             "from edge_lolcats.runtime.api import load\n"
             f"m = load({files['q8_0']!r})\n"
             "print(m.engine.name, m.engine.compiled, round(m.engine.compile_seconds, 3), m.generate('Hi', 5) is not None)")

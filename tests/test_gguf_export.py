@@ -217,6 +217,16 @@ def test_llama_cpp_quantizations_load_dequantized(tmp_path, smol_tokenizer):
             assert rel < bound, f"{ftype} {name}: relative RMS error {rel:.4f} > {bound:.4f}"
 
 
+def test_our_table_of_tensor_types_is_gguf_pys():
+    """read_gguf sizes the types we write from names.GGML_TYPES (the runtime loads without gguf-py),
+    the rest from gguf-py's table (the llama.cpp-quantized files above): the two must agree."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for name, (type_id, block, size) in names.GGML_TYPES.items():
+        assert GGMLQuantizationType[name] == type_id, name
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (block, size), name
+
+
 @pytest.mark.parametrize("dtype", ["q4_0", "q8_0"])
 def test_our_reader_equals_gguf_py(tmp_path, smol_tokenizer, dtype):
     """read_gguf parses the format itself (gguf-py's reader takes seconds over a vocabulary);

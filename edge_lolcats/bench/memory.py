@@ -92,7 +92,8 @@ def median_result(runs: list[dict]) -> dict:
     import statistics
 
     row = dict(runs[0], repeats=len(runs))
-    for key in ("peak_rss_mb", "prefill_tokens_per_s", "decode_tokens_per_s", "load_s", "first_token_s"):
+    for key in ("peak_rss_mb", "prefill_tokens_per_s", "decode_tokens_per_s", "load_s", "first_token_s",
+                "rss_after_decode_mb"):
         if key not in row:
             continue
         values = [r[key] for r in runs if r.get(key) is not None]
@@ -145,12 +146,14 @@ def run(args):
             if engine == "llama.cpp" and args.baseline_max and context > args.baseline_max:
                 print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
                 continue
-            r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads)
-                               for _ in range(args.repeats)])
+            r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
+                                             tile_from=args.baseline_tile) for _ in range(args.repeats)])
             results.append(r)
-            print(f"{label:14s} {context:>7d} tok: peak RSS {r['peak_rss_mb']:.0f} MB, state {r['state_bytes'] / 2**20:.1f} "
-                  f"MiB, prefill {r['prefill_tokens_per_s']:.1f} tok/s, decode {r['decode_tokens_per_s']:.1f} tok/s, "
-                  f"first token after {r['first_token_s']:.2f} s", file=sys.stderr)
+            num = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
+            tiled = f" (KV cache tiled from {r['kv_tiled_from']} tokens)" if r.get("kv_tiled_from") else ""
+            print(f"{label:14s} {context:>7d} tok{tiled}: peak RSS {num(r['peak_rss_mb'], '.0f')} MB, state "
+                  f"{r['state_bytes'] / 2**20:.1f} MiB, prefill {num(r['prefill_tokens_per_s'], '.1f')} tok/s, decode "
+                  f"{r['decode_tokens_per_s']:.1f} tok/s, first token after {num(r['first_token_s'], '.2f')} s", file=sys.stderr)
     bandwidth = max(bandwidth, bench.bandwidth_in_fresh_process(threads=args.threads))
     print(f"memory read bandwidth (a streaming float32 sum, the larger of before and after the runs): "
           f"{bandwidth / 1e9:.1f} GB/s", file=sys.stderr)

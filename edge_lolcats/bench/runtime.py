@@ -16,7 +16,7 @@ import sys
 import time
 
 from edge_lolcats.converters.gguf_names import KEY_FILE_TYPE, file_type_name
-from edge_lolcats.runtime.generation import PREFILL_CHUNK, peak_rss_mb
+from edge_lolcats.runtime.generation import current_rss_mb, peak_rss_mb, prefill_chunk
 
 # our engines (compiled and numpy read a GGUF file, onnx an ONNX folder) and the baseline
 ENGINES = ("compiled", "numpy", "onnx", "llama.cpp")
@@ -50,7 +50,7 @@ def context_ids(tokenize, context: int, text_file: str | None = None):
     return ids[:context]
 
 
-def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=PREFILL_CHUNK,
+def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None, threads=None, chunk_size=None,
                     gguf_engine: str = "compiled", spawned_at: float | None = None) -> dict:
     """One model at one context. ``spawned_at`` (``time.time()`` in the parent just before it
     started this process) turns load and first-token times into times from process start."""
@@ -78,9 +78,66 @@ def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None,
             "decode_bytes_per_token": engine.decode_bytes_per_token() if hasattr(engine, "decode_bytes_per_token") else None}
 
 
+def tiled_kv_state(state, cells: int):
+    """llama.cpp's state of one sequence (``llama_state_seq_get_data``) of n cells, as this build's
+    KV cache writes it (llama-kv-cache.cpp; one stream), with its cells repeated up to ``cells`` at
+    positions 0 .. cells - 1: what a prefill of ``cells`` tokens would leave, but the keys and
+    values of the first n repeated. The content does not change a decode step's work (its attention
+    reads every cell), so the step's time after it is llama.cpp's decode at ``cells`` tokens of
+    context, without the hours of quadratic prefill. Returns a uint8 array; ValueError where the
+    layout is not the one this reads.
+
+    Layout: 8 bytes (kept), u32 streams (1), u32 n, n x (i32 pos, u32 seq count, i32 seq id),
+    u32 v_trans, u32 layers, per layer the keys (i32 type, u64 row bytes, n rows), then per layer
+    the values (likewise; transposed: i32 type, u32 element bytes, u32 width, width x n elements)."""
+    import struct
+
+    import numpy as np
+
+    src = np.frombuffer(state, np.uint8)
+    head = 8
+    streams, n = struct.unpack_from("<II", state, head)
+    if streams != 1 or n == 0 or cells % n:
+        raise ValueError(f"a state of {streams} streams and {n} cells cannot be tiled to {cells}")
+    meta = np.frombuffer(state, "<i4", 3 * n, head + 8).reshape(n, 3)
+    if not (np.array_equal(meta[:, 0], np.arange(n)) and (meta[:, 1] == 1).all()):
+        raise ValueError("the state's cells are not positions 0..n-1 of one sequence")
+    pos = head + 8 + 12 * n
+    v_trans, layers = struct.unpack_from("<II", state, pos)
+    pos += 8
+    reps = cells // n
+    parts = [src[:head], np.frombuffer(struct.pack("<II", 1, cells), np.uint8),
+             np.column_stack([np.arange(cells, dtype="<i4"), np.ones(cells, "<i4"), np.full(cells, meta[0, 2], "<i4")])
+             .view(np.uint8).ravel(), np.frombuffer(struct.pack("<II", v_trans, layers), np.uint8)]
+    for kind in ("k", "v"):
+        for _ in range(layers):
+            if kind == "k" or not v_trans:
+                _, row = struct.unpack_from("<iQ", state, pos)
+                parts.append(src[pos : pos + 12])
+                pos += 12
+                parts.append(np.tile(src[pos : pos + n * row].reshape(n, row), (reps, 1)).ravel())
+                pos += n * row
+            else:
+                _, element, width = struct.unpack_from("<iII", state, pos)
+                parts.append(src[pos : pos + 12])
+                pos += 12
+                block = src[pos : pos + width * n * element].reshape(width, n * element)
+                parts.append(np.tile(block, (1, reps)).ravel())
+                pos += width * n * element
+    if pos != len(src):
+        raise ValueError(f"{len(src) - pos} bytes of the state not read: not the layout this build writes")
+    return np.concatenate(parts)
+
+
 def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-                      chunk_size=512, extra_bufts: bool = True, spawned_at: float | None = None) -> dict:
+                      chunk_size=512, extra_bufts: bool = True, spawned_at: float | None = None,
+                      tile_from: int | None = None) -> dict:
+    """llama.cpp on one model at one context. ``tile_from`` (below ``context``): prefill that many
+    tokens, then decode after their KV cache tiled to ``context`` cells (:func:`tiled_kv_state`);
+    the row then has decode speed only, and the RSS after decode instead of the peak (the tiled
+    state was built in this process's memory first)."""
     spawned_at = spawned_at or time.time()
+    tiled = tile_from is not None and tile_from < context
     import llama_cpp
     from llama_cpp import Llama
 
@@ -97,23 +154,53 @@ def measure_llama_cpp(path: str, context: int, decode_tokens: int, text_file=Non
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=chunk_size, n_threads=threads or os.cpu_count(),
                 logits_all=False, verbose=False)
     loaded = time.time()
-    ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), context, text_file)
+    prefilled = tile_from if tiled else context
+    ids = context_ids(lambda t: llm.tokenize(t.encode(), add_bos=False, special=False), prefilled, text_file)
     t0 = time.perf_counter()
     llm.eval(ids)
     t1 = time.perf_counter()
     token = llm.sample(top_k=1, temp=0.0)
     t2, first_token = time.perf_counter(), time.time()
+    if tiled:
+        _tile_llama_cpp_cache(llm, llama_cpp, context)
+        t2 = time.perf_counter()
     for _ in range(decode_tokens):
         llm.eval([token])
         token = llm.sample(top_k=1, temp=0.0)
     t3 = time.perf_counter()
     # the f16 KV cache llama.cpp allocates for n_ctx (2 x layers x kv heads x head size x 2 bytes per token)
     kv_per_token = 2 * int(llm.metadata["llama.block_count"]) * _kv_width(llm) * 2
-    return {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get(KEY_FILE_TYPE)), "peak_rss_mb": peak_rss_mb(),
-            "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
-            "decode_tokens_per_s": decode_tokens / (t3 - t2), "extra_bufts": extra_bufts,
-            "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at,
-            "decode_bytes_per_token": llama_cpp_bytes_per_token(path, context)}
+    row = {"engine": "llama.cpp", "context": context, "weights": file_type_name(llm.metadata.get(KEY_FILE_TYPE)),
+           "peak_rss_mb": peak_rss_mb(), "state_bytes": kv_per_token * n_ctx, "prefill_tokens_per_s": context / (t1 - t0),
+           "decode_tokens_per_s": decode_tokens / (t3 - t2), "extra_bufts": extra_bufts,
+           "load_s": loaded - spawned_at, "first_token_s": first_token - spawned_at,
+           "decode_bytes_per_token": llama_cpp_bytes_per_token(path, context)}
+    if tiled:
+        row.update(peak_rss_mb=None, prefill_tokens_per_s=None, first_token_s=None, rss_after_decode_mb=current_rss_mb(),
+                   kv_tiled_from=tile_from)
+    return row
+
+
+def _tile_llama_cpp_cache(llm, llama_cpp, cells: int):
+    """Replace ``llm``'s one sequence by its cells tiled to ``cells`` (:func:`tiled_kv_state`) and
+    move its position there; the tiled buffer is freed before returning."""
+    import ctypes
+
+    size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+    raw = (ctypes.c_uint8 * size)()
+    if llama_cpp.llama_state_seq_get_data(llm.ctx, raw, size, 0) != size:
+        raise RuntimeError("llama.cpp did not give its sequence state")
+    state = tiled_kv_state(bytes(raw), cells)
+    del raw
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+    if llama_cpp.llama_state_seq_set_data(llm.ctx, pointer, state.size, 0) != state.size:
+        raise RuntimeError(f"llama.cpp refused the KV state tiled to {cells} cells")
+    del state, pointer
+    last = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0)
+    if last != cells - 1:
+        raise RuntimeError(f"after the tiled state llama.cpp's last position is {last}, not {cells - 1}")
+    llm.n_tokens = cells  # where llama-cpp-python's eval puts the next token
 
 
 def llama_cpp_bytes_per_token(path: str, context: int) -> int:
@@ -155,8 +242,9 @@ def compiled_step_times(path: str, counts: list, tokens: int = 1024, decode_step
     engine.tuner = ThreadTuner(counts)
     ids = np.random.default_rng(0).integers(100, 40000, tokens)
     state, start = engine.empty_state(), time.perf_counter()
-    for i in range(0, tokens, PREFILL_CHUNK):
-        engine.run(ids[i : i + PREFILL_CHUNK], state)
+    chunk = prefill_chunk(engine)
+    for i in range(0, tokens, chunk):
+        engine.run(ids[i : i + chunk], state)
     prefill = tokens / (time.perf_counter() - start)
     times = []
     for token in ids[:decode_steps]:
@@ -240,13 +328,16 @@ def _kv_width(llm) -> int:
 
 
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
-            timeout: float | None = None) -> dict:
-    """One measurement in a fresh Python process (``engine`` one of :data:`ENGINES`)."""
+            timeout: float | None = None, tile_from: int | None = None) -> dict:
+    """One measurement in a fresh Python process (``engine`` one of :data:`ENGINES`; ``tile_from``:
+    llama.cpp's decode after a KV cache tiled from that many tokens, see :func:`tiled_kv_state`)."""
     engine = ALIASES.get(engine, engine)
     cmd = [sys.executable, "-m", "edge_lolcats.bench.runtime", "--worker", engine, path, str(context),
            str(decode_tokens)]
     if text_file:
         cmd += ["--text", text_file]
+    if tile_from and engine == "llama.cpp" and tile_from < context:
+        cmd += ["--tile-from", str(tile_from)]
     if threads:
         cmd += ["--threads", str(threads)]
     r = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, timeout=timeout)
@@ -271,7 +362,9 @@ def markdown(results: list[dict]) -> str:
 
     for r in results:
         engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)")
-        rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {r['peak_rss_mb']:.0f} | "
+        if r.get("kv_tiled_from"):
+            engine += f" (KV cache tiled from {r['kv_tiled_from']} tokens)"
+        rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {num(r['peak_rss_mb'], '.0f')} | "
                     f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
                     f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r.get('first_token_s'), '.2f')} |")
     return "\n".join(rows)
@@ -302,8 +395,9 @@ def plot(results: list[dict], path: str, bandwidth: float | None = None):
                 continue
             label = f"{engine} ({weights})" if weights else engine
             xs = [r["context"] for r in rs]
-            for ax, (key, _) in zip(axes, panels):
-                ax.plot(xs, [r.get(key) or 0 for r in rs], marker="o", color=colours[engine],
+            for ax, (key, _) in zip(axes, panels):  # a figure not measured (a tiled KV cache's prefill) left out
+                measured = [r for r in rs if r.get(key) is not None]
+                ax.plot([r["context"] for r in measured], [r[key] for r in measured], marker="o", color=colours[engine],
                         linestyle=styles[weights], label=label)
             ceiling = [bandwidth / r["decode_bytes_per_token"] if bandwidth and r.get("decode_bytes_per_token") else None
                        for r in rs]
@@ -489,10 +583,11 @@ def _worker(argv):
     p.add_argument("--threads", type=int)
     p.add_argument("--spawned-at", type=float, help="time.time() when the parent started this process")
     p.add_argument("--no-extra-bufts", action="store_true", help="llama.cpp without its extra CPU buffer types")
+    p.add_argument("--tile-from", type=int, help="llama.cpp: prefill this many tokens, decode after their KV tiled to the context")
     a = p.parse_args(argv)
     if a.engine == "llama.cpp":
         result = measure_llama_cpp(a.path, a.context, a.decode_tokens, a.text, a.threads,
-                                   extra_bufts=not a.no_extra_bufts, spawned_at=a.spawned_at)
+                                   extra_bufts=not a.no_extra_bufts, spawned_at=a.spawned_at, tile_from=a.tile_from)
     else:
         fmt = "onnx" if a.engine == "onnx" else "gguf"
         result = measure_runtime(a.path, a.context, a.decode_tokens, a.text, a.threads,

@@ -111,7 +111,6 @@ def _generate_on_runtime(args):
         raise CLIError(f"--temperature must be > 0; got {args.temperature}")
     options = dict(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
-    from edge_lolcats.runtime.generation import PREFILL_CHUNK
     from edge_lolcats.runtime.sampling import Sampling
 
     Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)  # bad values fail before loading
@@ -119,7 +118,7 @@ def _generate_on_runtime(args):
     session = model.restore(args.load_state) if args.load_state else model.session()
     if args.chat:  # a resumed chat continues its conversation with only the new turn
         text = session.turn_text(text)
-    session.feed(text, chunk_size=args.prefill_chunk or PREFILL_CHUNK, progress=not args.json)
+    session.feed(text, chunk_size=args.prefill_chunk, progress=not args.json)
     prefill = session.stats
     stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     out = session.generate(args.max_new_tokens, on_text=stream, **options)

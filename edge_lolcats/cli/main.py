@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
     gen.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k best (0: off)")
     gen.add_argument("--seed", type=int, help="random seed for sampling")
-    gen.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per prefill chunk (default: 1024 in PyTorch, 128 on the runtime)")
+    gen.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per prefill chunk (default: 1024 in PyTorch; on the runtime 256 for the compiled engine, 128 for the others)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     rt = gen.add_argument_group("on an export (lolcats .gguf file or ONNX folder: the torch-free runtime)")
     rt.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="our engines to measure: compiled (GGUF; 'gguf' says the same), numpy (GGUF, the reference), onnx")
     bm.add_argument("--baseline", choices=["llama.cpp"], help="also run llama.cpp on the softmax teacher")
     bm.add_argument("--baseline-max", type=positive_int, help="longest context to run the baseline at")
+    bm.add_argument("--baseline-tile", type=positive_int, metavar="N",
+                    help="above N tokens, time llama.cpp's decode after N tokens' KV cache tiled to the context "
+                         "(no quadratic prefill: hours at 128K on 2 cores); its prefill and peak RSS are not measured")
     bm.add_argument("--dtype", default="q8_0",
                     help="GGUF weight precisions, ours and the teacher's, comma-separated (default q8_0)")
     bm.add_argument("--onnx-weights", choices=["f32", "int8", "int4"], default="int8")

@@ -1,5 +1,5 @@
-"""Reading GGUF files with gguf-py into plain Python values and numpy arrays. No torch here:
-the runtime uses this module too."""
+"""Reading GGUF files into plain Python values and numpy arrays: our own parser, gguf-py only for
+the tensor types we do not write and for dequantizing. No torch here: the runtime uses this module too."""
 from __future__ import annotations
 
 import os
@@ -60,12 +60,12 @@ class GGUFFile:
 
 
 def tensor_to_float32(tensor) -> np.ndarray:
-    from gguf import GGMLQuantizationType, quants
-
     shape = tuple(int(x) for x in reversed(tensor.shape))  # ggml lists the fastest dimension first
-    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+    if tensor.type_id in (names.GGML_TYPE_IDS["F32"], names.GGML_TYPE_IDS["F16"]):
         array = np.asarray(tensor.data, dtype=np.float32)
     else:
+        from gguf import quants
+
         try:
             array = quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
@@ -102,9 +102,16 @@ class GGUFTensor:
     as their numpy dtype; quantized ones as uint8 [..., bytes per row])."""
 
     name: str
-    tensor_type: object  # gguf.GGMLQuantizationType
+    type_id: int  # ggml's numbering (converters.gguf_names.GGML_TYPES)
     shape: np.ndarray
     data: np.ndarray
+
+    @property
+    def tensor_type(self):
+        """gguf-py's GGMLQuantizationType (imports gguf-py: the load path uses ``type_id``)."""
+        from gguf import GGMLQuantizationType
+
+        return GGMLQuantizationType(self.type_id)
 
 
 # GGUF value types (the file format's numbering) -> struct format; 8 string, 9 array
@@ -187,8 +194,6 @@ def read_gguf(path: str) -> GGUFFile:
     """Open a GGUF file (memory-mapped) and read all of its metadata. Our own reader of the
     format (gguf-py's builds numpy views of every vocabulary string: seconds per load, where this
     takes a fraction of one); tests hold it to gguf-py's GGUFReader on the same files."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
     with open(path, "rb") as f:
@@ -198,12 +203,16 @@ def read_gguf(path: str) -> GGUFFile:
         mapped = np.memmap(path, mode="r")
         metadata, infos, start = _parse(memoryview(mapped), path)
         tensors = {}
-        floats = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+        floats = {names.GGML_TYPE_IDS["F32"]: np.float32, names.GGML_TYPE_IDS["F16"]: np.float16}
+        sizes = {id_: (block, size) for id_, block, size in names.GGML_TYPES.values()}
         for name, dims, kind, offset in infos:
-            ggml_type = GGMLQuantizationType(kind)
-            block, size = GGML_QUANT_SIZES[ggml_type]
+            if kind not in sizes:  # a type we do not write: gguf-py knows its blocks
+                from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+                sizes[kind] = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            block, size = sizes[kind]
             shape = tuple(reversed(dims))  # row-major
-            dtype = floats.get(ggml_type, np.uint8)
+            dtype = floats.get(kind, np.uint8)
             row = shape[-1] if dtype is not np.uint8 else shape[-1] // block * size
             count = int(np.prod(shape[:-1], dtype=np.int64)) * row
             if start + offset + count * np.dtype(dtype).itemsize > len(mapped):
@@ -211,7 +220,7 @@ def read_gguf(path: str) -> GGUFFile:
             data = np.frombuffer(mapped, dtype, count, start + offset).reshape(*shape[:-1], row)
             if name in tensors:
                 raise ValueError(f"tensor {name} appears twice")
-            tensors[name] = GGUFTensor(name, ggml_type, np.array(dims, np.uint64), data)
+            tensors[name] = GGUFTensor(name, kind, np.array(dims, np.uint64), data)
     except Exception as e:  # struct, numpy, unicode or our own ValueErrors: a damaged file
         raise ModelFileError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
     return GGUFFile(path, metadata, tensors, mapped._mmap)
