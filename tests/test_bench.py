@@ -35,13 +35,15 @@ def test_bench_exports_small(tmp_path, tiny_model_dir):
 
 
 def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
-    """Both engines and llama.cpp, each measurement in its own process; ours keep one state size."""
+    """Both engines and llama.cpp, each measurement in its own process; ours keep one state size.
+    llama.cpp at 512 decodes after 64 tokens' KV cache tiled to 512 (--baseline-tile)."""
     base, _ = tiny_model_dir()
     ckpt = tmp_path / "ckpt"
     assert run_cli("linearize", "--base", base, "--out", str(ckpt), "--window-size", "8", "--feature-dim", "8").returncode == 0
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
-    r = run_cli("bench", "memory", str(ckpt), "--contexts", "64,512", "--baseline", "llama.cpp", "--dtype", "f32",
+    r = run_cli("bench", "memory", str(ckpt), "--contexts", "64,512", "--baseline", "llama.cpp", "--baseline-tile", "64",
+                "--dtype", "f32",
                 "--onnx-weights", "f32", "--work-dir", str(tmp_path / "work"), "--decode-tokens", "8",
                 "--text", str(text), "--threads", "1", "--json", str(tmp_path / "m.json"),
                 "--plot", str(tmp_path / "m.png"), "--out", str(tmp_path / "m.md"))
@@ -50,13 +52,22 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     by = {(x["engine"], x["context"]): x for x in results}
     assert set(by) == {(e, c) for e in ("compiled", "onnx", "llama.cpp") for c in (64, 512)}
     for x in results:
-        assert x["peak_rss_mb"] > 0 and x["prefill_tokens_per_s"] > 0 and x["decode_tokens_per_s"] > 0
+        assert x["decode_tokens_per_s"] > 0
+        if x["kv_tiled_from"]:  # no prefill at the context, and the RSS after decode, not the peak
+            assert (x["engine"], x["context"], x["kv_tiled_from"]) == ("llama.cpp", 512, 64)
+            assert x["peak_rss_mb"] is x["prefill_tokens_per_s"] is x["first_token_s"] is None
+            assert x["rss_after_decode_mb"] > 0
+            continue
+        assert x["peak_rss_mb"] > 0 and x["prefill_tokens_per_s"] > 0
         assert 0 < x["load_s"] < x["first_token_s"], x  # both from the process's start
+    assert by[("llama.cpp", 512)]["kv_tiled_from"] == 64 and by[("llama.cpp", 64)]["kv_tiled_from"] is None
     assert by[("compiled", 64)]["compiled"] in ("compiled", "disk cache")
     for engine in ("compiled", "onnx"):  # fixed state
         assert by[(engine, 64)]["state_bytes"] == by[(engine, 512)]["state_bytes"] == TINY_STATE_BYTES
     assert by[("llama.cpp", 512)]["state_bytes"] > 4 * by[("llama.cpp", 64)]["state_bytes"]  # KV cache grows
-    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| llama.cpp |" in (tmp_path / "m.md").read_text()
+    table = (tmp_path / "m.md").read_text()
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and "| llama.cpp |" in table
+    assert "| llama.cpp (KV cache tiled from 64 tokens) |" in table
     # --merge: one report from several runs, the later file winning on the same engine and context
     later = {"results": [dict(by[("onnx", 512)], decode_tokens_per_s=123.0), dict(by[("onnx", 512)], context=4096)]}
     (tmp_path / "later.json").write_text(json.dumps(later))

@@ -22,7 +22,7 @@ from edge_lolcats.runtime.generation import current_rss_mb, peak_rss_mb, prefill
 ENGINES = ("compiled", "numpy", "onnx", "llama.cpp")
 ALIASES = {"gguf": "compiled"}  # the GGUF engine's name before the compiled one (older reports keep it)
 FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
-          "load_s", "first_token_s", "compile_seconds", "compiled")
+          "load_s", "first_token_s", "compile_seconds", "compiled", "extra_bufts", "kv_tiled_from", "rss_after_decode_mb")
 _TEXT_CACHE = {}
 
 
