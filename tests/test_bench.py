@@ -166,17 +166,18 @@ def test_a_tiled_kv_state_is_what_llama_cpp_holds(tmp_path, smol_tokenizer, flas
 
     llm.eval([5, 9, 200, 31, 7, 1000, 42, 3])
     short = state()
-    tiled = tiled_kv_state(short, 32)
+    tiled = tiled_kv_state(short, 30)  # 8 cells: three times and six more
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
     assert llama_cpp.llama_state_seq_set_data(llm.ctx, tiled.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
                                               tiled.size, 0) == tiled.size
-    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) == 31
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) == 29
     assert np.array_equal(np.frombuffer(state(), np.uint8), tiled)
-    llm.n_tokens = 32
+    assert np.array_equal(tiled_kv_state(short, 8), np.frombuffer(short, np.uint8))  # tiled once: itself
+    llm.n_tokens = 30
     llm.eval([11])
-    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) == 32
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm.ctx), 0) == 30
     with pytest.raises(ValueError, match="cannot be tiled"):
-        tiled_kv_state(short, 30)
+        tiled_kv_state(short, 4)
 
 
 def test_a_worker_peak_memory_is_its_own():

@@ -81,8 +81,8 @@ def measure_runtime(path: str, context: int, decode_tokens: int, text_file=None,
 def tiled_kv_state(state, cells: int):
     """llama.cpp's state of one sequence (``llama_state_seq_get_data``) of n cells, as this build's
     KV cache writes it (llama-kv-cache.cpp; one stream), with its cells repeated up to ``cells`` at
-    positions 0 .. cells - 1: what a prefill of ``cells`` tokens would leave, but the keys and
-    values of the first n repeated. The content does not change a decode step's work (its attention
+    positions 0 .. cells - 1 (the last repeat cut short where n does not divide it): what a prefill
+    of ``cells`` tokens would leave, but the keys and values of the first n repeated. The content does not change a decode step's work (its attention
     reads every cell), so the step's time after it is llama.cpp's decode at ``cells`` tokens of
     context, without the hours of quadratic prefill. Returns a uint8 array; ValueError where the
     layout is not the one this reads.
@@ -97,7 +97,7 @@ def tiled_kv_state(state, cells: int):
     src = np.frombuffer(state, np.uint8)
     head = 8
     streams, n = struct.unpack_from("<II", state, head)
-    if streams != 1 or n == 0 or cells % n:
+    if streams != 1 or n == 0 or cells < n:
         raise ValueError(f"a state of {streams} streams and {n} cells cannot be tiled to {cells}")
     meta = np.frombuffer(state, "<i4", 3 * n, head + 8).reshape(n, 3)
     if not (np.array_equal(meta[:, 0], np.arange(n)) and (meta[:, 1] == 1).all()):
@@ -105,7 +105,7 @@ def tiled_kv_state(state, cells: int):
     pos = head + 8 + 12 * n
     v_trans, layers = struct.unpack_from("<II", state, pos)
     pos += 8
-    reps = cells // n
+    cell = np.arange(cells) % n  # the cell each tiled cell repeats
     parts = [src[:head], np.frombuffer(struct.pack("<II", 1, cells), np.uint8),
              np.column_stack([np.arange(cells, dtype="<i4"), np.ones(cells, "<i4"), np.full(cells, meta[0, 2], "<i4")])
              .view(np.uint8).ravel(), np.frombuffer(struct.pack("<II", v_trans, layers), np.uint8)]
@@ -115,14 +115,13 @@ def tiled_kv_state(state, cells: int):
                 _, row = struct.unpack_from("<iQ", state, pos)
                 parts.append(src[pos : pos + 12])
                 pos += 12
-                parts.append(np.tile(src[pos : pos + n * row].reshape(n, row), (reps, 1)).ravel())
+                parts.append(src[pos : pos + n * row].reshape(n, row)[cell].ravel())
                 pos += n * row
             else:
                 _, element, width = struct.unpack_from("<iII", state, pos)
                 parts.append(src[pos : pos + 12])
                 pos += 12
-                block = src[pos : pos + width * n * element].reshape(width, n * element)
-                parts.append(np.tile(block, (1, reps)).ravel())
+                parts.append(src[pos : pos + width * n * element].reshape(width, n, element)[:, cell].ravel())
                 pos += width * n * element
     if pos != len(src):
         raise ValueError(f"{len(src) - pos} bytes of the state not read: not the layout this build writes")
