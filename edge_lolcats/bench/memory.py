@@ -149,9 +149,8 @@ def run(args):
             r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
                                              tile_from=args.baseline_tile) for _ in range(args.repeats)])
             results.append(r)
-            num = lambda x, fmt: "-" if x is None else format(x, fmt)  # noqa: E731
-            tiled = f" (KV cache tiled from {r['kv_tiled_from']} tokens)" if r.get("kv_tiled_from") else ""
-            print(f"{label:14s} {context:>7d} tok{tiled}: peak RSS {num(r['peak_rss_mb'], '.0f')} MB, state "
+            num = bench.num
+            print(f"{label:14s} {context:>7d} tok{bench.tiled_note(r)}: peak RSS {num(r['peak_rss_mb'], '.0f')} MB, state "
                   f"{r['state_bytes'] / 2**20:.1f} MiB, prefill {num(r['prefill_tokens_per_s'], '.1f')} tok/s, decode "
                   f"{r['decode_tokens_per_s']:.1f} tok/s, first token after {num(r['first_token_s'], '.2f')} s", file=sys.stderr)
     bandwidth = max(bandwidth, bench.bandwidth_in_fresh_process(threads=args.threads))

@@ -352,17 +352,20 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def num(x, fmt: str) -> str:
+    """A figure of a row, or "-" where it was not measured (a tiled KV cache's prefill)."""
+    return "-" if x is None else format(x, fmt)
+
+
+def tiled_note(r: dict) -> str:
+    return f" (KV cache tiled from {r['kv_tiled_from']} tokens)" if r.get("kv_tiled_from") else ""
+
+
 def markdown(results: list[dict]) -> str:
     rows = ["| engine | weights | context | peak RSS (MB) | state / KV cache (MiB) | prefill tok/s | decode tok/s | "
             "first token (s) |", "|---|---|---|---|---|---|---|---|"]
-
-    def num(x, fmt):
-        return "-" if x is None else format(x, fmt)
-
     for r in results:
-        engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)")
-        if r.get("kv_tiled_from"):
-            engine += f" (KV cache tiled from {r['kv_tiled_from']} tokens)"
+        engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)") + tiled_note(r)
         rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {num(r['peak_rss_mb'], '.0f')} | "
                     f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
                     f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r.get('first_token_s'), '.2f')} |")
