@@ -14,6 +14,7 @@ Same interface as the numpy engine (``run``, ``empty_state``, ``state_bytes``, `
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import time
 
@@ -38,6 +39,20 @@ def _kind(tensor) -> int:
         raise ModelFileError(f"tensor {tensor.name}: {tensor.tensor_type.name} is not read by the compiled engine "
                              f"(it reads f32, f16, q8_0 and q4_0; the numpy engine reads the rest)")
     return _KINDS[tensor.type_id]
+
+
+def weights_buffer(size: int, dtype) -> np.ndarray:
+    """A zeroed array of ``size`` elements (at least 1) for the weights, in ordinary 4 KB pages where
+    the system has transparent huge pages. numpy asks for huge pages on any array of 4 MB or more,
+    and where the kernel finds them on demand ("madvise" mode, the default of many distributions) the
+    first write to ~150 MB waited 0.01-0.4 s for them (bimodal; 4 KB pages: ~0.08 s every time, by
+    hand on the 2-core VM). The load's copy is that first write: engine load -0.3 s (median of 5)."""
+    count = max(1, size)
+    if not hasattr(mmap, "MADV_NOHUGEPAGE"):  # no transparent huge pages to decline (not Linux)
+        return np.empty(count, dtype)
+    buffer = mmap.mmap(-1, count * np.dtype(dtype).itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buffer, dtype)
 
 
 class _Packer:
@@ -71,10 +86,10 @@ class _Packer:
         return offset
 
     def fill(self, read_float32, release):
-        self.q8 = np.empty(max(1, self.size[ck.Q8]), np.int8)
-        self.q4 = np.empty(max(1, self.size[ck.Q4]), np.uint8)
-        self.scales = np.empty(max(1, self.size["scales"]), np.uint16)  # float16 bits
-        self.f32 = np.empty(max(1, self.size[ck.F32]), np.float32)
+        self.q8 = weights_buffer(self.size[ck.Q8], np.int8)
+        self.q4 = weights_buffer(self.size[ck.Q4], np.uint8)
+        self.scales = weights_buffer(self.size["scales"], np.uint16)  # float16 bits
+        self.f32 = weights_buffer(self.size[ck.F32], np.float32)
         for offset, values in self.params:
             values = values if isinstance(values, np.ndarray) else read_float32(values)
             self.f32[offset : offset + values.size] = values.ravel()

@@ -100,6 +100,42 @@ def test_quantized_matrices_are_never_copied_to_float32(files):
         assert engine.q4.size == max(1, count((QT.Q4_0,)) // 2)
 
 
+def _vm_flags(array) -> list:
+    """The VmFlags of the mapping that holds ``array`` (/proc/self/smaps)."""
+    address = array.__array_interface__["data"][0]
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_weights_are_in_memory_that_declines_huge_pages(files):
+    """The weights' buffers are mappings advised against transparent huge pages ("nh"), unlike a
+    numpy array of the same size (numpy asks for them: "hg"), and hold the file's weights."""
+    import mmap
+
+    if not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pytest.skip("this Python's mmap has no MADV_NOHUGEPAGE")
+    from edge_lolcats.runtime.compiled_engine import weights_buffer
+
+    engine = CompiledEngine(files["q8_0"])
+    for buffer in (engine.q8, engine.scales, engine.f32):
+        assert "nh" in _vm_flags(buffer)
+    big = weights_buffer(8 << 20, np.float32)
+    assert big.dtype == np.float32 and big.size == 8 << 20 and big.flags.writeable and not big.any()
+    assert "nh" in _vm_flags(big)
+    if np.lib.NumpyVersion(np.__version__) >= "1.20.0":
+        assert "nh" not in _vm_flags(np.ones(8 << 20, np.float32))
+    assert weights_buffer(0, np.int8).size == 1
+
+
 def test_thread_counts_give_identical_logits(files):
     """Each output row is summed by one thread in one order, whatever the thread count."""
     import numba
