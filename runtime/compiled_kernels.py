@@ -110,6 +110,23 @@ def _float_of_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _low_nibble(typingctx, byte):
+    """byte & 15 as float32, in 8-bit integer arithmetic: numba widens ``byte & 15`` to int64, and
+    the q4_0 loops then ran on 64-bit lanes (8 to a vector, converted with vcvtqq2ps)."""
+    def codegen(context, builder, signature, args):
+        return builder.uitofp(builder.and_(args[0], ir.Constant(ir.IntType(8), 15)), ir.FloatType())
+    return types.float32(types.uint8), codegen
+
+
+@intrinsic
+def _high_nibble(typingctx, byte):
+    """byte >> 4 as float32, in 8-bit integer arithmetic (see :func:`_low_nibble`)."""
+    def codegen(context, builder, signature, args):
+        return builder.uitofp(builder.lshr(args[0], ir.Constant(ir.IntType(8), 4)), ir.FloatType())
+    return types.float32(types.uint8), codegen
+
+
 EXP_LOW, EXP_HIGH = np.float32(-87.33654), np.float32(88.72283)  # exp's float32 range (normal results)
 
 
@@ -170,11 +187,12 @@ def _dot_q4(row, x_low, x_high, x_sum, d):
     """One row of a q4_0 matrix (its bytes) times x, given as x_low / x_high (the nibbles' order)
     and x_sum (each block's sum). The -8 offset is out of the inner loop:
     sum_b d_b sum_j (c_j - 8) x_j = sum_b d_b sum_j c_j x_j - 8 sum_b d_b x_sum_b (3.47 -> 2.93 ms
-    on a 49152 x 576 matrix, one thread)."""
+    on a 49152 x 576 matrix, one thread). The nibbles in 32-bit lanes: 58 -> 34 ns a row of 576
+    (by hand, one thread, AMD Zen 5)."""
     s = np.float32(0.0)
     for j in range(row.shape[0]):
-        byte = np.int32(row[j])
-        s += (np.float32(byte & 15) * x_low[j] + np.float32(byte >> 4) * x_high[j]) * d[j >> 4]
+        byte = row[j]
+        s += (_low_nibble(byte) * x_low[j] + _high_nibble(byte) * x_high[j]) * d[j >> 4]
     offset = np.float32(0.0)
     for b in range(d.shape[0]):
         offset += d[b] * x_sum[b]
@@ -195,9 +213,9 @@ def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out, sc):
         row4 = q4[off + n * (k // 2) : off + (n + 1) * (k // 2)]
         for b in range(nb):
             for j in range(16):
-                byte = np.int32(row4[16 * b + j])
-                out[BLOCK * b + j] = np.float32((byte & 15) - 8) * sc[b]
-                out[BLOCK * b + 16 + j] = np.float32((byte >> 4) - 8) * sc[b]
+                byte = row4[16 * b + j]
+                out[BLOCK * b + j] = (_low_nibble(byte) - np.float32(8.0)) * sc[b]
+                out[BLOCK * b + 16 + j] = (_high_nibble(byte) - np.float32(8.0)) * sc[b]
     else:
         out[:] = f32[off + n * k : off + (n + 1) * k]
 
