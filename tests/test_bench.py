@@ -1,5 +1,6 @@
 """The benchmark commands run end to end on small inputs (their figures go to docs/BENCHMARKS.md)."""
 import json
+import os
 
 import pytest
 
@@ -53,6 +54,8 @@ def test_bench_memory_small_with_llama_cpp(tmp_path, tiny_model_dir):
     assert set(by) == {(e, c) for e in ("compiled", "onnx", "llama.cpp") for c in (64, 512)}
     for x in results:
         assert x["decode_tokens_per_s"] > 0
+        if os.path.exists("/proc/stat"):  # the machine's CPU time stolen while the run's process ran
+            assert 0 <= x["steal_percent"] <= 100
         if x["kv_tiled_from"]:  # no prefill at the context, and the RSS after decode, not the peak
             assert (x["engine"], x["context"], x["kv_tiled_from"]) == ("llama.cpp", 512, 64)
             assert x["peak_rss_mb"] is x["prefill_tokens_per_s"] is x["first_token_s"] is None
@@ -117,6 +120,28 @@ def test_repeated_measurements_report_their_median():
     assert (row["peak_rss_mb"], row["prefill_tokens_per_s"], row["decode_tokens_per_s"]) == (700, 500.0, 50.0)
     assert row["repeats"] == 3 and row["state_bytes"] == 7 and row["engine"] == "onnx"
     assert median_result(runs[:1]) == dict(runs[0], repeats=1)
+    # CPU time stolen by the hypervisor: the most any run had, not the median
+    stolen = median_result([dict(r, steal_percent=p) for r, p in zip(runs, (0.5, 31.0, None))])
+    assert stolen["steal_percent"] == 31.0 and stolen["decode_tokens_per_s"] == 50.0
+
+
+def test_stolen_cpu_time_from_proc_stat(tmp_path):
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice;
+    the share stolen between two readings, over all CPUs and all kinds of time."""
+    from edge_lolcats.bench.runtime import cpu_times, steal_percent
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 20 300 5 0 1 14 7 0\ncpu0 50 0 10 150 2 0 0 7 0 0\n")
+    before = cpu_times(str(stat))
+    assert before == (14, 440)
+    stat.write_text("cpu  160 0 30 330 5 0 1 34 9 0\n")
+    after = cpu_times(str(stat))
+    assert after == (34, 560)
+    assert steal_percent(before, after) == 100.0 * 20 / 120
+    assert steal_percent(None, after) is None and steal_percent(after, after) is None
+    assert cpu_times(str(tmp_path / "missing")) is None
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_times(str(stat)) is None
 
 
 def test_llama_cpp_without_its_extra_buffer_types(tmp_path, smol_tokenizer):

@@ -88,7 +88,8 @@ def _export(model_name, kind, path, args, dtype):
 
 def median_result(runs: list[dict]) -> dict:
     """One row from repeated fresh-process measurements of one engine at one context: the median
-    of each figure (this VM's fresh processes spread by about 15%), with the number of runs."""
+    of each figure (this VM's fresh processes spread by about 15%), with the number of runs, and
+    the largest share of CPU time any of them had stolen by the hypervisor."""
     import statistics
 
     row = dict(runs[0], repeats=len(runs))
@@ -98,6 +99,9 @@ def median_result(runs: list[dict]) -> dict:
             continue
         values = [r[key] for r in runs if r.get(key) is not None]
         row[key] = statistics.median(values) if values else None
+    if "steal_percent" in row:  # the most any run lost to the hypervisor: whether any figure was taken contended
+        stolen = [r["steal_percent"] for r in runs if r.get("steal_percent") is not None]
+        row["steal_percent"] = max(stolen) if stolen else None
     return row
 
 
@@ -152,7 +156,8 @@ def run(args):
             num = bench.num
             print(f"{label:14s} {context:>7d} tok{bench.tiled_note(r)}: peak RSS {num(r['peak_rss_mb'], '.0f')} MB, state "
                   f"{r['state_bytes'] / 2**20:.1f} MiB, prefill {num(r['prefill_tokens_per_s'], '.1f')} tok/s, decode "
-                  f"{r['decode_tokens_per_s']:.1f} tok/s, first token after {num(r['first_token_s'], '.2f')} s", file=sys.stderr)
+                  f"{r['decode_tokens_per_s']:.1f} tok/s, first token after {num(r['first_token_s'], '.2f')} s, "
+                  f"CPU stolen {num(r.get('steal_percent'), '.1f')}%", file=sys.stderr)
     bandwidth = max(bandwidth, bench.bandwidth_in_fresh_process(threads=args.threads))
     print(f"memory read bandwidth (a streaming float32 sum, the larger of before and after the runs): "
           f"{bandwidth / 1e9:.1f} GB/s", file=sys.stderr)

@@ -22,7 +22,8 @@ from edge_lolcats.runtime.generation import current_rss_mb, peak_rss_mb, prefill
 ENGINES = ("compiled", "numpy", "onnx", "llama.cpp")
 ALIASES = {"gguf": "compiled"}  # the GGUF engine's name before the compiled one (older reports keep it)
 FIELDS = ("engine", "context", "peak_rss_mb", "state_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
-          "load_s", "first_token_s", "compile_seconds", "compiled", "extra_bufts", "kv_tiled_from", "rss_after_decode_mb")
+          "load_s", "first_token_s", "compile_seconds", "compiled", "extra_bufts", "kv_tiled_from", "rss_after_decode_mb",
+          "steal_percent")
 _TEXT_CACHE = {}
 
 
@@ -326,6 +327,29 @@ def _kv_width(llm) -> int:
     return kv_heads * (int(md["llama.embedding_length"]) // heads)
 
 
+def cpu_times(stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total) of the machine's CPU time so far in clock ticks, all CPUs (Linux's /proc/stat;
+    None elsewhere). Steal is time a virtual machine's CPUs were ready to run but the hypervisor ran
+    something else: on the 2-core VM a run with one vCPU stolen half the time measured half its
+    speed, and the thread tuner rightly moved to one thread (by hand, 2026-12-02)."""
+    try:
+        with open(stat) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest time is in user)
+    return ticks[7], sum(ticks)
+
+
+def steal_percent(before, after) -> float | None:
+    """The share of the machine's CPU time stolen between two :func:`cpu_times` readings (%)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=None, threads=None,
             timeout: float | None = None, tile_from: int | None = None) -> dict:
     """One measurement in a fresh Python process (``engine`` one of :data:`ENGINES`; ``tile_from``:
@@ -339,6 +363,7 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
         cmd += ["--tile-from", str(tile_from)]
     if threads:
         cmd += ["--threads", str(threads)]
+    before = cpu_times()
     r = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, timeout=timeout)
     if engine == "llama.cpp" and r.returncode < 0:
         # llama-cpp-python 0.3.36 built for this CPU crashes (SIGSEGV) in its extra CPU buffer types
@@ -349,7 +374,9 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{engine} at {context} tokens failed: {last}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    row["steal_percent"] = steal_percent(before, cpu_times())
+    return row
 
 
 def num(x, fmt: str) -> str:
@@ -363,12 +390,13 @@ def tiled_note(r: dict) -> str:
 
 def markdown(results: list[dict]) -> str:
     rows = ["| engine | weights | context | peak RSS (MB) | state / KV cache (MiB) | prefill tok/s | decode tok/s | "
-            "first token (s) |", "|---|---|---|---|---|---|---|---|"]
+            "first token (s) | CPU stolen (%) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)") + tiled_note(r)
         rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {num(r['peak_rss_mb'], '.0f')} | "
                     f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
-                    f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r.get('first_token_s'), '.2f')} |")
+                    f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r.get('first_token_s'), '.2f')} | "
+                    f"{num(r.get('steal_percent'), '.1f')} |")
     return "\n".join(rows)
 
 
