@@ -34,10 +34,12 @@ from numba.extending import intrinsic
 
 # How long an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT). A token step is
 # ~180 parallel regions; threads that sleep between them (OMP_WAIT_POLICY=PASSIVE) made 2 threads no
-# faster than 1 (decode 26.6 vs 26.8 ms on the 2-core machine), spinning for ever (ACTIVE, or
-# libgomp's default 300,000) stalls when another process holds a core. 10,000 spins: 15.3 ms idle,
-# as ACTIVE (15.4). `python -m edge_lolcats.bench.runtime --compiled-threads FILE`; docs/BENCHMARKS.md.
-SPIN_COUNT = "10000"
+# faster than 1 (decode 26.6 vs 26.8 ms on the 2-core Xeon). Where waking a thread is slow, as on
+# the 2-core AMD VM whose hypervisor takes its vCPUs away, 2 threads decoded in 28.1 ms at 10,000
+# spins, 7.9 ms at libgomp's default 300,000 (prefill 251 -> 443 tok/s). Spinning stalls when another
+# process holds a core, but then the engine's ThreadTuner moves to one thread, which does not spin.
+# `python -m edge_lolcats.bench.runtime --compiled-threads FILE`; docs/BENCHMARKS.md.
+SPIN_COUNT = "300000"
 
 
 def _start_thread_pool():
