@@ -46,7 +46,7 @@ def weights_buffer(size: int, dtype) -> np.ndarray:
     the system has transparent huge pages. numpy asks for huge pages on any array of 4 MB or more,
     and where the kernel finds them on demand ("madvise" mode, the default of many distributions) the
     first write to ~150 MB waited 0.01-0.4 s for them (bimodal; 4 KB pages: ~0.08 s every time, by
-    hand on the 2-core VM). The load's copy is that first write: engine load -0.3 s (median of 5)."""
+    hand on the 2-core VM). The load's copy is that first write: engine load -0.4 s (median of 5)."""
     count = max(1, size)
     if not hasattr(mmap, "MADV_NOHUGEPAGE"):  # no transparent huge pages to decline (not Linux)
         return np.empty(count, dtype)
