@@ -160,10 +160,17 @@ def quantize_blocks(x, xq, dx, offsets):
         offsets[b] = np.float32(-8.0) * d * np.float32(total)
 
 
-@njit(**_JIT)
 def q4_rows_times_q8(q4, start, rows, k, d, xq, dx, offsets, y):
     """y[r] = q4_0 row r (``rows`` rows of K from byte ``start`` of q4; d [rows, K / 32] their
-    scales, float32) times the quantized activations (:func:`quantize_blocks`). One thread."""
+    scales, float32) times the quantized activations (:func:`quantize_blocks`). One thread.
+    RuntimeError on a CPU without AVX-512 VNNI (LLVM would abort the process compiling it)."""
+    if not HAS_VNNI:
+        raise RuntimeError("the int8 products need a CPU with AVX-512 VNNI (vpdpbusd)")
+    _q4_rows_times_q8(q4, start, rows, k, d, xq, dx, offsets, y)
+
+
+@njit(**_JIT)
+def _q4_rows_times_q8(q4, start, rows, k, d, xq, dx, offsets, y):
     blocks = k // BLOCK
     scale = np.empty(blocks, np.float32)
     for r in range(rows):

@@ -65,3 +65,12 @@ def test_q4_rows_times_quantized_activations(k):
     # and the quantized product is the float32 one within the activations' rounding (half a step each)
     dense = (c * np.repeat(d, 32, axis=1).reshape(rows, blocks, 32)).reshape(rows, k)
     assert np.all(np.abs(y - dense @ x.astype(np.float64)) <= np.abs(dense) @ (0.5 * np.repeat(dx, 32)) * 1.001 + bound)
+
+
+def test_the_int8_product_is_refused_without_vnni(monkeypatch):
+    """Where the CPU lacks VNNI the product raises instead of compiling (LLVM would abort the process)."""
+    monkeypatch.setattr(ik, "HAS_VNNI", False)
+    one = np.zeros(32, np.float32)
+    with pytest.raises(RuntimeError, match="VNNI"):
+        ik.q4_rows_times_q8(np.zeros(16, np.uint8), 0, 1, 32, np.ones((1, 1), np.float32), one.astype(np.int8),
+                            one[:1], one[:1], one[:1])
