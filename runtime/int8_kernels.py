@@ -24,9 +24,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .compiled_kernels import _JIT
-
-BLOCK = 32
+from .compiled_kernels import _JIT, BLOCK
 
 
 def _has_vnni() -> bool:

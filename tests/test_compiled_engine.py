@@ -118,7 +118,7 @@ def _vm_flags(array) -> list:
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
 def test_weights_are_in_memory_that_declines_huge_pages(files):
     """The weights' buffers are mappings advised against transparent huge pages ("nh"), unlike a
-    numpy array of the same size (numpy asks for them: "hg"), and hold the file's weights."""
+    numpy array of the same size (numpy advises the opposite); an empty one still has an element."""
     import mmap
 
     if not hasattr(mmap, "MADV_NOHUGEPAGE"):

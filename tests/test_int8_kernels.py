@@ -36,7 +36,7 @@ def test_activations_quantize_as_q8_0_blocks():
     np.testing.assert_allclose(offsets, -8.0 * dx.astype(np.float64) * sums, rtol=2 * F32_EPS)
 
 
-@pytest.mark.skipif(not ik.HAS_VNNI, reason="needs a CPU with AVX-512 VNNI (vpdpbusd on 256 bits)")
+@pytest.mark.skipif(not ik.HAS_VNNI, reason="needs a CPU with AVX-512 VNNI (vpdpbusd)")
 @pytest.mark.parametrize("k", [32, 96, 576])
 def test_q4_rows_times_quantized_activations(k):
     rng = np.random.default_rng()

@@ -83,9 +83,9 @@ def tiled_kv_state(state, cells: int):
     """llama.cpp's state of one sequence (``llama_state_seq_get_data``) of n cells, as this build's
     KV cache writes it (llama-kv-cache.cpp; one stream), with its cells repeated up to ``cells`` at
     positions 0 .. cells - 1 (the last repeat cut short where n does not divide it): what a prefill
-    of ``cells`` tokens would leave, but the keys and values of the first n repeated. The content does not change a decode step's work (its attention
-    reads every cell), so the step's time after it is llama.cpp's decode at ``cells`` tokens of
-    context, without the hours of quadratic prefill. Returns a uint8 array; ValueError where the
+    of ``cells`` tokens would leave, but the keys and values of the first n repeated. The content
+    does not change a decode step's work (its attention reads every cell), so the step's time after
+    it is llama.cpp's decode at ``cells`` tokens of context, without the hours of quadratic prefill. Returns a uint8 array; ValueError where the
     layout is not the one this reads.
 
     Layout: 8 bytes (kept), u32 streams (1), u32 n, n x (i32 pos, u32 seq count, i32 seq id),
