@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from edge_lolcats.arch.ops import ACTIVATIONS
 from edge_lolcats.formats.gguf_io import ModelFileError
 from .generation import Stats, current_rss_mb, decode_loop, peak_rss_mb, prefill
 from .sampling import Sampler, Sampling
@@ -35,12 +36,20 @@ HISTORY_TOKENS = 4096  # recent ids a session keeps (and saves) for the repetiti
 GGUF_ENGINES = ("compiled", "numpy", "numpy-stored")
 
 
-def open_engine(path: str, threads: int | None = None, gguf_engine: str = "compiled"):
+def open_engine(path: str, threads: int | None = None, gguf_engine: str = "compiled", activations: str = "q8_0"):
     """The engine for ``path``: a ``.gguf`` file (``gguf_engine``, one of :data:`GGUF_ENGINES`)
-    or an ONNX export folder (onnxruntime). ``threads``: compute threads (default: all cores)."""
+    or an ONNX export folder (onnxruntime). ``threads``: compute threads (default: all cores).
+    ``activations``: how a GGUF file's products with q8_0 / q4_0 weights take their input, "q8_0"
+    (quantized, the model definition's, as llama.cpp) or "float32" (an ONNX export fixes this when
+    it is exported)."""
     if gguf_engine not in GGUF_ENGINES:
         raise ValueError(f"gguf_engine must be one of {', '.join(GGUF_ENGINES)}; got {gguf_engine!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}")
     if os.path.isdir(path):
+        if activations != "q8_0":
+            raise ValueError(f"{path}: an ONNX export's activations are fixed when it is exported "
+                             f"(MatMulNBits' accuracy level); --activations is for GGUF files")
         from .onnx_engine import OnnxEngine
 
         return OnnxEngine(path, threads=threads)
@@ -55,10 +64,10 @@ def open_engine(path: str, threads: int | None = None, gguf_engine: str = "compi
             print(f"warning: the compiled engine is unavailable ({e}); running the numpy engine (much slower)",
                   file=sys.stderr)
         else:
-            return CompiledEngine(path, threads=threads)
+            return CompiledEngine(path, threads=threads, activations=activations)
     from .numpy_engine import GGUFEngine
 
-    return GGUFEngine(path, weights="stored" if gguf_engine == "numpy-stored" else "float32")
+    return GGUFEngine(path, weights="stored" if gguf_engine == "numpy-stored" else "float32", activations=activations)
 
 
 class Model:
@@ -225,10 +234,10 @@ class Session:
         return session
 
 
-def load(path: str, threads: int | None = None, gguf_engine: str = "compiled") -> Model:
+def load(path: str, threads: int | None = None, gguf_engine: str = "compiled", activations: str = "q8_0") -> Model:
     """Load a lolcats GGUF file (the compiled engine unless ``gguf_engine`` says otherwise, see
     :func:`open_engine`) or an ONNX export folder (onnxruntime)."""
-    return Model(open_engine(path, threads=threads, gguf_engine=gguf_engine), path)
+    return Model(open_engine(path, threads=threads, gguf_engine=gguf_engine, activations=activations), path)
 
 
 __all__ = ["load", "Model", "Session", "Stats", "current_rss_mb", "ModelFileError", "StateFileError"]

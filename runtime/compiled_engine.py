@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from edge_lolcats.arch.hybrid import PRE_ROPE
+from edge_lolcats.arch.ops import ACTIVATIONS
 from edge_lolcats.arch.state import HYBRID
 from edge_lolcats.converters import gguf_names as names
 from edge_lolcats.formats.gguf_io import ModelFileError
@@ -210,6 +211,10 @@ class ThreadTuner:
 
 
 class CompiledEngine:
+    """``activations``: how products with quantized weights (q8_0, q4_0) take their input: "q8_0",
+    quantized in blocks of 32 as the model definition says (:func:`edge_lolcats.arch.ops.quantize_activations`;
+    int8 dot products where the CPU has them, as llama.cpp), or "float32" (slower; the float
+    products of the earlier engines)."""
     format = "gguf"
     name = "compiled"
     # prompt tokens per block: its attention is O(T W), not O(T (T + W)), so a larger block only
@@ -217,7 +222,10 @@ class CompiledEngine:
     # processes by hand; the block's buffers share memory, so peak RSS is still below 128's before)
     prefill_chunk = 256
 
-    def __init__(self, path: str, threads: int | None = None):
+    def __init__(self, path: str, threads: int | None = None, activations: str = "q8_0"):
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}")
+        self.activations = activations
         # compiled (or loaded from numba's cache) before the weights are read, and the compiler's code
         # pages let go: the process's peak memory is the weights plus the runtime, not LLVM besides
         self.compile_seconds, self.compiled = compile_step()
@@ -287,6 +295,7 @@ class CompiledEngine:
             layout.window_size, layout.sink_tokens, args.intermediate_size, args.vocab_size, layout.base_window]
         dims[ck.D_PRE_ROPE] = self.recurrence.feature_maps == PRE_ROPE
         dims[ck.D_QK_NORM] = args.qk_norm  # sandwich norms: the layers' post-norm offsets (-1: none)
+        dims[ck.D_QUANTIZE] = self.activations == "q8_0"
         dims[ck.D_ACTIVATION] = {"silu": ck.ACT_SILU, "gelu_tanh": ck.ACT_GELU_TANH}[args.activation]
         self.dims = dims
         self.consts = np.array([args.norm_eps, args.norm_offset, args.attention_scale, args.embedding_scale,

@@ -32,6 +32,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import int8_kernels as i8
+from .jit_options import BLOCK, JIT
+
 # How long an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT). A token step is
 # ~180 parallel regions; threads that sleep between them (OMP_WAIT_POLICY=PASSIVE) made 2 threads no
 # faster than 1 (decode 26.6 vs 26.8 ms on the 2-core Xeon). Where waking a thread is slow, as on
@@ -62,11 +65,8 @@ _start_thread_pool()
 
 F32, Q8, Q4 = 0, 1, 2
 KIND, OFFSET, SCALE_OFFSET, ROWS, COLS = range(5)
-BLOCK = 32
 FEATURE_MAP_EPS = np.float32(1e-12)  # as arch.hybrid.FEATURE_MAP_EPS
-# reassoc: reductions vectorise; contract: fused multiply-adds. No nnan/ninf: masks are -inf.
-_FAST = {"reassoc", "contract"}
-_JIT = dict(cache=True, fastmath=_FAST, nogil=True)
+_JIT = JIT
 
 
 # --- products --------------------------------------------------------------------------------
@@ -222,14 +222,54 @@ def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out, sc):
         out[:] = f32[off + n * k : off + (n + 1) * k]
 
 
+@njit(**_JIT)
+def quantized_copy(x):
+    """x [T, K] as products with quantized weights take it (arch.ops.quantized_activations), float32."""
+    nb = x.shape[1] // BLOCK
+    out = np.empty_like(x)
+    xq, dx, offsets = np.empty(x.shape[1], np.int8), np.empty(nb, np.float32), np.empty(x.shape[1] // 4, np.int32)
+    for t in range(x.shape[0]):
+        i8.quantize_blocks(x[t], xq, dx, offsets)
+        for j in range(x.shape[1]):
+            out[t, j] = np.float32(xq[j]) * dx[j >> 5]
+    return out
+
+
 @njit(parallel=True, **_JIT)
-def linear(q8, q4, scales, f32, entry, x, y):
-    """y [T, N] = x [T, K] @ W.T. Several tokens: each thread dequantizes a few rows into a small
-    scratch and reuses them for every token, so the weights are read once per block of tokens
-    (never a float32 copy of the matrix)."""
+def linear(q8, q4, scales, f32, entry, x, y, quantize):
+    """y [T, N] = x [T, K] @ W.T. With ``quantize`` true, a quantized W (q8_0, q4_0) multiplies x's
+    q8_0 blocks (arch.ops.quantize_activations): one token as int8 dot products
+    (:mod:`.int8_kernels`) where the CPU has them, else, and for several tokens, in float32 on the
+    quantized values. Several tokens: each thread dequantizes a few rows into a small scratch and
+    reuses them for every token, so the weights are read once per block of tokens (never a float32
+    copy of the matrix)."""
     kind, off, soff, n, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[ROWS], entry[COLS]
     nb = k // BLOCK
     t = x.shape[0]
+    parts = min(n, PARTS)
+    if quantize and kind != F32 and t == 1 and i8.INT8_DOTS:
+        # as the float32 product below: rows in contiguous parts, scales widened CHUNK rows at a time
+        xq, dx, offsets = np.empty(k, np.int8), np.empty(nb, np.float32), np.empty(k // 4, np.int32)
+        i8.quantize_blocks(x[0], xq, dx, offsets)
+        scratch = np.empty((parts, CHUNK * nb), np.float32)
+        width = k // 2 if kind == Q4 else k
+        ahead = max(1, PREFETCH_BYTES // width)
+        for part in prange(parts):
+            sc = scratch[part]
+            end = (part + 1) * n // parts
+            for r0 in range(part * n // parts, end, CHUNK):
+                _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
+                for r in range(r0, min(r0 + CHUNK, end)):
+                    a, d = min(r + ahead, n - 1), sc[(r - r0) * nb : (r - r0 + 1) * nb]
+                    if kind == Q8:
+                        _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
+                        y[0, r] = i8.row_times_quantized(q8, off + r * k, xq, offsets, d, dx, nb)
+                    else:
+                        _prefetch_row(q4, off + a * width, width, scales, soff + a * nb, nb)
+                        y[0, r] = i8.row_times_quantized(q4, off + r * width, xq, offsets, d, dx, nb)
+        return
+    if quantize and kind != F32:
+        x = quantized_copy(x)
     # one token: each row's dot product straight from the quants. Each row is a slice: with flat
     # index arithmetic (off + r * k + j) LLVM does not vectorise the loop (10x slower, measured).
     # Each weight is read once, so the loads are asked for PREFETCH_BYTES ahead.
@@ -240,7 +280,6 @@ def linear(q8, q4, scales, f32, entry, x, y):
         # float16 scales CHUNK rows at a time into its scratch (one vectorised loop: row by row, 18
         # scalar conversions cost 2 ms of a 30-layer step). One allocation per call; numba.get_num_threads()
         # here would make the function uncacheable (a ctypes global).
-        parts = min(n, PARTS)
         scratch = np.empty((parts, CHUNK * nb), np.float32)
         x0 = x[0]
         # q4: x's elements in the nibbles' order: byte j of block b holds elements 32 b + j (low) and
@@ -614,8 +653,9 @@ LAYER_COLUMNS = 21
 KIND_HYBRID, KIND_WINDOW = 0, 1
 # dims (int64): the model's sizes and switches; consts (float32): its scalars
 (D_HIDDEN, D_HEADS, D_KV_HEADS, D_HEAD_DIM, D_FEATURES, D_WINDOW, D_SINKS, D_INTERMEDIATE, D_VOCAB, D_BASE_WINDOW,
- D_PRE_ROPE, D_QK_NORM, D_ACTIVATION, D_EMBED, D_HEAD, D_FINAL_NORM) = range(16)
-DIMS = 16  # D_EMBED, D_HEAD: rows of the weight table; D_FINAL_NORM: an offset in f32
+ D_PRE_ROPE, D_QK_NORM, D_ACTIVATION, D_EMBED, D_HEAD, D_FINAL_NORM, D_QUANTIZE) = range(17)
+DIMS = 17  # D_EMBED, D_HEAD: rows of the weight table; D_FINAL_NORM: an offset in f32; D_QUANTIZE: 1 quantizes
+# the activations of products with quantized weights (arch.ops.quantize_activations), 0 keeps them float32
 C_EPS, C_NORM_OFFSET, C_SCALE, C_EMBEDDING_SCALE, C_ATTN_SOFTCAP, C_FINAL_SOFTCAP = range(6)
 CONSTS = 6
 ACT_SILU, ACT_GELU_TANH = 0, 1
@@ -680,6 +720,7 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
     hidden, heads, kv_heads, d = dims[D_HIDDEN], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
     f2, w, n_s, inter = 2 * dims[D_FEATURES], dims[D_WINDOW], dims[D_SINKS], dims[D_INTERMEDIATE]
     pre_rope = dims[D_PRE_ROPE] != 0
+    quantize = dims[D_QUANTIZE] != 0
     eps, offset, scale = consts[C_EPS], consts[C_NORM_OFFSET], consts[C_SCALE]
     attn_cap = consts[C_ATTN_SOFTCAP]
     t_n = tokens.shape[0]
@@ -717,7 +758,7 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
         rope = inv_freq[lay[L_ROPE]]
         for t in range(t_n):
             _rms_norm(x[t], f32, lay[L_ATTN_NORM], eps, offset, normed[t])
-        linear(q8, q4, scales, f32, entries[lay[L_QKV]], normed, qkv)
+        linear(q8, q4, scales, f32, entries[lay[L_QKV]], normed, qkv, quantize)
         _add_bias(qkv, f32, lay[L_QKV_BIAS])
         for t in range(t_n):
             for hd in range(heads):
@@ -770,22 +811,22 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
                         _rope(k[t, g], k[t, g], rope, position + t)
             hybrid_attention(q, k, v, fq, fk, window_factor, log_decay, kv, z, k_window, v_window, k_sink, v_sink,
                              position, scale, attn_cap, rope, pre_rope, att)
-        linear(q8, q4, scales, f32, entries[lay[L_O]], att.reshape((t_n, q_size)), proj)
+        linear(q8, q4, scales, f32, entries[lay[L_O]], att.reshape((t_n, q_size)), proj, quantize)
         _add_bias(proj, f32, lay[L_O_BIAS])
         _add_residual(x, proj, f32, lay[L_ATTN_POST_NORM], eps, offset)
         for t in range(t_n):
             _rms_norm(x[t], f32, lay[L_FFN_NORM], eps, offset, normed[t])
-        linear(q8, q4, scales, f32, entries[lay[L_GATE_UP]], normed, gate_up)
+        linear(q8, q4, scales, f32, entries[lay[L_GATE_UP]], normed, gate_up, quantize)
         _add_bias(gate_up, f32, lay[L_GATE_UP_BIAS])
         activate(gate_up, dims[D_ACTIVATION], act)
-        linear(q8, q4, scales, f32, entries[lay[L_DOWN]], act, proj)
+        linear(q8, q4, scales, f32, entries[lay[L_DOWN]], act, proj, quantize)
         _add_bias(proj, f32, lay[L_DOWN_BIAS])
         _add_residual(x, proj, f32, lay[L_FFN_POST_NORM], eps, offset)
     if logits.shape[0] == 0:
         return
     last = np.empty((1, hidden), np.float32)
     _rms_norm(x[t_n - 1], f32, dims[D_FINAL_NORM], eps, offset, last[0])
-    linear(q8, q4, scales, f32, entries[dims[D_HEAD]], last, logits)
+    linear(q8, q4, scales, f32, entries[dims[D_HEAD]], last, logits, quantize)
     cap = consts[C_FINAL_SOFTCAP]
     if cap > 0:
         for i in range(logits.shape[1]):

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from edge_lolcats.arch import block, hybrid
 from edge_lolcats.arch.hybrid import PRE_ROPE
-from edge_lolcats.arch.ops import NUMPY
+from edge_lolcats.arch.ops import ACTIVATIONS, NUMPY, quantized_activations
 from edge_lolcats.arch.state import HYBRID, WINDOW
 from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.converters import gguf_names as names
@@ -100,18 +100,45 @@ class Biased:
         return self.matrix.rmatmul(x) + self.bias
 
 
+class QuantizedInput:
+    """A matrix the file stores as q8_0 or q4_0 blocks, multiplied as the model definition says:
+    x's q8_0 blocks (:func:`edge_lolcats.arch.ops.quantized_activations`), not x itself."""
+
+    def __init__(self, matrix):
+        self.matrix, self.shape = matrix, matrix.shape
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return self.matrix.rows(ids)
+
+    def rmatmul(self, x: np.ndarray) -> np.ndarray:
+        return self.matrix.rmatmul(quantized_activations(x))
+
+
 WEIGHT_MODES = ("float32", "stored")
 
 
 class GGUFEngine:
-    def __init__(self, path: str, weights: str = "float32"):
+    """``weights``: the matrices as float32 copies, or q8_0 ones as stored. ``activations``: how
+    products with q8_0 / q4_0 weights take their input ("q8_0": quantized, the model definition
+    and the compiled engine's default; "float32")."""
+
+    def __init__(self, path: str, weights: str = "float32", activations: str = "q8_0"):
         if weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_MODES)}; got {weights!r}")
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}; got {activations!r}")
+        self.activations = activations
         with large_allocations_unmapped_when_freed():
             self._load(path, weights)
 
     def _load(self, path: str, weights: str):
         from gguf import GGMLQuantizationType
+
+        def quantized(names_, matrix):  # products with q8_0 / q4_0 weights take quantized activations
+            types_ = {gguf.tensors[n].tensor_type for n in names_}
+            if self.activations == "q8_0" and types_ <= {GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0}:
+                return QuantizedInput(matrix)
+            return matrix
 
         f = open_lolcats_gguf(path)
         gguf, self.args, self.lolcats, self.recurrence = f.gguf, f.args, f.lolcats, f.recurrence
@@ -136,13 +163,13 @@ class GGUFEngine:
             q8 = [stored(g) for g in ggnames]
             if all(m is not None for m in q8):
                 matrix = Q8Matrix.concat(q8) if len(q8) > 1 else q8[0]
-                return matrix if bias is None else Biased(matrix, bias)
+                return quantized(ggnames, matrix if bias is None else Biased(matrix, bias))
             # the parts are dropped as soon as they are joined: holding them cost 50 MB of RSS (malloc)
-            return Dense(np.concatenate([t(g) for g in ggnames]) if len(ggnames) > 1 else t(ggnames[0]), bias)
+            return quantized(ggnames, Dense(np.concatenate([t(g) for g in ggnames]) if len(ggnames) > 1 else t(ggnames[0]), bias))
 
+        head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"
         self.embed = stored("token_embd.weight") or Table(t("token_embd.weight"))
-        self.head = (stored("output.weight") or Table(t("output.weight"))) if "output.weight" in gguf.tensors \
-            else self.embed
+        self.head = quantized([head], (stored(head) or Table(t(head))) if head != "token_embd.weight" else self.embed)
         self.weights = f.weights
         if weights == "stored" and isinstance(self.embed, Q8Matrix):
             self.weights += " as stored"

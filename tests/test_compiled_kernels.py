@@ -9,7 +9,7 @@ from gguf import quants
 
 from edge_lolcats.arch.args import Rope
 from edge_lolcats.arch.hybrid import decode_step
-from edge_lolcats.arch.ops import NUMPY
+from edge_lolcats.arch.ops import NUMPY, quantize_activations, quantized_activations
 from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.runtime import compiled_kernels as ck
 
@@ -39,17 +39,27 @@ def packed(w: np.ndarray, kind: int):
 
 @pytest.mark.parametrize("kind", [ck.F32, ck.Q8, ck.Q4], ids=["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("tokens", [1, 5, 8])
-def test_linear_equals_dequantized_product(kind, tokens):
-    rng = np.random.default_rng(kind * 10 + tokens)
+@pytest.mark.parametrize("quantize", [False, True], ids=["float32-x", "q8_0-x"])
+def test_linear_equals_dequantized_product(kind, tokens, quantize):
+    """W x in float64, x quantized first as arch.ops.quantize_activations says where the weights are
+    (quantize, q8_0 or q4_0). Bound: float32 sums of K products in any order, |error| <= K eps
+    sum |w x|, plus, for the int8 products (one token), each block's scale d dx rounded once and
+    each product's lanes converted and scaled (3 more roundings): still within K eps sum |w x| for
+    K >= 4 (a bound, not a fit)."""
+    rng = np.random.default_rng()
     n, k = 37, 96  # odd rows and 5 tokens: the row groups and token groups of 4 have remainders
     buffers, entry, dense = packed(rng.standard_normal((n, k)), kind)
-    x = rng.standard_normal((tokens, k)).astype(np.float32)
+    x = (rng.standard_normal((tokens, k)) * rng.uniform(0.1, 10, (tokens, k))).astype(np.float32)
     y = np.zeros((tokens, n), np.float32)
-    ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, x, y)
-    exact = x.astype(np.float64) @ dense.T
-    # float32 sums of K products in any order: |error| <= K eps sum |w x| (a bound, not a fit)
-    bound = k * F32_EPS * (np.abs(x.astype(np.float64)) @ np.abs(dense).T)
+    ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, x, y, quantize)
+    seen = quantized_activations(x) if quantize and kind != ck.F32 else x  # float32, exactly q d
+    exact = seen.astype(np.float64) @ dense.T
+    bound = k * F32_EPS * (np.abs(seen.astype(np.float64)) @ np.abs(dense).T)
     assert np.all(np.abs(y - exact) <= bound), np.abs(y - exact).max()
+    if quantize and kind != ck.F32:  # and the quantization moved the result, by at most half a step an element
+        step = 0.5 * np.repeat(quantize_activations(x)[1], 32, axis=-1).astype(np.float64)
+        moved = np.abs(exact - x.astype(np.float64) @ dense.T)
+        assert moved.max() > 100 * bound.max() and np.all(moved <= step @ np.abs(dense).T * (1 + 1e-6))
 
 
 def test_linear_does_not_depend_on_the_thread_count():
@@ -62,7 +72,7 @@ def test_linear_does_not_depend_on_the_thread_count():
     for threads in (1, 2):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         y = np.zeros((1, 101), np.float32)
-        ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, x, y)
+        ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, x, y, True)
         out.append(y)
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     assert np.array_equal(out[0], out[1])

@@ -105,7 +105,11 @@ def test_quantized_export_holds_the_gguf_weights(tmp_path, smol_tokenizer, quant
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     bits = sorted({a.i for n in nbits for a in n.attribute if a.name == "bits"})
     assert len(nbits) == 2 * 4 + 1 and bits == ([8] if quantize == "int8" else [4, 8])  # the head stays 8-bit
-    reference, exact, fast = (CompiledEngine(str(tmp_path / "m.gguf")), OnnxEngine(str(tmp_path / "exact")),
+    # float32 activations on both sides of the exact comparison; onnxruntime's int8 activations are
+    # not rounded as arch.ops.quantize_activations (measured: its decode logits differ from the
+    # compiled engine's quantized ones by as much as from the float32 ones), so the fast export is
+    # held to the argmax only
+    reference, exact, fast = (CompiledEngine(str(tmp_path / "m.gguf"), activations="float32"), OnnxEngine(str(tmp_path / "exact")),
                               OnnxEngine(str(tmp_path / "fast")))
     assert exact.meta["weights"] == quantize
     ids = np.random.default_rng(0).integers(0, 49152, 30)

@@ -112,6 +112,18 @@ def test_api_greedy_matches_pytorch(exports, kind, smol_tokenizer):
     assert session.stats.state_bytes == state_bytes(exports["model"])
 
 
+def test_activations_option_reaches_the_gguf_engines(exports):
+    """``activations`` picks how a GGUF file's quantized products take their input, on either GGUF
+    engine; an ONNX folder fixed it when exported, so asking there is an error, as is a bad value."""
+    for engine in ("compiled", "numpy"):
+        assert load(exports["gguf"], gguf_engine=engine).engine.activations == "q8_0"
+        assert load(exports["gguf"], gguf_engine=engine, activations="float32").engine.activations == "float32"
+    with pytest.raises(ValueError, match="fixed when it is exported"):
+        load(exports["onnx"], activations="float32")
+    with pytest.raises(ValueError, match="activations must be one of"):
+        load(exports["gguf"], activations="int4")
+
+
 @pytest.mark.parametrize("kind", ["gguf", "onnx"])
 def test_saved_state_continues_exactly(exports, kind, tmp_path):
     """Sampling with a seed: 20 tokens, save, restore in a fresh model object, 20 more == 40 at once."""

@@ -59,12 +59,14 @@ def test_gguf_engine_runs_without_torch(tmp_path, smol_tokenizer):
 def test_stored_q8_0_weights_compute_the_same_logits(tmp_path, smol_tokenizer):
     """weights="stored" multiplies through the q8_0 blocks: the same weights as the float32 mode
     (which dequantizes them at load), so the same logits up to float32 summation order, in
-    prefill (dequantized per call) and decode (per-block dot products)."""
+    prefill (dequantized per call) and decode (per-block dot products). Float32 activations: with
+    quantized ones the two modes' sums could round an activation to neighbouring steps
+    (test_compiled_engine.py's test_quantized_activations_are_the_definitions)."""
     from edge_lolcats.runtime.numpy_engine import GGUFEngine, Q8Matrix
 
     path = str(tmp_path / "m.q8_0.gguf")
     export_gguf(linearize(tiny_model("qwen2"), window_size=8, feature_dim=8), smol_tokenizer, path, dtype="q8_0")
-    full, stored = GGUFEngine(path), GGUFEngine(path, weights="stored")
+    full, stored = GGUFEngine(path, activations="float32"), GGUFEngine(path, weights="stored", activations="float32")
     qkv = ("q_proj", "k_proj", "v_proj")
     assert isinstance(stored.layers[0].self_attn.fused[qkv][0].matrix, Q8Matrix)  # qwen2: with biases
     assert isinstance(stored.embed, Q8Matrix)

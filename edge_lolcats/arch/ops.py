@@ -155,6 +155,38 @@ class NumpyOps:
 
 NUMPY = NumpyOps()
 
+ACTIVATION_BLOCK = 32  # elements per scale of quantized activations (q8_0's block)
+# how the runtime's products with q8_0 / q4_0 weights take their input: quantized as below (the
+# default, as llama.cpp), or float32
+ACTIVATIONS = ("q8_0", "float32")
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [..., K] (float32) as a product with q8_0 or q4_0 weights takes it: in blocks of 32 along
+    K, each quantized to 8 bits as q8_0 stores weights (what llama.cpp's CPU products and
+    onnxruntime's MatMulNBits at accuracy_level 4 do, so that the sums are int8 dot products).
+    Returns q (int8 [..., K]) and d (float32 [..., K / 32]) with x ~ q d:
+
+        d = max|x_b| / 127,  q = round(x (1 / d)), ties to even (0 where d = 0)
+
+    in float32 arithmetic, which every backend reproduces exactly (the rounding is the definition;
+    the products after it differ only in the order of float32 sums)."""
+    x = np.asarray(x, np.float32)
+    if x.shape[-1] % ACTIVATION_BLOCK:
+        raise ValueError(f"quantized activations come in blocks of {ACTIVATION_BLOCK}; got {x.shape[-1]} elements")
+    blocks = x.reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    d = np.abs(blocks).max(-1) / np.float32(127.0)
+    inverse = np.float32(1.0) / np.where(d > 0, d, np.float32(1.0))
+    q = np.rint(blocks * np.where(d > 0, inverse, np.float32(0.0))[..., None])
+    return q.astype(np.int8).reshape(x.shape), d
+
+
+def quantized_activations(x: np.ndarray) -> np.ndarray:
+    """x as the products with quantized weights see it: q d of :func:`quantize_activations`, float32."""
+    q, d = quantize_activations(x)
+    blocks = q.reshape(*q.shape[:-1], -1, ACTIVATION_BLOCK).astype(np.float32) * d[..., None]
+    return blocks.reshape(q.shape)
+
 
 class TorchOps:
     """torch tensors on ``device``. Linear weights are modules (``nn.Linear``, LoRA layers), called;

@@ -114,7 +114,7 @@ def _generate_on_runtime(args):
     from edge_lolcats.runtime.sampling import Sampling
 
     Sampling(temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)  # bad values fail before loading
-    model = load(args.model, threads=args.threads, gguf_engine=args.gguf_engine)
+    model = load(args.model, threads=args.threads, gguf_engine=args.gguf_engine, activations=args.activations)
     session = model.restore(args.load_state) if args.load_state else model.session()
     if args.chat:  # a resumed chat continues its conversation with only the new turn
         text = session.turn_text(text)

@@ -9,7 +9,7 @@ import sys
 
 from . import bench, evaluate, export, generate, info, linearize
 from .common import PROG, _user_errors, int_list, non_negative_int, positive_int
-from edge_lolcats.runtime.api import GGUF_ENGINES
+from edge_lolcats.runtime.api import ACTIVATIONS, GGUF_ENGINES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--threads", type=positive_int, help="compute threads (default: all cores)")
     rt.add_argument("--gguf-engine", choices=GGUF_ENGINES, default="compiled",
                     help="a .gguf file's engine: compiled (default) or the numpy reference (numpy, numpy-stored)")
+    rt.add_argument("--activations", choices=ACTIVATIONS, default="q8_0",
+                    help="a .gguf file's products with q8_0 / q4_0 weights take their input quantized in blocks of 32 "
+                         "(q8_0, the default, as llama.cpp: int8 dot products) or as float32 (slower)")
 
     ev = sub.add_parser("eval", help="a linearized model against its teacher and fixed-memory baselines")
     ev.add_argument("model", metavar="MODEL", help="linearized checkpoint")
