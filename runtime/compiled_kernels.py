@@ -716,7 +716,7 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
     """Feed ``tokens`` [T] of one sequence after ``position`` tokens: every layer of
     ``arch.block.layer`` over all T tokens at once (each matrix read once per call), attention
     token by token on the fixed state (``state``: the sequence's flat float32 buffer, updated in
-    place). Writes the last token's logits [1, V] when ``logits`` has a row."""
+    place). Writes the last token's logits [1, V] unless ``logits`` is [1, 0]."""
     hidden, heads, kv_heads, d = dims[D_HIDDEN], dims[D_HEADS], dims[D_KV_HEADS], dims[D_HEAD_DIM]
     f2, w, n_s, inter = 2 * dims[D_FEATURES], dims[D_WINDOW], dims[D_SINKS], dims[D_INTERMEDIATE]
     pre_rope = dims[D_PRE_ROPE] != 0
@@ -822,7 +822,7 @@ def forward(tokens, position, q8, q4, scales, f32, entries, layers, dims, consts
         linear(q8, q4, scales, f32, entries[lay[L_DOWN]], act, proj, quantize)
         _add_bias(proj, f32, lay[L_DOWN_BIAS])
         _add_residual(x, proj, f32, lay[L_FFN_POST_NORM], eps, offset)
-    if logits.shape[0] == 0:
+    if logits.shape[1] == 0:  # no logits wanted (a [1, 0] row)
         return
     last = np.empty((1, hidden), np.float32)
     _rms_norm(x[t_n - 1], f32, dims[D_FINAL_NORM], eps, offset, last[0])

@@ -189,6 +189,20 @@ def test_thread_counts_give_identical_logits(files):
     assert all(np.array_equal(a, b) for a, b in zip(*out))
 
 
+def test_a_block_without_logits_updates_the_state_alone(files):
+    """want_logits=False (a prompt's chunks before its last) skips the vocabulary product and writes
+    nothing else: the same state as with logits, which then continue the same (it once wrote the
+    logits past the end of an empty array)."""
+    engine = CompiledEngine(files["q4_0"])
+    ids = _ids(40, 5)
+    with_logits = engine.run(ids[:33], engine.empty_state())[1]
+    got, without = engine.run(ids[:33], engine.empty_state(), want_logits=False)
+    assert got is None and without.position == with_logits.position == 33
+    for name, want in with_logits.tensors.items():
+        np.testing.assert_array_equal(without.tensors[name], want, err_msg=name)
+    np.testing.assert_array_equal(engine.run(ids[33:], without)[0], engine.run(ids[33:], with_logits)[0])
+
+
 def test_states_move_between_engines(files):
     """A state made by the numpy engine continues on the compiled one and the other way round (the
     same arrays, in the layout arch.state defines); a copied state runs like the original."""
