@@ -218,3 +218,31 @@ def test_a_worker_peak_memory_is_its_own():
     child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 200, child  # an interpreter with numpy is ~30 MB; inherited, it would read 300+
     assert parent.sum() > 0
+
+
+def test_bench_memory_engines_take_turns(monkeypatch, tmp_path):
+    """Repeat by repeat each engine runs once, so a drifting machine (this VM's speed moves from
+    minute to minute) weighs on every engine's median alike; llama.cpp past --baseline-max is skipped."""
+    import argparse
+
+    from edge_lolcats.bench import memory
+    from edge_lolcats.bench import runtime as bench
+
+    calls = []
+
+    def run_one(engine, path, context, *rest, **options):
+        calls.append((engine, context))
+        return {"engine": engine, "context": context, "decode_tokens_per_s": float(len(calls)), "peak_rss_mb": 1.0,
+                "state_bytes": 0, "prefill_tokens_per_s": 1.0, "first_token_s": 1.0}
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    monkeypatch.setattr(bench, "bandwidth_in_fresh_process", lambda threads=None: 1e9)
+    monkeypatch.setattr(memory, "_ensure_exports", lambda args: {"ours": ("compiled", "a.gguf"),
+                                                                  "llama.cpp": ("llama.cpp", "t.gguf")})
+    monkeypatch.setattr(memory, "_report", lambda args, results, paths, bandwidth: results)
+    args = argparse.Namespace(merge=None, model="m", threads=None, text=str(tmp_path / "t.txt"), work_dir=str(tmp_path),
+                              contexts=[1024, 4096], baseline_max=2048, repeats=3, decode_tokens=8, baseline_tile=None)
+    results = memory.run(args)
+    assert calls == [("compiled", 1024), ("llama.cpp", 1024)] * 3 + [("compiled", 4096)] * 3
+    assert [(r["engine"], r["context"], r["decode_tokens_per_s"]) for r in results] == [
+        ("compiled", 1024, 3.0), ("llama.cpp", 1024, 4.0), ("compiled", 4096, 8.0)]  # medians of 1,3,5 / 2,4,6 / 7,8,9

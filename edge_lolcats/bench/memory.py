@@ -146,12 +146,21 @@ def run(args):
         args.text = bench.write_context_text(os.path.join(args.work_dir, "context.txt"), 6 * max(args.contexts))
     results = []
     for context in args.contexts:
+        measured = {}
         for label, (engine, path) in paths.items():
             if engine == "llama.cpp" and args.baseline_max and context > args.baseline_max:
                 print(f"llama.cpp at {context}: skipped (--baseline-max {args.baseline_max})", file=sys.stderr)
-                continue
-            r = median_result([bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
-                                             tile_from=args.baseline_tile) for _ in range(args.repeats)])
+            else:
+                measured[label] = []
+        # the engines take turns, repeat by repeat: this VM's speed drifts from minute to minute
+        # (decode of one engine 64-97 tok/s within a batch), so each engine's median spans the same minutes
+        for _ in range(args.repeats):
+            for label, runs in measured.items():
+                engine, path = paths[label]
+                runs.append(bench.run_one(engine, path, context, args.decode_tokens, args.text, args.threads,
+                                          tile_from=args.baseline_tile))
+        for label, runs in measured.items():
+            r = median_result(runs)
             results.append(r)
             num = bench.num
             print(f"{label:14s} {context:>7d} tok{bench.tiled_note(r)}: peak RSS {num(r['peak_rss_mb'], '.0f')} MB, state "
