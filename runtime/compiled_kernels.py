@@ -223,19 +223,18 @@ def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out, sc):
 
 
 @njit(parallel=True, **_JIT)
-def quantized_copy(x):
-    """x [T, K] as products with quantized weights take it (arch.ops.quantized_activations), float32;
-    a token per thread (serial, it was ~7% of a prefill block)."""
+def quantize_rows(x):
+    """x [T, K] overwritten with its values as products with quantized weights take them
+    (arch.ops.quantized_activations), a token per thread. In place: a copy was 1.5 MB more peak
+    memory in a prefill block, and every caller's input is dead after its product."""
     t_n, k = x.shape
     nb = k // BLOCK
-    out = np.empty_like(x)
-    xq, dx, offsets = np.empty((t_n, k), np.int8), np.empty((t_n, nb), np.float32), np.empty((t_n, k // 4), np.int32)
     for t in prange(t_n):
-        i8.quantize_blocks(x[t], xq[t], dx[t], offsets[t])
-        row, q, d = out[t], xq[t], dx[t]
+        xq, dx, offsets = np.empty(k, np.int8), np.empty(nb, np.float32), np.empty(k // 4, np.int32)
+        row = x[t]
+        i8.quantize_blocks(row, xq, dx, offsets)
         for j in range(k):
-            row[j] = np.float32(q[j]) * d[j >> 5]
-    return out
+            row[j] = np.float32(xq[j]) * dx[j >> 5]
 
 
 @njit(parallel=True, **_JIT)
@@ -243,7 +242,7 @@ def linear(q8, q4, scales, f32, entry, x, y, quantize):
     """y [T, N] = x [T, K] @ W.T. With ``quantize`` true, a quantized W (q8_0, q4_0) multiplies x's
     q8_0 blocks (arch.ops.quantize_activations): one token as int8 dot products
     (:mod:`.int8_kernels`) where the CPU has them, else, and for several tokens, in float32 on the
-    quantized values. Several tokens: each thread dequantizes a few rows into a small scratch and
+    quantized values, which then overwrite x. Several tokens: each thread dequantizes a few rows into a small scratch and
     reuses them for every token, so the weights are read once per block of tokens (never a float32
     copy of the matrix)."""
     kind, off, soff, n, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[ROWS], entry[COLS]
@@ -272,7 +271,7 @@ def linear(q8, q4, scales, f32, entry, x, y, quantize):
                         y[0, r] = i8.row_times_quantized(q4, off + r * width, xq, offsets, d, dx, nb)
         return
     if quantize and kind != F32:
-        x = quantized_copy(x)
+        quantize_rows(x)
     # one token: each row's dot product straight from the quants. Each row is a slice: with flat
     # index arithmetic (off + r * k + j) LLVM does not vectorise the loop (10x slower, measured).
     # Each weight is read once, so the loads are asked for PREFETCH_BYTES ahead.
