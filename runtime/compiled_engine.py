@@ -279,7 +279,9 @@ class CompiledEngine:
             if args.qk_norm:
                 lay[ck.L_Q_NORM], lay[ck.L_K_NORM] = p.param(t("self_attn.q_norm")), p.param(t("self_attn.k_norm"))
             if layout.kinds[i] == HYBRID:
-                lay[ck.L_FMAP_Q], lay[ck.L_FMAP_K] = p.param(t("self_attn.feature_map_q")), p.param(t("self_attn.feature_map_k"))
+                # each head's [D, F] transposed: the kernels sum along D
+                lay[ck.L_FMAP_Q], lay[ck.L_FMAP_K] = (p.param(np.ascontiguousarray(f.gguf.tensor(names.layer_tensor(i, n)).swapaxes(1, 2)))
+                                                      for n in ("self_attn.feature_map_q", "self_attn.feature_map_k"))
                 lay[ck.L_WINDOW_FACTOR] = p.param(tensor(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight"))
                 if self.recurrence.decay:
                     lay[ck.L_LOG_DECAY] = p.param(log_decay(f, i))

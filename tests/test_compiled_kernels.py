@@ -130,7 +130,7 @@ def test_hybrid_attention_equals_the_decode_steps(kind, heads, kv_heads, softcap
             ref = list(ref)
             want.append(o[0, :, 0])
         out = np.zeros((n, heads, d), np.float32)
-        ck.hybrid_attention(q, k, v, fq, fk, window_factor,
+        ck.hybrid_attention(q, k, v, fq.swapaxes(1, 2).copy(), fk.swapaxes(1, 2).copy(), window_factor,
                             np.zeros(heads, np.float32) if log_decay is None else log_decay, *ours, start, scale,
                             np.float32(softcap), np.zeros(0, np.float32) if inv_freq is None else inv_freq,
                             inv_freq is not None, out)
@@ -162,8 +162,12 @@ def test_window_attention_equals_the_ring_steps(heads, kv_heads, softcap):
             np.testing.assert_array_equal(got, exp[0])
 
 
-def test_attention_blocks_equal_single_steps_exactly():
-    """A block's heads do the token-by-token arithmetic in its order: the same bits as T blocks of one."""
+def test_attention_blocks_equal_single_steps():
+    """A block's heads do the token-by-token arithmetic in its order, but for the feature maps' sums
+    of D products, which a block takes 4 tokens at a time and a lone token (decode) 8 features at
+    a time: the same sums in another order, so within float32 rounding of them (D eps relative to
+    the sum of the terms' magnitudes; measured 1.5e-7) carried through exp and 40 steps of state; 1e-5,
+    far below a wrong slot, angle or decay (1e-2 and more, test_hybrid_attention_equals_the_decode_steps)."""
     rng = np.random.default_rng(11)
     heads, kv_heads, d, f, w, n_s, steps = 6, 2, 16, 6, 8, 3, 40
     inv_freq = Rope(theta=10.0, dim=d).inv_freq()
@@ -177,13 +181,13 @@ def test_attention_blocks_equal_single_steps_exactly():
                                                    (kv_heads, n_s, d), (kv_heads, n_s, d))]
         out, p = np.zeros((steps, heads, d), np.float32), 0
         for n in sizes:
-            ck.hybrid_attention(q[p : p + n], k[p : p + n], v[p : p + n], fq, fk, window_factor, log_decay, *state, p,
+            ck.hybrid_attention(q[p : p + n], k[p : p + n], v[p : p + n], fq.swapaxes(1, 2).copy(), fk.swapaxes(1, 2).copy(), window_factor, log_decay, *state, p,
                                 np.float32(0.25), np.float32(0.0), inv_freq, True, out[p : p + n])
             p += n
         results.append((out, state))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_exp_is_within_an_ulp_of_float64_exp():
