@@ -163,9 +163,9 @@ def test_window_attention_equals_the_ring_steps(heads, kv_heads, softcap):
 
 
 def test_attention_blocks_equal_single_steps():
-    """A block's heads do the token-by-token arithmetic in its order, but for the feature maps' sums
-    of D products, which a block takes 4 tokens at a time and a lone token (decode) 8 features at
-    a time: the same sums in another order, so within float32 rounding of them (D eps relative to
+    """A block's heads do the token-by-token arithmetic, but for the feature maps' and the window
+    scores' sums of D products, which a block takes 4 tokens at a time and a lone token (decode)
+    one dot or 8 features at a time: the same sums in another order, so within float32 rounding of them (D eps relative to
     the sum of the terms' magnitudes; measured 1.5e-7) carried through exp and 40 steps of state; 1e-5,
     far below a wrong slot, angle or decay (1e-2 and more, test_hybrid_attention_equals_the_decode_steps)."""
     rng = np.random.default_rng(11)
