@@ -79,11 +79,13 @@ class _Packer:
         self.matrices.append((entry, tensors))
         return len(self.matrices) - 1
 
-    def param(self, values) -> int:
-        """A float32 parameter (an array, or a GGUF tensor read as float32); its offset in f32."""
+    def param(self, values, transposed: bool = False) -> int:
+        """A float32 parameter (an array, or a GGUF tensor read as float32 when the buffers are
+        filled, so a model's parameters are never all copied at once); its offset in f32.
+        ``transposed``: a stack of matrices [N, A, B] stored as [N, B, A]."""
         offset = self.size[ck.F32]
         self.size[ck.F32] += int(np.prod(values.shape))
-        self.params.append((offset, values))
+        self.params.append((offset, values, transposed))
         return offset
 
     def fill(self, read_float32, release):
@@ -91,9 +93,13 @@ class _Packer:
         self.q4 = weights_buffer(self.size[ck.Q4], np.uint8)
         self.scales = weights_buffer(self.size["scales"], np.uint16)  # float16 bits
         self.f32 = weights_buffer(self.size[ck.F32], np.float32)
-        for offset, values in self.params:
+        for offset, values, transposed in self.params:
             values = values if isinstance(values, np.ndarray) else read_float32(values)
-            self.f32[offset : offset + values.size] = values.ravel()
+            if transposed:
+                n, a, b = values.shape
+                self.f32[offset : offset + values.size].reshape(n, b, a)[...] = values.swapaxes(1, 2)
+            else:
+                self.f32[offset : offset + values.size] = values.ravel()
         for entry, tensors in self.matrices:
             kind, off, soff, _, k = entry
             for t in tensors:
@@ -280,8 +286,8 @@ class CompiledEngine:
                 lay[ck.L_Q_NORM], lay[ck.L_K_NORM] = p.param(t("self_attn.q_norm")), p.param(t("self_attn.k_norm"))
             if layout.kinds[i] == HYBRID:
                 # each head's [D, F] transposed: the kernels sum along D
-                lay[ck.L_FMAP_Q], lay[ck.L_FMAP_K] = (p.param(np.ascontiguousarray(f.gguf.tensor(names.layer_tensor(i, n)).swapaxes(1, 2)))
-                                                      for n in ("self_attn.feature_map_q", "self_attn.feature_map_k"))
+                lay[ck.L_FMAP_Q] = p.param(t("self_attn.feature_map_q"), transposed=True)
+                lay[ck.L_FMAP_K] = p.param(t("self_attn.feature_map_k"), transposed=True)
                 lay[ck.L_WINDOW_FACTOR] = p.param(tensor(f"blk.{i}.{names.WINDOW_FACTOR_GGUF}.weight"))
                 if self.recurrence.decay:
                     lay[ck.L_LOG_DECAY] = p.param(log_decay(f, i))
