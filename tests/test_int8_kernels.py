@@ -121,14 +121,7 @@ def test_every_instruction_tier_gives_the_same_bits(tmp_path):
         "print(ik.TIER)\n")
     results = {}
     for tier in runnable:
-        features = dict(host)
-        above = list(TIERS)[: list(TIERS).index(tier)]
-        off = {"avx512vnni", "avxvnni"} & set().union(*(TIERS[t] for t in above))
-        if tier is None:  # nor any AVX-512 or AVX2
-            off |= {f for f in features if f.startswith("avx512")} | {"avx2"}
-        features.update({f: False for f in off})
-        flat = ",".join(("+" if on else "-") + name for name, on in features.items())
-        env = dict(os.environ, NUMBA_CPU_FEATURES=flat, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{tier}"))
+        env = dict(os.environ, NUMBA_CPU_FEATURES=_features_down_to(tier), NUMBA_CACHE_DIR=str(tmp_path / f"cache-{tier}"))
         out = tmp_path / f"{tier}.npy"
         r = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -137,3 +130,41 @@ def test_every_instruction_tier_gives_the_same_bits(tmp_path):
     first = results[runnable[0]]
     for tier in runnable[1:]:
         np.testing.assert_array_equal(results[tier], first, err_msg=f"{tier} vs {runnable[0]}")
+
+
+def _features_down_to(tier) -> str:
+    """NUMBA_CPU_FEATURES for this host with the int8 dot product tiers above ``tier`` switched off."""
+    features = _host_features()
+    above = list(TIERS)[: list(TIERS).index(tier)]
+    off = {"avx512vnni", "avxvnni"} & set().union(*(TIERS[t] for t in above))
+    if tier is None:  # nor any AVX-512 or AVX2
+        off |= {f for f in features if f.startswith("avx512")} | {"avx2"}
+    features.update({f: False for f in off})
+    return ",".join(("+" if on else "-") + name for name, on in features.items())
+
+
+def test_a_cpu_without_int8_dot_products_multiplies_the_quantized_values(tmp_path):
+    """Where no tier runs (no AVX2: older x86, other architectures), the compiled product of one token
+    multiplies the quantized activations in float32: the definition's values, within float32's
+    rounding of K-term sums (test_compiled_kernels' bound). numba compiles for such a CPU here."""
+    script = (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_compiled_kernels import packed, F32_EPS\n"
+        "from edge_lolcats.arch.ops import quantized_activations\n"
+        "from edge_lolcats.runtime import compiled_kernels as ck, int8_kernels as ik\n"
+        "assert not ik.INT8_DOTS\n"
+        "rng = np.random.default_rng()\n"
+        "for kind in (ck.Q8, ck.Q4):\n"
+        "    n, k = 37, 96\n"
+        "    buffers, entry, dense = packed(rng.standard_normal((n, k)), kind)\n"
+        "    x = (rng.standard_normal((1, k)) * rng.uniform(0.1, 10, (1, k))).astype(np.float32)\n"
+        "    y = np.zeros((1, n), np.float32)\n"
+        "    ck.linear(buffers['q8'], buffers['q4'], buffers['scales'], buffers['f32'], entry, x.copy(), y, True)\n"
+        "    seen = quantized_activations(x).astype(np.float64)\n"
+        "    exact = seen @ dense.T\n"
+        "    assert np.all(np.abs(y - exact) <= k * F32_EPS * (np.abs(seen) @ np.abs(dense).T)), np.abs(y - exact).max()\n"
+        "print('ok')\n")
+    env = dict(os.environ, NUMBA_CPU_FEATURES=_features_down_to(None), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
