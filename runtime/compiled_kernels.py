@@ -460,6 +460,24 @@ def _two_softmaxes(lin, out):
 
 
 @njit(inline="always", **_JIT)
+def _dots_4x2(x0, x1, x2, x3, w0, w1):
+    """The 8 dot products of 4 rows x and 2 rows w (all [D]): one pass along D, each element loaded
+    once for 4 or 2 products, 8 sums that vectorise alike. Returns w0.x0..w0.x3, w1.x0..w1.x3."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+    for i in range(x0.shape[0]):
+        a, b = w0[i], w1[i]
+        s00 += a * x0[i]
+        s01 += a * x1[i]
+        s02 += a * x2[i]
+        s03 += a * x3[i]
+        s10 += b * x0[i]
+        s11 += b * x1[i]
+        s12 += b * x2[i]
+        s13 += b * x3[i]
+    return s00, s01, s02, s03, s10, s11, s12, s13
+
+
+@njit(inline="always", **_JIT)
 def _feature_maps(x, weight_t, lin, out):
     """out[t] = Hedgehog's feature map of x[t] for every row of x [T, D]; weight_t [F, D] (the
     weight transposed); lin [T, F] a scratch. 4 tokens x 2 features a tile, the last T % 4 tokens
@@ -472,18 +490,7 @@ def _feature_maps(x, weight_t, lin, out):
     for t in range(0, t4, 4):
         x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
         for j in range(0, f2, 2):
-            w0, w1 = weight_t[j], weight_t[j + 1]
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
-            for i in range(d):
-                a, b = w0[i], w1[i]
-                s00 += a * x0[i]
-                s01 += a * x1[i]
-                s02 += a * x2[i]
-                s03 += a * x3[i]
-                s10 += b * x0[i]
-                s11 += b * x1[i]
-                s12 += b * x2[i]
-                s13 += b * x3[i]
+            s00, s01, s02, s03, s10, s11, s12, s13 = _dots_4x2(x0, x1, x2, x3, weight_t[j], weight_t[j + 1])
             lin[t, j], lin[t + 1, j], lin[t + 2, j], lin[t + 3, j] = s00, s01, s02, s03
             lin[t, j + 1], lin[t + 1, j + 1], lin[t + 2, j + 1], lin[t + 3, j + 1] = s10, s11, s12, s13
         for j in range(f2, f):  # an odd last feature
@@ -525,7 +532,6 @@ def _feature_sum(w, x):
 def _window_scores(queries, keys, t0, nt, nr, out):
     """out[a, r] = queries[t0 + a] . keys[t0 + r] for a < nt, r < nr: 4 tokens x 2 keys a tile,
     summed along D (vectorised); fewer than 4 tokens one dot at a time."""
-    d = queries.shape[1]
     if nt < 4:
         for a in range(nt):
             for r in range(nr):
@@ -533,18 +539,7 @@ def _window_scores(queries, keys, t0, nt, nr, out):
         return
     x0, x1, x2, x3 = queries[t0], queries[t0 + 1], queries[t0 + 2], queries[t0 + 3]
     for r in range(0, nr - nr % 2, 2):
-        k0, k1 = keys[t0 + r], keys[t0 + r + 1]
-        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
-        for i in range(d):
-            a, b = k0[i], k1[i]
-            s00 += a * x0[i]
-            s01 += a * x1[i]
-            s02 += a * x2[i]
-            s03 += a * x3[i]
-            s10 += b * x0[i]
-            s11 += b * x1[i]
-            s12 += b * x2[i]
-            s13 += b * x3[i]
+        s00, s01, s02, s03, s10, s11, s12, s13 = _dots_4x2(x0, x1, x2, x3, keys[t0 + r], keys[t0 + r + 1])
         out[0, r], out[1, r], out[2, r], out[3, r] = s00, s01, s02, s03
         out[0, r + 1], out[1, r + 1], out[2, r + 1], out[3, r + 1] = s10, s11, s12, s13
     if nr % 2:
