@@ -14,12 +14,16 @@ float32 copy of a quantized matrix), and every matrix is one row of a table::
     entry   int64[5]    (kind, offset in the kind's buffer, offset in scales, N, K)
 
 W[n, k] = q8[off + n K + k] * half(scales[soff + n K/32 + k // 32]) for q8, ((nibble) - 8) * scale for q4.
-Only the flat inner loop ``s += float32(q[k]) * x[k] * d[k >> 5]`` vectorises (shared/FACTS.md:
-reading the 34-byte blocks in place, or int8 dot products, is about 10x slower), hence the repack.
+Reading the 34-byte blocks in place is about 10x slower than these flat rows (shared/FACTS.md), hence
+the repack. A quantized matrix multiplies activations quantized to q8_0 blocks (the model's
+definition): one token with the CPU's int8 dot products (:mod:`.int8_kernels`; numba's own integer
+arithmetic, widened to int64, was the 10x slower path FACTS.md measured), several tokens in float32
+on 4 rows dequantized at a time.
 
 The attention kernels transcribe :func:`edge_lolcats.arch.hybrid.decode_step` and
 :func:`edge_lolcats.arch.window.window_ring_step` at T = 1 for one sequence, token after token of
-a block; tests hold them to those (the one definition), option by option, in blocks of any size.
+a block (the hybrid one batching what does not read S); tests hold them to those (the one
+definition), option by option, in blocks of any size.
 """
 from __future__ import annotations
 

@@ -37,7 +37,10 @@ def test_weighted_q4_0_is_never_worse_than_the_reference():
     reference = weighted_block_error(a, quantize.reference(a, "q4_0"), importance)
     # the reference is one of the candidates; the choice is made on float32 sums (relative 1e-6)
     assert (error <= reference * (1 + 1e-5)).all()
-    assert error.sum() < 0.8 * reference.sum()  # measured 0.65 on a 1536 x 576 matrix, same spread
+    # and it uses the importance: over 200 draws of these inputs the weighted error fell to 0.52-0.82 of
+    # the reference's (median 0.75), while the same search with the importance ignored stays at
+    # 0.91-0.98 (40 draws); 0.8, set from one 1536 x 576 matrix, failed 17 draws in 200
+    assert error.sum() < 0.88 * reference.sum()
     # no importance given: gguf-py's rounding, byte for byte
     np.testing.assert_array_equal(quantize.quantize(a, "q4_0"), quantize.reference(a, "q4_0"))
     with pytest.raises(ValueError, match="one importance per column"):
