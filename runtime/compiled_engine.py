@@ -63,7 +63,7 @@ class _Packer:
 
     def __init__(self):
         self.size = {ck.Q8: 0, ck.Q4: 0, "scales": 0, ck.F32: 0}
-        self.matrices, self.params = [], []  # (entry index, tensors); (offset, source)
+        self.matrices, self.params = [], []  # (entry, tensors); (offset, source, transposed)
 
     def matrix(self, tensors: list) -> int:
         kinds = {_kind(t) for t in tensors}
