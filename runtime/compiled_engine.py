@@ -2,8 +2,10 @@
 token (or per block of prefill tokens) on the weights as the file stores them. No torch.
 
 At load every matrix is repacked once into the kernels' flat buffers (:mod:`.compiled_kernels`):
-q8_0 quants as int8, q4_0 quants as the file's bytes, their block scales as the file's float16, f16
-matrices widened to float32; q/k/v and gate/up joined along their rows, so each is one product.
+q8_0 quants (int8) and q4_0 bytes as the file has them but interleaved 16 rows to a group, 4 bytes
+of a row at a time (:func:`.int8_kernels.place_rows`, as llama.cpp repacks its q4_0 for int8 dot
+products), their block scales as the file's float16, f16 matrices widened to float32; q/k/v and
+gate/up joined along their rows, so each is one product.
 A quantized matrix is never copied to float32. The state of a sequence is one flat float32 buffer
 laid out as :class:`~edge_lolcats.arch.state.StateLayout` says; ``State.tensors`` are views of it,
 so state files, the numpy engine and the ONNX engine read and write the same arrays.
@@ -73,9 +75,12 @@ class _Packer:
         kind, k = kinds.pop(), int(tensors[0].shape[0])
         n = sum(int(t.shape[1]) for t in tensors)
         entry = [kind, self.size[kind], self.size["scales"], n, k]
-        self.size[kind] += n * k // (2 if kind == ck.Q4 else 1)
-        if kind != ck.F32:
-            self.size["scales"] += n * k // ck.BLOCK
+        if kind == ck.F32:
+            self.size[kind] += n * k
+        else:  # rows in groups of 16, the last one padded
+            padded = -(-n // ck.GROUP) * ck.GROUP
+            self.size[kind] += padded * k // (2 if kind == ck.Q4 else 1)
+            self.size["scales"] += padded * k // ck.BLOCK
         self.matrices.append((entry, tensors))
         return len(self.matrices) - 1
 
@@ -101,23 +106,21 @@ class _Packer:
             else:
                 self.f32[offset : offset + values.size] = values.ravel()
         for entry, tensors in self.matrices:
-            kind, off, soff, _, k = entry
+            kind, off, soff, n, k = entry
+            first = 0  # the tensor's first row in the joined matrix
             for t in tensors:
                 rows = int(t.shape[1])
                 if kind == ck.F32:
-                    self.f32[off : off + rows * k] = np.asarray(t.data).ravel()  # f16 widened
-                    off += rows * k
-                    continue
-                raw = np.asarray(t.data).view(np.uint8).reshape(rows, k // ck.BLOCK, -1)  # blocks: f16 d, quants
-                quants = raw[..., 2:]
-                width = quants.shape[-1] * rows * (k // ck.BLOCK)
-                target = self.q8 if kind == ck.Q8 else self.q4
-                target[off : off + width].reshape(quants.shape)[...] = quants.view(target.dtype)
-                # a block is 34 or 18 bytes, so as uint16 its first element is the float16 scale: one
-                # strided copy (a contiguous copy of the scales' bytes first was 30 ms of the load)
-                d = raw.view(np.uint16)[..., 0]
-                self.scales[soff : soff + d.size].reshape(d.shape)[...] = d
-                off, soff = off + width, soff + d.size
+                    self.f32[off + first * k : off + (first + rows) * k] = np.asarray(t.data).ravel()  # f16 widened
+                else:
+                    raw = np.asarray(t.data).view(np.uint8).reshape(rows, k // ck.BLOCK, -1)  # blocks: f16 d, quants
+                    target = self.q8 if kind == ck.Q8 else self.q4
+                    padded = -(-n // ck.GROUP) * ck.GROUP
+                    # a block is 34 or 18 bytes, so as uint16 its first element is the float16 scale
+                    ck.i8.place_rows(raw[..., 2:].view(target.dtype), raw.view(np.uint16)[..., 0],
+                                     target[off : off + padded * k // (2 if kind == ck.Q4 else 1)],
+                                     self.scales[soff : soff + padded * k // ck.BLOCK], first)
+                first += rows
             release()
         self.entries = np.array([e for e, _ in self.matrices], np.int64)
         del self.matrices, self.params

@@ -4,21 +4,23 @@ hybrid and kept-window attentions over a block of tokens on the fixed state. No 
 Weights live in four flat buffers, repacked once at load by :mod:`.compiled_engine` (never a
 float32 copy of a quantized matrix), and every matrix is one row of a table::
 
-    q8      int8[:]     q8_0 quants, row-major [N, K]
-    q4      uint8[:]    q4_0 quants as GGUF stores them, [N, K / 2]: byte j of a block holds
-                        element j in its low nibble and element j + 16 in its high nibble
-    scales  uint16[:]   one float16 per block of 32 along K, as the file stores it: [N, K / 32]
-                        (q8 and q4; widened when read, a row at a time: float32 scales were 8 MB
-                        more resident and read per token)
-    f32     float32[:]  float32 matrices (f16 files widened), [N, K]
+    q8      int8[:]     q8_0 quants, rows in groups of 16: [N / 16, K / 32, 8, 16, 4]: chunk c of a
+                        group's block holds, row after row, the row's elements 4c..4c+3
+    q4      uint8[:]    q4_0 bytes as GGUF stores them (byte j of a block: element j in its low
+                        nibble, j + 16 in its high one), grouped alike: [N / 16, K / 32, 4, 16, 4]
+    scales  uint16[:]   one float16 per block of 32 along K, as the file stores it: [N / 16, K / 32, 16]
+                        (q8 and q4; widened when read: float32 scales were 8 MB more resident and
+                        read per token)
+    f32     float32[:]  float32 matrices (f16 files widened), row-major [N, K]
     entry   int64[5]    (kind, offset in the kind's buffer, offset in scales, N, K)
 
-W[n, k] = q8[off + n K + k] * half(scales[soff + n K/32 + k // 32]) for q8, ((nibble) - 8) * scale for q4.
-Reading the 34-byte blocks in place is about 10x slower than these flat rows (shared/FACTS.md), hence
-the repack. A quantized matrix multiplies activations quantized to q8_0 blocks (the model's
-definition): one token with the CPU's int8 dot products (:mod:`.int8_kernels`; numba's own integer
-arithmetic, widened to int64, was the 10x slower path FACTS.md measured), several tokens in float32
-on 4 rows dequantized at a time.
+N is padded to a multiple of 16 with zero rows (:func:`.int8_kernels.place_rows` says why 16 rows
+and 4 bytes). Reading the GGUF's 34-byte blocks in place is about 10x slower than flat quants
+(shared/FACTS.md), hence the repack. A quantized matrix multiplies activations quantized to q8_0
+blocks (the model's definition) with the CPU's int8 dot products (:mod:`.int8_kernels`: one
+instruction multiplies 4 elements of 16 rows), a group of rows by 4 tokens at a time in a prefill
+block; a CPU without them, and float32 activations, take the products in float32 on the same
+values, a dequantized group of rows at a time.
 
 The attention kernels transcribe :func:`edge_lolcats.arch.hybrid.decode_step` and
 :func:`edge_lolcats.arch.window.window_ring_step` at T = 1 for one sequence, token after token of
@@ -75,13 +77,9 @@ _JIT = JIT
 
 # --- products --------------------------------------------------------------------------------
 
-# How far ahead of the row being multiplied a decode product asks for the weights (bytes). The
-# hardware prefetcher alone kept a token's products at ~13 GB/s, half the machine's bandwidth and
-# below the kernel's in-cache speed: the two did not overlap. Asking ~8 KB ahead took the 30 layers'
-# products of a SmolLM2-shaped q8_0 model from 7.9 to 3.5 ms (2 threads, by hand; 4 KB 3.8, 16 KB 3.8).
-PREFETCH_BYTES = 8192
-PARTS = 16  # a product's rows in this many parts at most, each with its scratch (a part a thread at 16)
-CHUNK = 16  # rows whose scales a part widens at once
+PREFETCH_BYTES = i8.PREFETCH_BYTES  # how far ahead a decode product asks for the weights (int8_kernels says why)
+PARTS = 16  # a product's row groups in this many parts at most, each with its scratch (a part a thread at 16)
+GROUP, TILE = i8.GROUP, i8.TILE  # rows interleaved in a quantized matrix; tokens a prefill pass multiplies
 
 
 @intrinsic
@@ -160,70 +158,44 @@ def _exp(x):
 
 
 @njit(inline="always", **_JIT)
-def _widen_scales(scales, start, count, out):
-    """``count`` float16 scales from ``start`` into out[:count] (float32). A slice, then indices
-    from 0: with ``start + i`` the loop does not vectorise."""
-    source = scales[start : start + count]
-    for i in range(count):
-        out[i] = _half(source[i])
-
-
-@njit(inline="always", **_JIT)
-def _prefetch_row(buffer, start, width, scales, scale_start, blocks):
-    """Ask for ``width`` elements of ``buffer`` from ``start`` (one request per 64-byte line) and
-    their ``blocks`` scales."""
+def _prefetch_row(buffer, start, width):
+    """Ask for ``width`` elements of ``buffer`` from ``start`` (one request per 64-byte line)."""
     line = 64 // buffer.itemsize
     for i in range(0, width, line):
         _prefetch(buffer, start + i)
-    if blocks > 0:
-        _prefetch(scales, scale_start)
 
 
 @njit(inline="always", **_JIT)
-def _dot_q8(row, x, d):
-    """One row of a q8_0 matrix times x: its quants, d its widened block scales."""
-    s = np.float32(0.0)
-    for j in range(row.shape[0]):
-        s += np.float32(row[j]) * x[j] * d[j >> 5]
-    return s
-
-
-@njit(inline="always", **_JIT)
-def _dot_q4(row, x_low, x_high, x_sum, d):
-    """One row of a q4_0 matrix (its bytes) times x, given as x_low / x_high (the nibbles' order)
-    and x_sum (each block's sum). The -8 offset is out of the inner loop:
-    sum_b d_b sum_j (c_j - 8) x_j = sum_b d_b sum_j c_j x_j - 8 sum_b d_b x_sum_b (3.47 -> 2.93 ms
-    on a 49152 x 576 matrix, one thread). The nibbles in 32-bit lanes: 58 -> 34 ns a row of 576
-    (by hand, one thread, AMD Zen 5)."""
-    s = np.float32(0.0)
-    for j in range(row.shape[0]):
-        byte = row[j]
-        s += (_low_nibble(byte) * x_low[j] + _high_nibble(byte) * x_high[j]) * d[j >> 4]
-    offset = np.float32(0.0)
-    for b in range(d.shape[0]):
-        offset += d[b] * x_sum[b]
-    return s - np.float32(8.0) * offset
-
-
-@njit(inline="always", **_JIT)
-def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, n, out, sc):
-    """Row n of the matrix into out [K] (float32); sc: a scratch of K / 32 for its scales."""
+def _dequantize_group(q8, q4, scales, f32, kind, off, soff, k, g, n, out):
+    """Rows 16 g .. 16 g + 15 of the matrix (N rows) into out [16, K] (float32), rows past N as zeros
+    (a q8_0 or q4_0 group's padding rows have zero scales)."""
     nb = k // BLOCK
-    if kind != F32:
-        _widen_scales(scales, soff + n * nb, nb, sc)
-    if kind == Q8:
-        row = q8[off + n * k : off + (n + 1) * k]
-        for j in range(k):
-            out[j] = np.float32(row[j]) * sc[j >> 5]
-    elif kind == Q4:
-        row4 = q4[off + n * (k // 2) : off + (n + 1) * (k // 2)]
-        for b in range(nb):
-            for j in range(16):
-                byte = row4[16 * b + j]
-                out[BLOCK * b + j] = (_low_nibble(byte) - np.float32(8.0)) * sc[b]
-                out[BLOCK * b + 16 + j] = (_high_nibble(byte) - np.float32(8.0)) * sc[b]
-    else:
-        out[:] = f32[off + n * k : off + (n + 1) * k]
+    if kind == F32:
+        for lane in range(GROUP):
+            r = GROUP * g + lane
+            if r < n:
+                out[lane] = f32[off + r * k : off + (r + 1) * k]
+            else:
+                out[lane] = 0.0
+        return
+    for b in range(nb):
+        d = scales[soff + (g * nb + b) * GROUP : soff + (g * nb + b + 1) * GROUP]
+        if kind == Q8:
+            base = off + (g * nb + b) * i8.group_bytes(False)
+            for c in range(8):
+                for lane in range(GROUP):
+                    s = _half(d[lane])
+                    for e in range(4):
+                        out[lane, BLOCK * b + 4 * c + e] = np.float32(q8[base + 64 * c + 4 * lane + e]) * s
+        else:
+            base = off + (g * nb + b) * i8.group_bytes(True)
+            for c in range(4):
+                for lane in range(GROUP):
+                    s = _half(d[lane])
+                    for e in range(4):
+                        byte = q4[base + 64 * c + 4 * lane + e]
+                        out[lane, BLOCK * b + 4 * c + e] = (_low_nibble(byte) - np.float32(8.0)) * s
+                        out[lane, BLOCK * b + 16 + 4 * c + e] = (_high_nibble(byte) - np.float32(8.0)) * s
 
 
 @njit(parallel=True, **_JIT)
@@ -234,165 +206,157 @@ def quantize_rows(x):
     t_n, k = x.shape
     nb = k // BLOCK
     for t in prange(t_n):
-        xq, dx, offsets = np.empty(k, np.int8), np.empty(nb, np.float32), np.empty(k // 4, np.int32)
+        xq, dx, sums = np.empty(k, np.int8), np.empty(nb, np.float32), np.empty(nb, np.int32)
         row = x[t]
-        i8.quantize_blocks(row, xq, dx, offsets)
+        i8.quantize_blocks(row, xq, dx, sums)
         for j in range(k):
             row[j] = np.float32(xq[j]) * dx[j >> 5]
 
 
 @njit(parallel=True, **_JIT)
 def linear(q8, q4, scales, f32, entry, x, y, quantize):
-    """y [T, N] = x [T, K] @ W.T. With ``quantize`` true, a quantized W (q8_0, q4_0) multiplies x's
-    q8_0 blocks (arch.ops.quantize_activations): one token as int8 dot products
-    (:mod:`.int8_kernels`) where the CPU has them, else, and for several tokens, in float32 on the
-    quantized values, which then overwrite x. Several tokens: each thread dequantizes a few rows into a small scratch and
-    reuses them for every token, so the weights are read once per block of tokens (never a float32
-    copy of the matrix)."""
+    """y [T, N] = x [T, K] @ W.T, W read as stored (never a float32 copy of a quantized matrix).
+
+    With ``quantize`` true, a quantized W (q8_0, q4_0) multiplies x's q8_0 blocks
+    (arch.ops.quantize_activations): where the CPU has int8 dot products, group by group of 16
+    interleaved rows (:func:`.int8_kernels.place_rows`), 4 tokens a pass over a group's blocks
+    (the group's weights stay in L1 for all the block's tokens) and one token with its weights asked
+    for ahead. Otherwise, and for float32 activations, in float32 on the quantized values (which
+    then overwrite x): each thread dequantizes a group of rows into a small scratch and multiplies
+    it by every token, 4 rows x 4 tokens of sums at a time."""
     kind, off, soff, n, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[ROWS], entry[COLS]
     nb = k // BLOCK
-    t = x.shape[0]
-    parts = min(n, PARTS)
-    if quantize and kind != F32 and t == 1 and i8.INT8_DOTS:
-        # as the float32 product below: rows in contiguous parts, scales widened CHUNK rows at a time
-        # (one loop for both, choosing the product per row, was 20-25% slower: by hand, alternating)
-        xq, dx, offsets = np.empty(k, np.int8), np.empty(nb, np.float32), np.empty(k // 4, np.int32)
-        i8.quantize_blocks(x[0], xq, dx, offsets)
-        scratch = np.empty((parts, CHUNK * nb), np.float32)
-        width = k // 2 if kind == Q4 else k
-        ahead = max(1, PREFETCH_BYTES // width)
+    t_n = x.shape[0]
+    groups = (n + GROUP - 1) // GROUP
+    parts = min(groups, PARTS)
+    if quantize and kind != F32 and i8.INT8_DOTS:
+        xq, dx, sums = np.empty(t_n * k, np.int8), np.empty(t_n * nb, np.float32), np.empty(t_n * nb, np.int32)
+        if t_n == 1:
+            i8.quantize_blocks(x[0], xq, dx, sums)
+        else:
+            for t in prange(t_n):
+                i8.quantize_blocks(x[t], xq[t * k : (t + 1) * k], dx[t * nb : (t + 1) * nb], sums[t * nb : (t + 1) * nb])
+        size = nb * i8.group_bytes(kind == Q4)  # bytes of a group
+        t4 = t_n - t_n % TILE
+        out = np.empty((parts, GROUP * TILE), np.float32)  # one allocation per call, a part's row each
         for part in prange(parts):
-            sc = scratch[part]
-            end = (part + 1) * n // parts
-            for r0 in range(part * n // parts, end, CHUNK):
-                _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
-                for r in range(r0, min(r0 + CHUNK, end)):
-                    a, d = min(r + ahead, n - 1), sc[(r - r0) * nb : (r - r0 + 1) * nb]
+            o = out[part]
+            for g in range(part * groups // parts, (part + 1) * groups // parts):
+                at, d_at, r0 = off + g * size, soff + g * nb * GROUP, GROUP * g
+                rows = min(GROUP, n - r0)
+                for t in range(0, t4, TILE):
                     if kind == Q8:
-                        _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
-                        y[0, r] = i8.row_times_quantized(q8, off + r * k, xq, offsets, d, dx, nb)
+                        i8.group_times_tile(q8, at, xq, t * k, k, sums, dx, t * nb, scales, d_at, nb, o)
                     else:
-                        _prefetch_row(q4, off + a * width, width, scales, soff + a * nb, nb)
-                        y[0, r] = i8.row_times_quantized(q4, off + r * width, xq, offsets, d, dx, nb)
+                        i8.group_times_tile(q4, at, xq, t * k, k, sums, dx, t * nb, scales, d_at, nb, o)
+                    for i in range(TILE):
+                        for r in range(rows):
+                            y[t + i, r0 + r] = o[GROUP * i + r]
+                for t in range(t4, t_n):
+                    if kind == Q8:
+                        i8.group_times_one(q8, at, xq, t * k, k, sums, dx, t * nb, scales, d_at, nb, o)
+                    else:
+                        i8.group_times_one(q4, at, xq, t * k, k, sums, dx, t * nb, scales, d_at, nb, o)
+                    for r in range(rows):
+                        y[t, r0 + r] = o[r]
         return
     if quantize and kind != F32:
         quantize_rows(x)
-    # one token: each row's dot product straight from the quants. Each row is a slice: with flat
-    # index arithmetic (off + r * k + j) LLVM does not vectorise the loop (10x slower, measured).
-    # Each weight is read once, so the loads are asked for PREFETCH_BYTES ahead.
-    row_bytes = k // 2 if kind == Q4 else (4 * k if kind == F32 else k)
-    ahead = max(1, PREFETCH_BYTES // row_bytes)  # rows
-    if t == 1 and kind != F32:
-        # The rows in contiguous parts (a thread takes consecutive parts); a part widens its rows'
-        # float16 scales CHUNK rows at a time into its scratch (one vectorised loop: row by row, 18
-        # scalar conversions cost 2 ms of a 30-layer step). One allocation per call; numba.get_num_threads()
-        # here would make the function uncacheable (a ctypes global).
-        scratch = np.empty((parts, CHUNK * nb), np.float32)
-        x0 = x[0]
-        # q4: x's elements in the nibbles' order: byte j of block b holds elements 32 b + j (low) and
-        # 32 b + 16 + j (high), so the inner loop reads x_low[16 b + j] and x_high[16 b + j]
-        half = k // 2
-        used = half if kind == Q4 else 0
-        x_low, x_high = np.empty(used, np.float32), np.empty(used, np.float32)
-        x_sum = np.zeros(nb if kind == Q4 else 0, np.float32)
-        if kind == Q4:
-            for b in range(nb):
-                for j in range(16):
-                    x_low[16 * b + j] = x0[BLOCK * b + j]
-                    x_high[16 * b + j] = x0[BLOCK * b + 16 + j]
-                    x_sum[b] += x0[BLOCK * b + j] + x0[BLOCK * b + 16 + j]
-        for part in prange(parts):
-            sc = scratch[part]
-            end = (part + 1) * n // parts
-            for r0 in range(part * n // parts, end, CHUNK):
-                _widen_scales(scales, soff + r0 * nb, min(CHUNK, end - r0) * nb, sc)
-                for r in range(r0, min(r0 + CHUNK, end)):
-                    a, d = min(r + ahead, n - 1), sc[(r - r0) * nb : (r - r0 + 1) * nb]
-                    if kind == Q8:
-                        _prefetch_row(q8, off + a * k, k, scales, soff + a * nb, nb)
-                        y[0, r] = _dot_q8(q8[off + r * k : off + (r + 1) * k], x0, d)
-                    else:
-                        _prefetch_row(q4, off + a * half, half, scales, soff + a * nb, nb)
-                        y[0, r] = _dot_q4(q4[off + r * half : off + (r + 1) * half], x_low, x_high, x_sum, d)
-        return
-    if t == 1:
+    if t_n == 1 and kind == F32:
+        # one token: each row's dot product straight from the weights. Each row is a slice: with flat
+        # index arithmetic (off + r * k + j) LLVM does not vectorise the loop (10x slower, measured).
+        # Each weight is read once, so the loads are asked for PREFETCH_BYTES ahead.
+        ahead = max(1, PREFETCH_BYTES // (4 * k))  # rows
         x0 = x[0]
         for r in prange(n):
-            a = min(r + ahead, n - 1)
-            _prefetch_row(f32, off + a * k, k, scales, 0, 0)
+            _prefetch_row(f32, off + min(r + ahead, n - 1) * k, k)
             row = f32[off + r * k : off + (r + 1) * k]
             s = np.float32(0.0)
             for j in range(k):
                 s += row[j] * x0[j]
             y[0, r] = s
         return
-    # several tokens: 4 rows dequantized into a scratch, then 4 rows x 4 tokens of sums at a time
-    # (16 accumulators: each weight and each x element loaded once per 4 products; 2.5x the
-    # throughput of one dot product per row and token, measured)
-    # Scratch per part of the row groups, allocated once per call (per group, six small
-    # allocations were ~1,300 a layer at 128 tokens).
-    t4 = t - t % 4
-    groups = (n + 3) // 4
-    group_parts = min(groups, PARTS)
-    rows_scratch = np.zeros((group_parts, 4, k), np.float32)  # a last group's rows past N: not stored
-    scale_scratch = np.empty((group_parts, nb), np.float32)
-    acc_scratch = np.empty((group_parts, 4, 4), np.float32)
-    for part in prange(group_parts):
-        w, sc, acc = rows_scratch[part], scale_scratch[part], acc_scratch[part]  # acc: [row, token]
-        for group in range(part * groups // group_parts, (part + 1) * groups // group_parts):
-            r0 = 4 * group
-            rows = min(4, n - r0)
-            for a in range(rows):
-                _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r0 + a, w[a], sc)
-            w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
-            for i in range(0, t4, 4):
-                x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
-                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
-                for j in range(k):
-                    a0, a1, a2, a3 = x0[j], x1[j], x2[j], x3[j]
-                    b0, b1, b2, b3 = w0[j], w1[j], w2[j], w3[j]
-                    s00 += b0 * a0
-                    s01 += b0 * a1
-                    s02 += b0 * a2
-                    s03 += b0 * a3
-                    s10 += b1 * a0
-                    s11 += b1 * a1
-                    s12 += b1 * a2
-                    s13 += b1 * a3
-                    s20 += b2 * a0
-                    s21 += b2 * a1
-                    s22 += b2 * a2
-                    s23 += b2 * a3
-                    s30 += b3 * a0
-                    s31 += b3 * a1
-                    s32 += b3 * a2
-                    s33 += b3 * a3
-                acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = s00, s01, s02, s03
-                acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = s10, s11, s12, s13
-                acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = s20, s21, s22, s23
-                acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = s30, s31, s32, s33
-                for a in range(rows):
-                    for b in range(4):
-                        y[i + b, r0 + a] = acc[a, b]
-            for i in range(t4, t):  # the last T % 4 tokens
-                xi = x[i]
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for j in range(k):
-                    s0 += w0[j] * xi[j]
-                    s1 += w1[j] * xi[j]
-                    s2 += w2[j] * xi[j]
-                    s3 += w3[j] * xi[j]
-                acc[0, 0], acc[1, 0], acc[2, 0], acc[3, 0] = s0, s1, s2, s3
-                for a in range(rows):
-                    y[i, r0 + a] = acc[a, 0]
+    # 4 rows x 4 tokens of sums at a time (16 accumulators: each weight and each x element loaded
+    # once per 4 products; 2.5x the throughput of one dot product per row and token, measured).
+    # Scratch per part, allocated once per call (per group, small allocations were ~1,300 a layer).
+    t4 = t_n - t_n % 4
+    rows_scratch = np.zeros((parts, GROUP + 3, k), np.float32)  # 3 rows past the group: never stored
+    acc_scratch = np.empty((parts, 4, 4), np.float32)
+    for part in prange(parts):
+        w, acc = rows_scratch[part], acc_scratch[part]  # acc: [row, token]
+        for g in range(part * groups // parts, (part + 1) * groups // parts):
+            _dequantize_group(q8, q4, scales, f32, kind, off, soff, k, g, n, w)
+            for quad in range(0, min(GROUP, n - GROUP * g), 4):
+                r0 = GROUP * g + quad
+                rows = min(4, n - r0)
+                w0, w1, w2, w3 = w[quad], w[quad + 1], w[quad + 2], w[quad + 3]
+                for i in range(0, t4, 4):
+                    x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+                    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+                    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+                    for j in range(k):
+                        a0, a1, a2, a3 = x0[j], x1[j], x2[j], x3[j]
+                        b0, b1, b2, b3 = w0[j], w1[j], w2[j], w3[j]
+                        s00 += b0 * a0
+                        s01 += b0 * a1
+                        s02 += b0 * a2
+                        s03 += b0 * a3
+                        s10 += b1 * a0
+                        s11 += b1 * a1
+                        s12 += b1 * a2
+                        s13 += b1 * a3
+                        s20 += b2 * a0
+                        s21 += b2 * a1
+                        s22 += b2 * a2
+                        s23 += b2 * a3
+                        s30 += b3 * a0
+                        s31 += b3 * a1
+                        s32 += b3 * a2
+                        s33 += b3 * a3
+                    acc[0, 0], acc[0, 1], acc[0, 2], acc[0, 3] = s00, s01, s02, s03
+                    acc[1, 0], acc[1, 1], acc[1, 2], acc[1, 3] = s10, s11, s12, s13
+                    acc[2, 0], acc[2, 1], acc[2, 2], acc[2, 3] = s20, s21, s22, s23
+                    acc[3, 0], acc[3, 1], acc[3, 2], acc[3, 3] = s30, s31, s32, s33
+                    for a in range(rows):
+                        for b in range(4):
+                            y[i + b, r0 + a] = acc[a, b]
+                for i in range(t4, t_n):  # the last T % 4 tokens
+                    xi = x[i]
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for j in range(k):
+                        s0 += w0[j] * xi[j]
+                        s1 += w1[j] * xi[j]
+                        s2 += w2[j] * xi[j]
+                        s3 += w3[j] * xi[j]
+                    acc[0, 0], acc[1, 0], acc[2, 0], acc[3, 0] = s0, s1, s2, s3
+                    for a in range(rows):
+                        y[i, r0 + a] = acc[a, 0]
 
 
 @njit(**_JIT)
 def embedding_row(q8, q4, scales, f32, entry, token, out):
-    """Row ``token`` of a [V, hidden] matrix (the embedding) into out [hidden]."""
-    _dequantize_row(q8, q4, scales, f32, entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS], token, out,
-                    np.empty(entry[COLS] // BLOCK, np.float32))
+    """Row ``token`` of a [V, hidden] matrix (the embedding) into out [hidden]: in a q8_0 or q4_0
+    matrix, lane token % 16 of its group, 4 elements a chunk."""
+    kind, off, soff, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS]
+    if kind == F32:
+        out[:] = f32[off + token * k : off + (token + 1) * k]
+        return
+    nb = k // BLOCK
+    g, lane = token // GROUP, token % GROUP
+    for b in range(nb):
+        s = _half(scales[soff + (g * nb + b) * GROUP + lane])
+        if kind == Q8:
+            base = off + (g * nb + b) * i8.group_bytes(False) + 4 * lane
+            for c in range(8):
+                for e in range(4):
+                    out[BLOCK * b + 4 * c + e] = np.float32(q8[base + 64 * c + e]) * s
+        else:
+            base = off + (g * nb + b) * i8.group_bytes(True) + 4 * lane
+            for c in range(4):
+                for e in range(4):
+                    byte = q4[base + 64 * c + e]
+                    out[BLOCK * b + 4 * c + e] = (_low_nibble(byte) - np.float32(8.0)) * s
+                    out[BLOCK * b + 16 + 4 * c + e] = (_high_nibble(byte) - np.float32(8.0)) * s
 
 
 # --- pieces of the attention -----------------------------------------------------------------

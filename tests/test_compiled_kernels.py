@@ -12,6 +12,7 @@ from edge_lolcats.arch.hybrid import decode_step
 from edge_lolcats.arch.ops import NUMPY, quantize_activations, quantized_activations
 from edge_lolcats.arch.window import window_ring_step
 from edge_lolcats.runtime import compiled_kernels as ck
+from edge_lolcats.runtime import int8_kernels as ik
 
 F32_EPS = np.finfo(np.float32).eps
 
@@ -27,12 +28,11 @@ def packed(w: np.ndarray, kind: int):
         return empty, np.array([ck.F32, 3, 0, n, k]), w.astype(np.float32).astype(np.float64)
     qt, size = (QT.Q8_0, 34) if kind == ck.Q8 else (QT.Q4_0, 18)
     raw = quants.quantize(w.astype(np.float32), qt).reshape(n, k // 32, size)
-    scales = raw[..., :2].copy().view(np.uint16)[..., 0].ravel()  # float16 bits, as the engine keeps them
-    if kind == ck.Q8:
-        empty["q8"] = np.concatenate([np.zeros(5, np.int8), raw[..., 2:].copy().view(np.int8).ravel()])
-    else:
-        empty["q4"] = np.concatenate([np.zeros(5, np.uint8), raw[..., 2:].ravel()])
-    empty["scales"] = np.concatenate([np.zeros(2, np.uint16), scales])
+    padded = -(-n // ck.GROUP) * ck.GROUP
+    name, dtype = ("q8", np.int8) if kind == ck.Q8 else ("q4", np.uint8)
+    empty[name] = np.zeros(5 + padded * (size - 2) * (k // 32), dtype)  # at an offset
+    empty["scales"] = np.zeros(2 + padded * (k // 32), np.uint16)
+    ik.place_rows(raw[..., 2:].view(dtype), raw.view(np.uint16)[..., 0], empty[name][5:], empty["scales"][2:], 0)
     dense = quants.dequantize(raw.reshape(n, -1), qt).astype(np.float64).reshape(n, k)
     return empty, np.array([kind, 5, 2, n, k]), dense
 
@@ -43,9 +43,9 @@ def packed(w: np.ndarray, kind: int):
 def test_linear_equals_dequantized_product(kind, tokens, quantize):
     """W x in float64, x quantized first as arch.ops.quantize_activations says where the weights are
     (quantize, q8_0 or q4_0). Bound: float32 sums of K products in any order, |error| <= K eps
-    sum |w x|, plus, for the int8 products (one token), each block's scale d dx rounded once and
-    each product's lanes converted and scaled (3 more roundings): still within K eps sum |w x| for
-    K >= 4 (a bound, not a fit)."""
+    sum |w x|, plus, for the int8 products, each block's scale d dx rounded once and each block's
+    exact integer sum converted and scaled (3 more roundings): still within K eps sum |w x| for
+    K >= 4 (a bound, not a fit). 37 rows: two groups of 16 and a padded one."""
     rng = np.random.default_rng()
     n, k = 37, 96  # odd rows and 5 tokens: the row groups and token groups of 4 have remainders
     buffers, entry, dense = packed(rng.standard_normal((n, k)), kind)
@@ -54,8 +54,9 @@ def test_linear_equals_dequantized_product(kind, tokens, quantize):
     given = x.copy()
     ck.linear(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, given, y, quantize)
     seen = quantized_activations(x) if quantize and kind != ck.F32 else x  # float32, exactly q d
-    if tokens > 1:  # the float32 products leave x as they multiplied it (it is dead after the product)
-        np.testing.assert_array_equal(given, seen)
+    # the float32 products on quantized values leave x as they multiplied it (it is dead after the
+    # product); the int8 ones quantize it into a buffer of their own
+    np.testing.assert_array_equal(given, x if ik.INT8_DOTS or not quantize else seen)
     exact = seen.astype(np.float64) @ dense.T
     bound = k * F32_EPS * (np.abs(seen.astype(np.float64)) @ np.abs(dense).T)
     assert np.all(np.abs(y - exact) <= bound), np.abs(y - exact).max()
@@ -81,12 +82,15 @@ def test_linear_does_not_depend_on_the_thread_count():
     assert np.array_equal(out[0], out[1])
 
 
-def test_embedding_row_is_the_dequantized_row():
-    rng = np.random.default_rng(4)
-    buffers, entry, dense = packed(rng.standard_normal((50, 64)), ck.Q4)
-    out = np.zeros(64, np.float32)
-    ck.embedding_row(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, 17, out)
-    np.testing.assert_array_equal(out, dense[17].astype(np.float32))
+@pytest.mark.parametrize("kind", [ck.F32, ck.Q8, ck.Q4], ids=["f32", "q8_0", "q4_0"])
+def test_embedding_row_is_the_dequantized_row(kind):
+    """Every row, so every lane of the interleaved groups and the last, padded, group."""
+    rng = np.random.default_rng()
+    buffers, entry, dense = packed(rng.standard_normal((50, 64)), kind)
+    for token in range(50):
+        out = np.zeros(64, np.float32)
+        ck.embedding_row(buffers["q8"], buffers["q4"], buffers["scales"], buffers["f32"], entry, token, out)
+        np.testing.assert_array_equal(out, dense[token].astype(np.float32))
 
 
 OPTION_SETS = ["", "rope", "decay", "sinks", "rope+decay+sinks"]

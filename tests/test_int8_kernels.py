@@ -43,45 +43,82 @@ def test_kernels_quantize_as_the_definition():
     x = (rng.standard_normal(k) * rng.uniform(0.001, 100, k)).astype(np.float32)
     x[96:128] = 0.0
     x[128:160] = np.concatenate([[127.0], np.arange(31) - 14.5])  # d = 1: ties, to even
-    xq, dx, offsets = np.empty(k, np.int8), np.empty(9, np.float32), np.empty(k // 4, np.int32)
-    ik.quantize_blocks(x, xq, dx, offsets)
+    xq, dx, sums = np.empty(k, np.int8), np.empty(9, np.float32), np.empty(9, np.int32)
+    ik.quantize_blocks(x, xq, dx, sums)
     want_q, want_d = quantize_activations(x)
     np.testing.assert_array_equal(xq, want_q)
     np.testing.assert_array_equal(dx, want_d)
-    np.testing.assert_array_equal(offsets, -8 * xq.astype(np.int64).reshape(-1, 4).sum(1))
+    np.testing.assert_array_equal(sums, xq.astype(np.int64).reshape(-1, 32).sum(1))
 
 
-def _rows(kind, rng, rows, k, start):
-    """A buffer of ``rows`` rows from element ``start``: q8_0 quants (int8) or q4_0 bytes (uint8),
-    and the rows' values w_j per element (int64: the quant, or the nibble - 8) in element order."""
+def _matrix(kind, rng, rows, k):
+    """A quantized matrix as GGUF stores it: quants [rows, K/32, 32] (int8, q8_0) or bytes [rows,
+    K/32, 16] (uint8, q4_0), random float16 scales [rows, K/32] (their bits, uint16), and the rows'
+    values w_j per element (int64: the quant, or the nibble - 8) in element order."""
     blocks = k // 32
+    d = rng.uniform(-0.02, 0.02, (rows, blocks)).astype(np.float16)
     if kind == "q4_0":
-        raw = rng.integers(0, 256, start + rows * k // 2).astype(np.uint8)
-        packed = raw[start:].reshape(rows, blocks, 16).astype(np.int64)
-        return raw, np.concatenate([packed & 15, packed >> 4], axis=2).reshape(rows, k) - 8
-    raw = rng.integers(-128, 128, start + rows * k).astype(np.int8)
-    return raw, raw[start:].reshape(rows, k).astype(np.int64)
+        raw = rng.integers(0, 256, (rows, blocks, 16)).astype(np.uint8)
+        w = np.concatenate([raw & 15, raw >> 4], axis=2).astype(np.int64).reshape(rows, k) - 8
+        return raw, d.view(np.uint16), d, w
+    raw = rng.integers(-128, 128, (rows, blocks, 32)).astype(np.int8)
+    return raw, d.view(np.uint16), d, raw.astype(np.int64).reshape(rows, k)
+
+
+def _interleaved(raw, bits, pieces, start):
+    """The matrix in place_rows' layout from byte ``start`` of a buffer, placed in ``pieces`` (row
+    counts: a matrix joined from tensors whose rows do not start groups)."""
+    rows, blocks, width = raw.shape
+    groups = -(-rows // ik.GROUP)
+    buffer = np.zeros(start + groups * ik.GROUP * blocks * width, raw.dtype)
+    scales = np.zeros(groups * ik.GROUP * blocks, np.uint16)
+    first = 0
+    for count in pieces:
+        ik.place_rows(raw[first : first + count], bits[first : first + count], buffer[start:], scales, first)
+        first += count
+    assert first == rows
+    return buffer, scales, groups
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
-@pytest.mark.parametrize("k", [32, 96, 576])
-def test_rows_times_quantized_activations(kind, k):
+@pytest.mark.parametrize("k,tokens", [(32, 1), (96, 5), (576, 8), (1536, 3)])
+def test_groups_times_quantized_activations(kind, k, tokens):
+    """37 rows placed as tensors of 5, 20 and 12 rows (groups begun mid-tensor, a padded last
+    group), from an odd offset; tiles of 4 tokens and single tokens. float64 reference on the exact
+    integers: per block the scale d dx rounded once, its exact integer sum I_b (|I_b| < 2^24, so
+    exactly converted) scaled in an fma, the fmas chained over the blocks: |error| <= (blocks + 1)
+    eps sum_b |d dx I_b|."""
     rng = np.random.default_rng()
-    rows, blocks, start = 11, k // 32, 5  # the rows from an odd offset in the buffer
-    raw, w = _rows(kind, rng, rows, k, start)
-    d = rng.uniform(-0.02, 0.02, (rows, blocks)).astype(np.float32)
-    x = (rng.standard_normal(k) * rng.uniform(0.1, 10, k)).astype(np.float32)
-    y = np.empty(rows, np.float32)
-    ik.rows_times_activations(raw, start, rows, k, d, x, y)
+    rows, blocks = 37, k // 32
+    raw, bits, d, w = _matrix(kind, rng, rows, k)
+    buffer, scales, groups = _interleaved(raw, bits, [5, 20, 12], start=5)
+    x = (rng.standard_normal((tokens, k)) * rng.uniform(0.1, 10, (tokens, k))).astype(np.float32)
+    y = np.full((tokens, groups * ik.GROUP), np.nan, np.float32)
+    ik.groups_times_activations(buffer, 5, groups, k, scales, x, y)
     q, dx = quantize_activations(x)
-    per_block = (w * q.astype(np.int64)).reshape(rows, blocks, 32).sum(2)  # exact integers
-    exact = (d.astype(np.float64) * dx.astype(np.float64) * per_block).sum(1)
-    # float32: per block the scale d dx rounded once, each lane's exact int32 sum rounded in the
-    # fma, the fmas' chain over blocks / 2 pairs and a tree of 4 levels: |error| <= (blocks + 8)
-    # eps times the sum of the terms' magnitudes, bounded by the elements' (lanes may cancel)
-    magnitude = (np.abs(w) * np.abs(q.astype(np.int64))).reshape(rows, blocks, 32).sum(2)
-    bound = (blocks + 8) * F32_EPS * (np.abs(d.astype(np.float64) * dx) * magnitude).sum(1)
-    assert np.all(np.abs(y - exact) <= bound), (np.abs(y - exact) / bound).max()
+    per_block = np.einsum("rbj,tbj->trb", w.reshape(rows, blocks, 32), q.astype(np.int64).reshape(tokens, blocks, 32))
+    terms = d.astype(np.float64)[None] * dx.astype(np.float64)[:, None, :] * per_block
+    bound = (blocks + 1) * F32_EPS * np.abs(terms).sum(2)
+    error = np.abs(y[:, :rows] - terms.sum(2))
+    assert np.all(error <= bound), (error / bound).max()
+    np.testing.assert_array_equal(y[:, rows:], 0.0)  # the padding rows: zero scales
+
+
+def test_place_rows_puts_4_bytes_of_16_rows_in_each_chunk():
+    """The layout itself, byte by byte, for both kinds (the kernels' and the dequantizing readers'
+    contract): chunk c of group g's block b holds row 16 g + r's bytes 4c..4c+3 of block b at
+    64 c + 4 r."""
+    rng = np.random.default_rng()
+    for kind in ("q8_0", "q4_0"):
+        raw, bits, _, _ = _matrix(kind, rng, 21, 64)
+        buffer, scales, groups = _interleaved(raw, bits, [3, 18], start=0)
+        width = raw.shape[2]
+        layout = buffer.reshape(groups, 2, width // 4, ik.GROUP, 4)
+        for row in range(21):
+            g, r = divmod(row, ik.GROUP)
+            for b in range(2):
+                np.testing.assert_array_equal(layout[g, b, :, r].ravel(), raw[row, b])
+                assert scales[(g * 2 + b) * ik.GROUP + r] == bits[row, b]
 
 
 TIERS = {"avx512vnni": {"avx512vnni", "avx512vl"}, "avxvnni": {"avxvnni"}, "avx2": {"avx2"}, None: set()}
@@ -108,15 +145,16 @@ def test_every_instruction_tier_gives_the_same_bits(tmp_path):
         "from edge_lolcats.runtime import int8_kernels as ik\n"
         "rng = np.random.default_rng(7)\n"
         "out = []\n"
-        "for kind, k in (('q4_0', 96), ('q4_0', 576), ('q8_0', 96), ('q8_0', 1536)):\n"
-        "    rows = 40\n"
-        "    raw = (rng.integers(0, 256, rows * k // 2).astype(np.uint8) if kind == 'q4_0'\n"
-        "           else rng.integers(-128, 128, rows * k).astype(np.int8))\n"
-        "    d = rng.uniform(-0.02, 0.02, (rows, k // 32)).astype(np.float32)\n"
-        "    x = (rng.standard_normal(k) * rng.uniform(0.1, 10, k)).astype(np.float32)\n"
-        "    y = np.empty(rows, np.float32)\n"
-        "    ik.rows_times_activations(raw, 0, rows, k, d, x, y)\n"
-        "    out.append(y)\n"
+        "for kind, k, tokens in (('q4_0', 96, 5), ('q4_0', 576, 1), ('q8_0', 96, 6), ('q8_0', 1536, 1)):\n"
+        "    groups = 3\n"
+        "    size = groups * 16 * k // (2 if kind == 'q4_0' else 1)\n"
+        "    raw = (rng.integers(0, 256, size).astype(np.uint8) if kind == 'q4_0'\n"
+        "           else rng.integers(-128, 128, size).astype(np.int8))\n"
+        "    scales = rng.uniform(-0.02, 0.02, groups * 16 * k // 32).astype(np.float16).view(np.uint16)\n"
+        "    x = (rng.standard_normal((tokens, k)) * rng.uniform(0.1, 10, (tokens, k))).astype(np.float32)\n"
+        "    y = np.empty((tokens, groups * 16), np.float32)\n"
+        "    ik.groups_times_activations(raw, 0, groups, k, scales, x, y)\n"
+        "    out.append(y.ravel())\n"
         "np.save(sys.argv[1], np.concatenate(out))\n"
         "print(ik.TIER)\n")
     results = {}
