@@ -243,6 +243,35 @@ def _run_in_fresh_process(code: str, cwd, cache_dir) -> str:
     return r.stdout.strip()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_released_compiler_pages_come_back_when_numba_compiles_again(tmp_path, files):
+    """release_compiler_pages drops libllvmlite's code and its never-written read-only data, keeps the
+    mapping the loader relocated (Anonymous > 0), and numba still compiles and runs new code after
+    it (the dropped pages are re-read from the file), as does the engine."""
+    code = ("import numpy as np\n"
+            "from numba import njit\n"
+            "from edge_lolcats.runtime.compiled_engine import CompiledEngine, release_compiler_pages\n"
+            f"engine = CompiledEngine({files['q8_0']!r})\n"
+            "maps, current = [], None\n"
+            "for line in open('/proc/self/smaps'):\n"
+            "    f = line.split()\n"
+            "    if '-' in f[0] and len(f) >= 5:\n"
+            "        current = {'perms': f[1]} if len(f) > 5 and 'libllvmlite' in f[5] else None\n"
+            "        maps += [current] if current else []\n"
+            "    elif current is not None and f[0] in ('Rss:', 'Anonymous:'):\n"
+            "        current[f[0]] = int(f[1])\n"
+            "read_only = [m for m in maps if m['perms'] in ('r-xp', 'r--p')]\n"
+            "assert all(m['Rss:'] == 0 for m in read_only if m['Anonymous:'] == 0), maps\n"
+            "assert any(m['Rss:'] > 0 for m in read_only if m['Anonymous:'] > 0), maps  # relocated: kept\n"
+            "fresh = njit(lambda a: (a * 3).sum())\n"
+            "assert fresh(np.arange(10)) == 135\n"
+            "assert release_compiler_pages() > 0 and fresh(np.arange(4.0)) == 18.0\n"
+            "logits, _ = engine.run(np.array([[1, 2, 3]]), engine.empty_state())\n"
+            "print(bool(np.isfinite(logits).all()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-3000:]
+
+
 def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path, files):
     """numba's cache: the first process compiles, the next one loads the machine code; neither
     imports torch (the runtime never does), nor gguf-py for a file of the types we write (its import
