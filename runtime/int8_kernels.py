@@ -1,6 +1,6 @@
 """Products of q8_0 and q4_0 rows with activations quantized to 8 bits, as int8 dot products: how
 the one model definition multiplies quantized weights (:func:`edge_lolcats.arch.ops.quantize_activations`),
-and how llama.cpp's CPU kernels do. The compiled engine's decode products run here. No torch.
+and how llama.cpp's CPU kernels do. The compiled engine's products (decode and prefill) run here. No torch.
 
 The activations of a product are quantized once per call, in blocks of 32 (q8_0's format): dx =
 max|x| / 127, q = round(x / dx), ties to even. A row times them is then, exactly in integers per
@@ -8,15 +8,19 @@ block,
 
     y = sum_b (d_b dx_b) I_b,   I_b = sum_j w_j q_j     (w_j: the q8_0 quant, or the q4_0 nibble - 8)
 
-computed 8 int32 lanes a block (lane i holds elements 4i..4i+3), each lane converted to float32 and
-multiplied by the block's d_b dx_b into float32 lanes, summed across lanes only at the row's end.
+The rows are interleaved 16 to a group (:func:`place_rows`), so int32 lane r of a 512-bit vector
+belongs to row r: a block's 8 dot-product instructions (4 elements of 16 rows each, times the same 4
+activations broadcast) leave I_b of 16 rows in one vector, converted to float32 and multiplied by
+d_b dx_b in one fma. A prefill block takes 4 tokens a pass over a group (the weights loaded and
+unpacked once for them).
 
-Where the compile target has AVX-512 VNNI the lanes come from vpdpbusd (unsigned bytes times signed
-ones, 4 products to a lane): q4_0 as its unsigned nibbles c_j with the -8 folded into the lanes'
-starting values (-8 q's sum of the lane, the same for every row), q8_0 as |w| times q with w's sign.
-Elsewhere the same lanes come from plain integer vector arithmetic: the integers are exact either
-way, so both give bit-identical results (tested). numba widens integer arithmetic to int64, so the
-block loop is LLVM IR (an intrinsic).
+Where the compile target has AVX-512 VNNI or AVX-VNNI the lanes come from vpdpbusd (unsigned bytes
+times signed ones, 4 products to a lane): q4_0 as its unsigned nibbles, q8_0 as w + 128, each lane
+starting from -8 or -128 times the block's sum of q (the same for every row). AVX2 makes them with
+vpmaddubsw + vpmaddwd (q8_0 as |w| times q with w's sign: its 16-bit pairs would saturate on w + 128),
+other CPUs with plain integer vectors: the integers are exact either way, so every tier gives
+bit-identical results (tested). numba widens integer arithmetic to int64, so the block loop is LLVM
+IR (an intrinsic).
 """
 from __future__ import annotations
 

@@ -61,9 +61,11 @@ def test_linear_equals_dequantized_product(kind, tokens, quantize):
     bound = k * F32_EPS * (np.abs(seen.astype(np.float64)) @ np.abs(dense).T)
     assert np.all(np.abs(y - exact) <= bound), np.abs(y - exact).max()
     if quantize and kind != ck.F32:  # and the quantization moved the result, by at most half a step an element
+        # (beyond float32's rounding: the ratio moved / bound was 105-400 over 300 draws of one q4_0 token;
+        # a factor of 100 failed once in a full run, 98.8)
         step = 0.5 * np.repeat(quantize_activations(x)[1], 32, axis=-1).astype(np.float64)
         moved = np.abs(exact - x.astype(np.float64) @ dense.T)
-        assert moved.max() > 100 * bound.max() and np.all(moved <= step @ np.abs(dense).T * (1 + 1e-6))
+        assert moved.max() > 20 * bound.max() and np.all(moved <= step @ np.abs(dense).T * (1 + 1e-6))
 
 
 def test_linear_does_not_depend_on_the_thread_count():
