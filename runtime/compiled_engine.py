@@ -78,9 +78,9 @@ class _Packer:
         if kind == ck.F32:
             self.size[kind] += n * k
         else:  # rows in groups of 16, the last one padded
-            padded = -(-n // ck.GROUP) * ck.GROUP
-            self.size[kind] += padded * k // (2 if kind == ck.Q4 else 1)
-            self.size["scales"] += padded * k // ck.BLOCK
+            quants, scales = ck.i8.interleaved_sizes(n, k, kind == ck.Q4)
+            self.size[kind] += quants
+            self.size["scales"] += scales
         self.matrices.append((entry, tensors))
         return len(self.matrices) - 1
 
@@ -115,11 +115,10 @@ class _Packer:
                 else:
                     raw = np.asarray(t.data).view(np.uint8).reshape(rows, k // ck.BLOCK, -1)  # blocks: f16 d, quants
                     target = self.q8 if kind == ck.Q8 else self.q4
-                    padded = -(-n // ck.GROUP) * ck.GROUP
+                    quants, scales = ck.i8.interleaved_sizes(n, k, kind == ck.Q4)
                     # a block is 34 or 18 bytes, so as uint16 its first element is the float16 scale
                     ck.i8.place_rows(raw[..., 2:].view(target.dtype), raw.view(np.uint16)[..., 0],
-                                     target[off : off + padded * k // (2 if kind == ck.Q4 else 1)],
-                                     self.scales[soff : soff + padded * k // ck.BLOCK], first)
+                                     target[off : off + quants], self.scales[soff : soff + scales], first)
                 first += rows
             release()
         self.entries = np.array([e for e, _ in self.matrices], np.int64)

@@ -166,36 +166,28 @@ def _prefetch_row(buffer, start, width):
 
 
 @njit(inline="always", **_JIT)
-def _dequantize_group(q8, q4, scales, f32, kind, off, soff, k, g, n, out):
-    """Rows 16 g .. 16 g + 15 of the matrix (N rows) into out [16, K] (float32), rows past N as zeros
-    (a q8_0 or q4_0 group's padding rows have zero scales)."""
-    nb = k // BLOCK
+def _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, r, out):
+    """Row r of the matrix into out [K] (float32): in a q8_0 or q4_0 matrix, lane r % 16 of its
+    group, 4 elements a chunk."""
     if kind == F32:
-        for lane in range(GROUP):
-            r = GROUP * g + lane
-            if r < n:
-                out[lane] = f32[off + r * k : off + (r + 1) * k]
-            else:
-                out[lane] = 0.0
+        out[:] = f32[off + r * k : off + (r + 1) * k]
         return
+    nb = k // BLOCK
+    g, lane = r // GROUP, r % GROUP
     for b in range(nb):
-        d = scales[soff + (g * nb + b) * GROUP : soff + (g * nb + b + 1) * GROUP]
+        s = _half(scales[soff + (g * nb + b) * GROUP + lane])
         if kind == Q8:
-            base = off + (g * nb + b) * i8.group_bytes(False)
+            base = off + (g * nb + b) * i8.group_bytes(False) + 4 * lane
             for c in range(8):
-                for lane in range(GROUP):
-                    s = _half(d[lane])
-                    for e in range(4):
-                        out[lane, BLOCK * b + 4 * c + e] = np.float32(q8[base + 64 * c + 4 * lane + e]) * s
+                for e in range(4):
+                    out[BLOCK * b + 4 * c + e] = np.float32(q8[base + 64 * c + e]) * s
         else:
-            base = off + (g * nb + b) * i8.group_bytes(True)
+            base = off + (g * nb + b) * i8.group_bytes(True) + 4 * lane
             for c in range(4):
-                for lane in range(GROUP):
-                    s = _half(d[lane])
-                    for e in range(4):
-                        byte = q4[base + 64 * c + 4 * lane + e]
-                        out[lane, BLOCK * b + 4 * c + e] = (_low_nibble(byte) - np.float32(8.0)) * s
-                        out[lane, BLOCK * b + 16 + 4 * c + e] = (_high_nibble(byte) - np.float32(8.0)) * s
+                for e in range(4):
+                    byte = q4[base + 64 * c + e]
+                    out[BLOCK * b + 4 * c + e] = (_low_nibble(byte) - np.float32(8.0)) * s
+                    out[BLOCK * b + 16 + 4 * c + e] = (_high_nibble(byte) - np.float32(8.0)) * s
 
 
 @njit(parallel=True, **_JIT)
@@ -285,7 +277,8 @@ def linear(q8, q4, scales, f32, entry, x, y, quantize):
     for part in prange(parts):
         w, acc = rows_scratch[part], acc_scratch[part]  # acc: [row, token]
         for g in range(part * groups // parts, (part + 1) * groups // parts):
-            _dequantize_group(q8, q4, scales, f32, kind, off, soff, k, g, n, w)
+            for lane in range(min(GROUP, n - GROUP * g)):
+                _dequantize_row(q8, q4, scales, f32, kind, off, soff, k, GROUP * g + lane, w[lane])
             for quad in range(0, min(GROUP, n - GROUP * g), 4):
                 r0 = GROUP * g + quad
                 rows = min(4, n - r0)
@@ -335,28 +328,8 @@ def linear(q8, q4, scales, f32, entry, x, y, quantize):
 
 @njit(**_JIT)
 def embedding_row(q8, q4, scales, f32, entry, token, out):
-    """Row ``token`` of a [V, hidden] matrix (the embedding) into out [hidden]: in a q8_0 or q4_0
-    matrix, lane token % 16 of its group, 4 elements a chunk."""
-    kind, off, soff, k = entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS]
-    if kind == F32:
-        out[:] = f32[off + token * k : off + (token + 1) * k]
-        return
-    nb = k // BLOCK
-    g, lane = token // GROUP, token % GROUP
-    for b in range(nb):
-        s = _half(scales[soff + (g * nb + b) * GROUP + lane])
-        if kind == Q8:
-            base = off + (g * nb + b) * i8.group_bytes(False) + 4 * lane
-            for c in range(8):
-                for e in range(4):
-                    out[BLOCK * b + 4 * c + e] = np.float32(q8[base + 64 * c + e]) * s
-        else:
-            base = off + (g * nb + b) * i8.group_bytes(True) + 4 * lane
-            for c in range(4):
-                for e in range(4):
-                    byte = q4[base + 64 * c + e]
-                    out[BLOCK * b + 4 * c + e] = (_low_nibble(byte) - np.float32(8.0)) * s
-                    out[BLOCK * b + 16 + 4 * c + e] = (_high_nibble(byte) - np.float32(8.0)) * s
+    """Row ``token`` of a [V, hidden] matrix (the embedding) into out [hidden]."""
+    _dequantize_row(q8, q4, scales, f32, entry[KIND], entry[OFFSET], entry[SCALE_OFFSET], entry[COLS], token, out)
 
 
 # --- pieces of the attention -----------------------------------------------------------------

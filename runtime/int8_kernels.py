@@ -72,19 +72,19 @@ def _load(builder, base, offset, vector_type):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vector_type.as_pointer()), align=1)
 
 
-def _dot_lanes(builder, tier, start, unsigned, signed, count):
-    """start + the sums of 4 consecutive products unsigned x signed (bytes) in each int32 lane."""
-    width, lanes8 = BLOCK * count, _vector(_I32, 8)
+def _dot_lanes(builder, tier, start, unsigned, signed):
+    """start (16 int32 lanes) + the sums of 4 consecutive products unsigned x signed (64 bytes each)
+    in each lane."""
+    lanes16, lanes8 = _vector(_I32, 16), _vector(_I32, 8)
     if tier == "avx512vnni":
-        lanes = _vector(_I32, 8 * count)
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
-                                             f"llvm.x86.avx512.vpdpbusd.{256 * count}")
-        return builder.call(dot, [start, builder.bitcast(unsigned, lanes), builder.bitcast(signed, lanes)])
-    if tier in ("avxvnni", "avx2"):  # a block (256 bits) an instruction
+        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes16, [lanes16] * 3),
+                                             "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(dot, [start, builder.bitcast(unsigned, lanes16), builder.bitcast(signed, lanes16)])
+    if tier in ("avxvnni", "avx2"):  # 256 bits an instruction: two halves
         pieces = []
-        for c in range(count):
+        for c in range(2):
             take = lambda v, n, c=c: builder.shuffle_vector(v, v, _constant_vector(_I32, range(n * c, n * c + n)))  # noqa: E731
-            u, s, first = take(unsigned, BLOCK), take(signed, BLOCK), take(start, 8) if count > 1 else start
+            u, s, first = take(unsigned, BLOCK), take(signed, BLOCK), take(start, 8)
             if tier == "avxvnni":
                 dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes8, [lanes8] * 3),
                                                      "llvm.x86.avx512.vpdpbusd.256")
@@ -98,20 +98,26 @@ def _dot_lanes(builder, tier, start, unsigned, signed, count):
                                                    "llvm.x86.avx2.pmadd.wd")
             summed = builder.call(quads, [builder.call(pairs, [u, s]), ir.Constant(shorts, [1] * 16)])
             pieces.append(builder.add(first, summed))
-        return pieces[0] if count == 1 else builder.shuffle_vector(pieces[0], pieces[1], _constant_vector(_I32, range(16)))
+        return builder.shuffle_vector(pieces[0], pieces[1], _constant_vector(_I32, range(16)))
     # any other CPU: plain integer vectors (the products do not come here when INT8_DOTS is false,
     # but the code is compiled all the same)
-    wide = _vector(_I32, width)
+    wide = _vector(_I32, 64)
     products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
     total = start
     for s in range(4):
-        total = builder.add(total, builder.shuffle_vector(products, products,
-                                                          _constant_vector(_I32, range(s, width, 4))))
+        total = builder.add(total, builder.shuffle_vector(products, products, _constant_vector(_I32, range(s, 64, 4))))
     return total
 
 
 GROUP = 16  # rows interleaved in a group: the 16 int32 lanes of a 512-bit vector, a row each
 CHUNKS = {True: 4, False: 8}  # 64-byte chunks a block of a group holds: q4_0 (nibble pairs), q8_0
+
+
+def interleaved_sizes(rows: int, k: int, q4: bool) -> tuple[int, int]:
+    """(quant buffer elements, scales) a matrix of ``rows`` x ``k`` takes in :func:`place_rows`'
+    layout: its rows padded to whole groups of 16."""
+    padded = -(-rows // GROUP) * GROUP
+    return padded * k // (2 if q4 else 1), padded * k // BLOCK
 
 
 @njit(inline="always", **JIT)
@@ -239,7 +245,7 @@ def _group_tile(tokens: int, prefetch: bool):
                     x4 = builder.bitcast(builder.shuffle_vector(x4, x4, ir.Constant(lanes, [0] * 16)), bytes64)
                     if signed_trick:
                         x4 = builder.select(negative[c], builder.sub(ir.Constant(bytes64, None), x4), x4)
-                    dot = _dot_lanes(builder, TIER, dot, w, x4, 2)
+                    dot = _dot_lanes(builder, TIER, dot, w, x4)
                 d_x = builder.load(builder.gep(dx_, [at]))
                 dx16 = builder.shuffle_vector(builder.insert_element(ir.Constant(v16, ir.Undefined), d_x, ir.Constant(_I32, 0)),
                                               ir.Constant(v16, ir.Undefined), ir.Constant(lanes, [0] * 16))

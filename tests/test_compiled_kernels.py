@@ -28,10 +28,10 @@ def packed(w: np.ndarray, kind: int):
         return empty, np.array([ck.F32, 3, 0, n, k]), w.astype(np.float32).astype(np.float64)
     qt, size = (QT.Q8_0, 34) if kind == ck.Q8 else (QT.Q4_0, 18)
     raw = quants.quantize(w.astype(np.float32), qt).reshape(n, k // 32, size)
-    padded = -(-n // ck.GROUP) * ck.GROUP
     name, dtype = ("q8", np.int8) if kind == ck.Q8 else ("q4", np.uint8)
-    empty[name] = np.zeros(5 + padded * (size - 2) * (k // 32), dtype)  # at an offset
-    empty["scales"] = np.zeros(2 + padded * (k // 32), np.uint16)
+    quant_count, scale_count = ik.interleaved_sizes(n, k, kind == ck.Q4)
+    empty[name] = np.zeros(5 + quant_count, dtype)  # at an offset
+    empty["scales"] = np.zeros(2 + scale_count, np.uint16)
     ik.place_rows(raw[..., 2:].view(dtype), raw.view(np.uint16)[..., 0], empty[name][5:], empty["scales"][2:], 0)
     dense = quants.dequantize(raw.reshape(n, -1), qt).astype(np.float64).reshape(n, k)
     return empty, np.array([kind, 5, 2, n, k]), dense
