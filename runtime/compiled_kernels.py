@@ -41,6 +41,11 @@ from numba.extending import intrinsic
 from . import int8_kernels as i8
 from .jit_options import BLOCK, JIT
 
+# numba's on-disk cache keys a function by its own file only, and this module's compiled code inlines
+# int8_kernels' intrinsics and jit_options' flags: their digests (sha256, 16 hex digits), held to the
+# files by tests/test_compiled_kernels.py. Updating them edits this file, which refreshes the cache.
+COMPILED_WITH = {"int8_kernels.py": "5e40fd8b814485e8", "jit_options.py": "e6065198eb9266fd"}
+
 # How long an idle OpenMP thread spins before it sleeps (libgomp's GOMP_SPINCOUNT). A token step is
 # ~180 parallel regions; threads that sleep between them (OMP_WAIT_POLICY=PASSIVE) made 2 threads no
 # faster than 1 (decode 26.6 vs 26.8 ms on the 2-core Xeon). Where waking a thread is slow, as on
@@ -670,23 +675,33 @@ def hybrid_attention(q, k, v, fq_t, fk_t, window_factor, log_decay, kv, z, k_win
             phi_q, phi_k = phi_qs[t], phi_ks[t]
             # S and z: the key at p - W leaves the window into them (unless it is a sink), or they
             # decay; then the query reads them, row by row while the row is in cache
-            enters = p - w >= n_s
-            if enters:
+            # (the row's update and the query's read in one pass over it, the case decided per token
+            # not per row: the S loop 0.90 -> 0.61-0.73 us a head and token, the same bits, by hand)
+            if p - w >= n_s:
                 v_l = _slot_key(v, v_window, position, p - w, g, p % w)
-            for i in range(f2):
-                row, pq = kv_h[i], phi_q[i]
-                if enters:
-                    z_h[i] = z_h[i] * lam + phi_k[i]
-                    pk = phi_k[i]
+                for i in range(f2):
+                    row, pq, pk = kv_h[i], phi_q[i], phi_k[i]
+                    z_h[i] = z_h[i] * lam + pk
+                    den += pq * z_h[i]
                     for j in range(d):
-                        row[j] = row[j] * lam + pk * v_l[j]
-                elif lam != 1.0:
+                        r = row[j] * lam + pk * v_l[j]
+                        row[j] = r
+                        num[j] += pq * r
+            elif lam != 1.0:
+                for i in range(f2):
+                    row, pq = kv_h[i], phi_q[i]
                     z_h[i] *= lam
+                    den += pq * z_h[i]
                     for j in range(d):
-                        row[j] *= lam
-                den += pq * z_h[i]
-                for j in range(d):
-                    num[j] += pq * row[j]
+                        r = row[j] * lam
+                        row[j] = r
+                        num[j] += pq * r
+            else:
+                for i in range(f2):
+                    row, pq = kv_h[i], phi_q[i]
+                    den += pq * z_h[i]
+                    for j in range(d):
+                        num[j] += pq * row[j]
             for i in range(d):
                 out[t, head, i] = num[i] / den
     for t in range(max(0, t_n - w), t_n):  # the ring keeps the last W keys

@@ -27,11 +27,16 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import binding as _llvm
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic
 
 from .jit_options import BLOCK, JIT
+
+# numba's on-disk cache keys a function by its own file only, so an edit to the files this module's
+# compiled code depends on would leave that code stale: their digests (sha256, 16 hex digits), held
+# to the files by tests/test_compiled_kernels.py. Updating them edits this file, which refreshes the cache.
+COMPILED_WITH = {"jit_options.py": "e6065198eb9266fd"}
 
 
 def _target_features() -> set[str]:
@@ -146,11 +151,13 @@ def place_rows(quants: np.ndarray, scales: np.ndarray, out_quants: np.ndarray, o
     _place_rows(quants.view(np.uint8), scales, out_quants.view(np.uint8), out_scales, first)
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def _place_rows(quants, scales, out_quants, out_scales, first):
+    # rows on all threads: most of the load's repack is the kernel's first touch of the new pages
+    # (a fault each 4 KB), which the threads take in parallel too
     rows, blocks, width = quants.shape
     chunks = width // 4
-    for i in range(rows):
+    for i in prange(rows):
         g, lane = divmod(first + i, GROUP)
         for b in range(blocks):
             at = (g * blocks + b) * 64 * chunks + 4 * lane

@@ -273,16 +273,23 @@ def test_released_compiler_pages_come_back_when_numba_compiles_again(tmp_path, f
 
 
 def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path, files):
-    """numba's cache: the first process compiles, the next one loads the machine code; neither
-    imports torch (the runtime never does), nor gguf-py for a file of the types we write (its import
-    was 45-90 ms of the time to a first token)."""
-    code = ("import sys; sys.modules['torch'] = sys.modules['gguf'] = None\n"
+    """numba's cache: the first process compiles, the next one loads the machine code, without
+    numba's registries for compiling (its linear algebra among them), and computes the same logits;
+    neither imports torch (the runtime never does), nor gguf-py for a file of the types we write
+    (its import was 45-90 ms of the time to a first token)."""
+    code = ("import hashlib, sys; sys.modules['torch'] = sys.modules['gguf'] = None\n"
+            "import numpy as np\n"
             "from edge_lolcats.runtime.api import load\n"
             f"m = load({files['q8_0']!r})\n"
-            "print(m.engine.name, m.engine.compiled, round(m.engine.compile_seconds, 3), m.generate('Hi', 5) is not None)")
-    first = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split()
-    second = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split()
-    assert first[:2] == ["compiled", "compiled"] and second[:2] == ["compiled", "disk"], (first, second)
+            "registries = 'numba.np.linalg' in sys.modules\n"
+            "logits, state = m.engine.run(np.array([[1, 2, 3, 4, 5]]), m.engine.empty_state())\n"
+            "logits, state = m.engine.run(np.array([[6]]), state)\n"
+            "print(m.engine.name, m.engine.compiled, registries, hashlib.sha256(logits.tobytes()).hexdigest(),"
+            " m.generate('Hi', 5) is not None, sep='|')")
+    first = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split("|")
+    second = _run_in_fresh_process(code, tmp_path, tmp_path / "numba-cache").split("|")
+    assert first[:3] == ["compiled", "compiled", "True"] and second[:3] == ["compiled", "disk cache", "False"], (first, second)
+    assert first[3] == second[3]  # the same machine code: the same bits
     assert first[-1] == second[-1] == "True"
 
 

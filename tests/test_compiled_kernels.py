@@ -219,3 +219,19 @@ def test_exp_is_within_an_ulp_of_float64_exp():
                      np.inf], np.float32)
     exp_all(ends, out[: len(ends)])
     np.testing.assert_array_equal(out[: len(ends)], [0, 0, 0, np.inf, np.inf, np.inf])
+
+
+@pytest.mark.parametrize("module", [ck, ik], ids=["compiled_kernels", "int8_kernels"])
+def test_numba_cache_sees_the_files_compiled_code_depends_on(module):
+    """numba's on-disk cache keys a function by its own file only: a module whose compiled code
+    inlines another file's code records that file's digest, and an edit there must be followed by
+    one here (the new digest), or a second process would run the cached, stale machine code."""
+    import hashlib
+    import os
+
+    folder = os.path.dirname(module.__file__)
+    for name, digest in module.COMPILED_WITH.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            now = hashlib.sha256(f.read()).hexdigest()[:16]
+        assert now == digest, (f"{name} changed: set {module.__name__}.COMPILED_WITH[{name!r}] = {now!r}, "
+                               f"so that numba's cache of {os.path.basename(module.__file__)} is rebuilt")
