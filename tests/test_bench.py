@@ -246,3 +246,25 @@ def test_bench_memory_engines_take_turns(monkeypatch, tmp_path):
     assert calls == [("compiled", 1024), ("llama.cpp", 1024)] * 3 + [("compiled", 4096)] * 3
     assert [(r["engine"], r["context"], r["decode_tokens_per_s"]) for r in results] == [
         ("compiled", 1024, 3.0), ("llama.cpp", 1024, 4.0), ("compiled", 4096, 8.0)]  # medians of 1,3,5 / 2,4,6 / 7,8,9
+
+
+def test_workers_may_write_pythons_bytecode_cache(monkeypatch):
+    """Each measurement's fresh process runs with the environment's settings except
+    PYTHONDONTWRITEBYTECODE: a process start is timed with Python's bytecode cache as users have it
+    (as numba's), not compiling the package's sources in every worker."""
+    import subprocess
+
+    from edge_lolcats.bench import runtime as bench
+
+    seen = []
+
+    def fake_run(cmd, env=None, **kwargs):
+        seen.append(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"engine": "compiled"}) + "\n", stderr="")
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.setenv("EDGE_LOLCATS_PROBE", "kept")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    row = bench.run_one("compiled", "a.gguf", 1024, 8)
+    assert row["engine"] == "compiled" and len(seen) == 1
+    assert "PYTHONDONTWRITEBYTECODE" not in seen[0] and seen[0]["EDGE_LOLCATS_PROBE"] == "kept"

@@ -364,14 +364,19 @@ def run_one(engine: str, path: str, context: int, decode_tokens: int, text_file=
         cmd += ["--tile-from", str(tile_from)]
     if threads:
         cmd += ["--threads", str(threads)]
+    # Python's bytecode cache may be written, as numba's is: an installed package has its bytecode
+    # (pip compiles it) and an editable one writes it on first import, so a process start is timed
+    # as users see it; where PYTHONDONTWRITEBYTECODE is set (these machines set it) every worker
+    # compiled the package's sources again (engine imports 0.08-0.12 -> 0.05-0.07 s, by hand)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     before = cpu_times()
-    r = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd + ["--spawned-at", repr(time.time())], capture_output=True, text=True, timeout=timeout, env=env)
     if engine == "llama.cpp" and r.returncode < 0:
         # llama-cpp-python 0.3.36 built for this CPU crashes (SIGSEGV) in its extra CPU buffer types
         # (AMX / repacked weights) on SmolLM2's q8_0 file on some Xeons: measure without them, and
         # say so in the row (see docs/BENCHMARKS.md)
         r = subprocess.run(cmd + ["--no-extra-bufts", "--spawned-at", repr(time.time())], capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env=env)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{engine} at {context} tokens failed: {last}")
