@@ -506,6 +506,212 @@ def _score(q, k, scale, softcap):
     return s
 
 
+def _state_pass(vectors: int):
+    """The intrinsic of one token's pass over a head's S and z for D = 16 x ``vectors`` (the
+    arithmetic of :func:`_state_step`'s loops): numba kept the query's sums over S's rows in memory,
+    loading and storing them for every row (with S's row and the leaving value, 5 memory operations
+    for 2 fmas); here the sums and the leaving value stay in vector registers for the whole pass,
+    so a row is one load, one store and 2 fmas (SmolLM2's D = 64: 0.53 -> 0.25-0.34 us a head and
+    token, by hand; the same bits there). Plain LLVM vectors of 16 floats, which every target
+    lowers (AVX-512 as they are, AVX2 as pairs)."""
+    lanes = 16
+    v16, f32, i64, i32 = ir.VectorType(ir.FloatType(), lanes), ir.FloatType(), ir.IntType(64), ir.IntType(32)
+
+    def splat(builder, x):
+        one = builder.insert_element(ir.Constant(v16, ir.Undefined), x, ir.Constant(i32, 0))
+        return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+    def row(a):
+        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == types.float32
+
+    @intrinsic
+    def state_pass(typingctx, kv, z, phi_q, phi_k, v, lam, num, den):
+        if not (isinstance(kv, types.Array) and kv.ndim == 2 and kv.layout == "C" and kv.dtype == types.float32
+                and all(row(a) for a in (z, phi_q, phi_k, v, num))):
+            return None
+        signature = types.float32(kv, z, phi_q, phi_k, v, types.float32, num, types.float32)
+
+        def codegen(context, builder, sig, args):
+            arrays = [context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 2, 3, 4, 6)]
+            kv_, z_, pq_, pk_, v_, num_ = [a.data for a in arrays]
+            rows = cgutils.unpack_tuple(builder, arrays[1].shape)[0]  # z's length: 2F
+            lam_, den0 = args[5], args[7]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16] * 3), "llvm.fma.v16f32")
+            at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), v16.as_pointer())  # noqa: E731
+            lam16 = splat(builder, lam_)
+            values = [builder.load(at(v_, ir.Constant(i64, lanes * c)), align=4) for c in range(vectors)]
+            sums0 = [builder.load(at(num_, ir.Constant(i64, lanes * c)), align=4) for c in range(vectors)]
+            entry = builder.block
+            loop, done = builder.append_basic_block("state_rows"), builder.append_basic_block("state_done")
+            builder.cbranch(builder.icmp_signed(">", rows, ir.Constant(i64, 0)), loop, done)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            den = builder.phi(f32)
+            sums = [builder.phi(v16) for _ in range(vectors)]
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            den.add_incoming(den0, entry)
+            for sum_, first in zip(sums, sums0):
+                sum_.add_incoming(first, entry)
+            pk, pq = builder.load(builder.gep(pk_, [i])), builder.load(builder.gep(pq_, [i]))
+            z_at = builder.gep(z_, [i])
+            z_i = builder.fadd(builder.fmul(builder.load(z_at), lam_), pk)
+            builder.store(z_i, z_at)
+            den_next = builder.fadd(den, builder.fmul(pq, z_i))
+            pk16, pq16 = splat(builder, pk), splat(builder, pq)
+            start = builder.mul(i, ir.Constant(i64, lanes * vectors))
+            following = []
+            for c in range(vectors):
+                address = at(kv_, builder.add(start, ir.Constant(i64, lanes * c)))
+                updated = builder.call(fma, [builder.load(address, align=4), lam16, builder.fmul(pk16, values[c])])
+                builder.store(updated, address, align=4)
+                following.append(builder.call(fma, [pq16, updated, sums[c]]))
+            after = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(after, builder.block)
+            den.add_incoming(den_next, builder.block)
+            for sum_, value in zip(sums, following):
+                sum_.add_incoming(value, builder.block)
+            builder.cbranch(builder.icmp_signed("<", after, rows), loop, done)
+            builder.position_at_end(done)
+            den_out = builder.phi(f32)
+            results = [builder.phi(v16) for _ in range(vectors)]
+            den_out.add_incoming(den0, entry)
+            den_out.add_incoming(den_next, loop)
+            for result, first, value in zip(results, sums0, following):
+                result.add_incoming(first, entry)
+                result.add_incoming(value, loop)
+            for c, result in enumerate(results):
+                builder.store(result, at(num_, ir.Constant(i64, lanes * c)), align=4)
+            return den_out
+
+        return signature, codegen
+
+    return state_pass
+
+
+_state_pass_16, _state_pass_32, _state_pass_64, _state_pass_128 = (_state_pass(n) for n in (1, 2, 4, 8))
+
+
+def _window_pass(vectors: int):
+    """The intrinsic of a 4-token tile's weighted sum of window values on 16 x ``vectors`` columns
+    from column c0: num[t0 + a, c0:] += sum_r weights[a, r] values[first + r, c0:] for a < 4,
+    r < nr, the 4 tokens' sums in vector registers across all the rows (numba's loops loaded and
+    stored them for every row and token). The loops' order of operations: a hybrid layer's
+    attention at T = 256 came out bit for bit the same, 2.9 -> 1.5 ms with the state pass (by hand)."""
+    lanes = 16
+    v16, i64, i32 = ir.VectorType(ir.FloatType(), lanes), ir.IntType(64), ir.IntType(32)
+
+    def matrix(a):
+        return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == types.float32
+
+    @intrinsic
+    def window_pass(typingctx, weights, values, first, nr, num, t0, c0):
+        if not (matrix(weights) and matrix(values) and matrix(num)):
+            return None
+        signature = types.void(weights, values, types.intp, types.intp, num, types.intp, types.intp)
+
+        def codegen(context, builder, sig, args):
+            arrays = [context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 4)]
+            weights_, values_, num_ = [a.data for a in arrays]
+            weights_stride = cgutils.unpack_tuple(builder, arrays[0].shape)[1]
+            d = cgutils.unpack_tuple(builder, arrays[1].shape)[1]  # values' and num's row length
+            first, nr, t0, c0 = args[2], args[3], args[5], args[6]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16] * 3), "llvm.fma.v16f32")
+            at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), v16.as_pointer())  # noqa: E731
+            num_at = [[builder.add(builder.mul(builder.add(t0, ir.Constant(i64, a)), d), builder.add(c0, ir.Constant(i64, lanes * c)))
+                       for c in range(vectors)] for a in range(4)]
+            sums0 = [[builder.load(at(num_, o), align=4) for o in row] for row in num_at]
+            entry = builder.block
+            loop, done = builder.append_basic_block("window_rows"), builder.append_basic_block("window_done")
+            builder.cbranch(builder.icmp_signed(">", nr, ir.Constant(i64, 0)), loop, done)
+            builder.position_at_end(loop)
+            r = builder.phi(i64)
+            sums = [[builder.phi(v16) for _ in range(vectors)] for _ in range(4)]
+            r.add_incoming(ir.Constant(i64, 0), entry)
+            for row, row0 in zip(sums, sums0):
+                for sum_, value in zip(row, row0):
+                    sum_.add_incoming(value, entry)
+            start = builder.add(builder.mul(builder.add(first, r), d), c0)
+            value_rows = [builder.load(at(values_, builder.add(start, ir.Constant(i64, lanes * c))), align=4)
+                          for c in range(vectors)]
+            following = []
+            for a in range(4):
+                e = builder.load(builder.gep(weights_, [builder.add(builder.mul(ir.Constant(i64, a), weights_stride), r)]))
+                one = builder.insert_element(ir.Constant(v16, ir.Undefined), e, ir.Constant(i32, 0))
+                e16 = builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                following.append([builder.call(fma, [e16, value_rows[c], sums[a][c]]) for c in range(vectors)])
+            after = builder.add(r, ir.Constant(i64, 1))
+            r.add_incoming(after, builder.block)
+            for row, values_next in zip(sums, following):
+                for sum_, value in zip(row, values_next):
+                    sum_.add_incoming(value, builder.block)
+            builder.cbranch(builder.icmp_signed("<", after, nr), loop, done)
+            builder.position_at_end(done)
+            results = [[builder.phi(v16) for _ in range(vectors)] for _ in range(4)]
+            for row, row0, row_next in zip(results, sums0, following):
+                for result, value0, value in zip(row, row0, row_next):
+                    result.add_incoming(value0, entry)
+                    result.add_incoming(value, loop)
+            for row, offsets in zip(results, num_at):
+                for result, offset in zip(row, offsets):
+                    builder.store(result, at(num_, offset), align=4)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return window_pass
+
+
+_window_pass_16, _window_pass_32, _window_pass_64 = (_window_pass(n) for n in (1, 2, 4))
+
+
+@njit(inline="always", **_JIT)
+def _window_values(weights, values, first, nr, num_w, t0):
+    """num_w[t0 + a] += sum_r weights[a, r] values[first + r] for the 4 tokens a < 4 of a tile, r < nr:
+    compiled passes of 64 columns (16 or 32 for heads that small; 4 tokens x 64 columns of sums and
+    a row are 20 of AVX-512's 32 vector registers), other head sizes these loops."""
+    d = values.shape[1]
+    if d % 64 == 0:
+        for c0 in range(0, d, 64):
+            _window_pass_64(weights, values, first, nr, num_w, t0, c0)
+    elif d == 32:
+        _window_pass_32(weights, values, first, nr, num_w, t0, 0)
+    elif d == 16:
+        _window_pass_16(weights, values, first, nr, num_w, t0, 0)
+    else:
+        for r in range(nr):
+            vr = values[first + r]
+            for a in range(4):
+                e, num = weights[a, r], num_w[t0 + a]
+                for i in range(d):
+                    num[i] += e * vr[i]
+
+
+@njit(inline="always", **_JIT)
+def _state_step(kv_h, z_h, phi_q, phi_k, v_l, lam, num, den):
+    """One token's pass over a head's state: every row i of S (kv_h [2F, D]) and z [2F] decays by lam
+    and takes the leaving key's phi_k[i] v_l (phi_k and v_l zeros when no key leaves the window), and
+    the query reads the row: num [D] += phi_q[i] S_i, den + sum_i phi_q[i] z_i returned. Compiled
+    passes for D = 16, 32, 64 and 128 (:func:`_state_pass`); other sizes these loops."""
+    d = num.shape[0]
+    if d == 64:
+        return _state_pass_64(kv_h, z_h, phi_q, phi_k, v_l, lam, num, den)
+    if d == 128:
+        return _state_pass_128(kv_h, z_h, phi_q, phi_k, v_l, lam, num, den)
+    if d == 32:
+        return _state_pass_32(kv_h, z_h, phi_q, phi_k, v_l, lam, num, den)
+    if d == 16:
+        return _state_pass_16(kv_h, z_h, phi_q, phi_k, v_l, lam, num, den)
+    for i in range(kv_h.shape[0]):
+        row, pq, pk = kv_h[i], phi_q[i], phi_k[i]
+        z_h[i] = z_h[i] * lam + pk
+        den += pq * z_h[i]
+        for j in range(d):
+            r = row[j] * lam + pk * v_l[j]
+            row[j] = r
+            num[j] += pq * r
+    return den
+
+
 # --- the attentions over a block of tokens ---------------------------------------------------
 #
 # T tokens of a layer at once, each head on one thread for all T tokens (one parallel region per
@@ -658,50 +864,33 @@ def hybrid_attention(q, k, v, fq_t, fk_t, window_factor, log_decay, kv, z, k_win
                     e, vs = sink_weights[a, j], v_sink[g, j]
                     for i in range(d):
                         num[i] += e * vs[i]
-            for r in range(nr):
-                pos = first_position + t0 + r
-                vr = values[t0 + r] if panel_rows else _slot_key(v, v_window, position, pos, g, pos % w)
-                for a in range(nt):
-                    e, num = weights[a, r], num_w[t0 + a]
-                    for i in range(d):
-                        num[i] += e * vr[i]
+            if nt == 4:
+                _window_values(weights, values, t0, nr, num_w, t0)
+            else:
+                for r in range(nr):
+                    pos = first_position + t0 + r
+                    vr = values[t0 + r] if panel_rows else _slot_key(v, v_window, position, pos, g, pos % w)
+                    for a in range(nt):
+                        e, num = weights[a, r], num_w[t0 + a]
+                        for i in range(d):
+                            num[i] += e * vr[i]
             for a in range(nt):
                 num = num_w[t0 + a]
                 for i in range(d):
                     num[i] *= factor
+        no_key, no_value = np.zeros(f2, np.float32), np.zeros(d, np.float32)
         for t in range(t_n):
             p = position + t
             num, den = num_w[t], den_w[t]
             phi_q, phi_k = phi_qs[t], phi_ks[t]
             # S and z: the key at p - W leaves the window into them (unless it is a sink), or they
-            # decay; then the query reads them, row by row while the row is in cache
-            # (the row's update and the query's read in one pass over it, the case decided per token
-            # not per row: the S loop 0.90 -> 0.61-0.73 us a head and token, the same bits, by hand)
+            # only decay (lam 1: unchanged, the same pass with zeros); then the query reads them, in
+            # one pass over S's rows
             if p - w >= n_s:
-                v_l = _slot_key(v, v_window, position, p - w, g, p % w)
-                for i in range(f2):
-                    row, pq, pk = kv_h[i], phi_q[i], phi_k[i]
-                    z_h[i] = z_h[i] * lam + pk
-                    den += pq * z_h[i]
-                    for j in range(d):
-                        r = row[j] * lam + pk * v_l[j]
-                        row[j] = r
-                        num[j] += pq * r
-            elif lam != 1.0:
-                for i in range(f2):
-                    row, pq = kv_h[i], phi_q[i]
-                    z_h[i] *= lam
-                    den += pq * z_h[i]
-                    for j in range(d):
-                        r = row[j] * lam
-                        row[j] = r
-                        num[j] += pq * r
+                den = _state_step(kv_h, z_h, phi_q, phi_k, _slot_key(v, v_window, position, p - w, g, p % w), lam,
+                                  num, den)
             else:
-                for i in range(f2):
-                    row, pq = kv_h[i], phi_q[i]
-                    den += pq * z_h[i]
-                    for j in range(d):
-                        num[j] += pq * row[j]
+                den = _state_step(kv_h, z_h, phi_q, no_key, no_value, lam, num, den)
             for i in range(d):
                 out[t, head, i] = num[i] / den
     for t in range(max(0, t_n - w), t_n):  # the ring keeps the last W keys

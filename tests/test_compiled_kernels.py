@@ -109,12 +109,13 @@ def blocks(total: int):
 
 
 @pytest.mark.parametrize("kind", OPTION_SETS)
-@pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 4, 0.0), (6, 3, 0.0), (4, 2, 5.0)])
-def test_hybrid_attention_equals_the_decode_steps(kind, heads, kv_heads, softcap):
+@pytest.mark.parametrize("heads,kv_heads,softcap,d", [(4, 4, 0.0, 16), (6, 3, 0.0, 64), (4, 2, 5.0, 12)])
+def test_hybrid_attention_equals_the_decode_steps(kind, heads, kv_heads, softcap, d):
     """80 tokens of one sequence in blocks of 1 to 13, W = 8: the ring wraps ten times (within a
-    block too), the sinks fill and are passed; each block against as many decode steps."""
+    block too), the sinks fill and are passed; each block against as many decode steps. Head sizes
+    16 and 64 run the compiled state and window passes, 12 their loops."""
     rng = np.random.default_rng(len(kind) + 7 * heads + kv_heads)
-    d, f, w, steps = 16, 6, 8, 80
+    f, w, steps = 6, 8, 80
     n_s = 3 if "sinks" in kind else 0
     inv_freq = Rope(theta=10.0, dim=d).inv_freq() if "rope" in kind else None
     log_decay = (-(rng.random(heads) * 0.35)).astype(np.float32) if "decay" in kind else None
@@ -145,6 +146,50 @@ def test_hybrid_attention_equals_the_decode_steps(kind, heads, kv_heads, softcap
         np.testing.assert_allclose(out, np.stack(want), rtol=2e-5, atol=2e-5, err_msg=f"{kind} out at {start}+{n}")
         for name, got, exp in zip(("kv", "z", "k_window", "v_window", "k_sink", "v_sink"), ours, ref):
             np.testing.assert_allclose(got, exp[0], rtol=2e-5, atol=2e-5, err_msg=f"{kind} {name} at {start}+{n}")
+
+
+@pytest.mark.parametrize("d", [12, 16, 32, 64, 128])
+def test_state_step_and_window_values_against_float64(d):
+    """The hybrid attention's two inner passes, compiled for head sizes 16, 32, 64 (128: two passes
+    of 64 columns for the window) and loops for others, against float64 on fresh inputs. Each
+    result is a sum of at most 11 float32 products of values of order 1 (rounded once each, and
+    once a sum): within 11 x 2 eps x the sum of magnitudes (~2e-5 here); 1e-5 relative to the
+    magnitudes, far below a dropped row or column (order 1)."""
+    from numba import njit
+
+    @njit
+    def state_step(kv, z, phi_q, phi_k, v, lam, num, den):
+        return ck._state_step(kv, z, phi_q, phi_k, v, lam, num, den)
+
+    @njit
+    def window_values(weights, values, first, nr, num, t0):
+        ck._window_values(weights, values, first, nr, num, t0)
+
+    rng = np.random.default_rng()
+    f2, lam = 10, np.float32(rng.uniform(0.5, 1.0))
+    kv, num = rng.standard_normal((f2, d)).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    z, phi_q, phi_k = (rng.random(f2).astype(np.float32) for _ in range(3))
+    v, den = rng.standard_normal(d).astype(np.float32), np.float32(rng.random())
+    want_kv = lam * kv.astype(np.float64) + phi_k[:, None].astype(np.float64) * v
+    want_z = lam * z.astype(np.float64) + phi_k
+    want_num, want_den = num + phi_q.astype(np.float64) @ want_kv, den + phi_q.astype(np.float64) @ want_z
+    magnitude = np.abs(num) + np.abs(phi_q) @ np.abs(want_kv)
+    got_den = state_step(kv, z, phi_q, phi_k, v, lam, num, den)
+    np.testing.assert_allclose(kv, want_kv, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(z, want_z, rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(num - want_num) <= 1e-5 * magnitude), np.max(np.abs(num - want_num) / magnitude)
+    assert abs(got_den - want_den) <= 1e-5 * (den + phi_q @ want_z)
+
+    nr, first, t0 = 11, 3, 2
+    weights = rng.random((4, nr + 2)).astype(np.float32)
+    values = rng.standard_normal((first + nr + 4, d)).astype(np.float32)
+    num_w = rng.standard_normal((t0 + 6, d)).astype(np.float32)
+    want = num_w.astype(np.float64)
+    want[t0 : t0 + 4] += weights[:, :nr].astype(np.float64) @ values[first : first + nr]
+    magnitude = np.abs(num_w).astype(np.float64)
+    magnitude[t0 : t0 + 4] += weights[:, :nr] @ np.abs(values[first : first + nr]).astype(np.float64)
+    window_values(weights, values, first, nr, num_w, t0)
+    assert np.all(np.abs(num_w - want) <= 1e-5 * magnitude), np.max(np.abs(num_w - want) / magnitude)
 
 
 @pytest.mark.parametrize("heads,kv_heads,softcap", [(4, 2, 0.0), (3, 3, 5.0)])
