@@ -163,6 +163,8 @@ def test_llama_cpp_without_its_extra_buffer_types(tmp_path, smol_tokenizer):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["extra_bufts"] is False and row["decode_tokens_per_s"] > 0
     assert "| llama.cpp (no extra buffer types) |" in markdown([row])
+    # a merged report's rows of our engines carry the field as null: not llama.cpp's note
+    assert "| compiled |" in markdown([{**row, "engine": "compiled", "extra_bufts": None}])
 
 
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["values-transposed", "values-by-row"])

@@ -398,7 +398,7 @@ def markdown(results: list[dict]) -> str:
     rows = ["| engine | weights | context | peak RSS (MB) | state / KV cache (MiB) | prefill tok/s | decode tok/s | "
             "first token (s) | CPU stolen (%) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        engine = r["engine"] + ("" if r.get("extra_bufts", True) else " (no extra buffer types)") + tiled_note(r)
+        engine = r["engine"] + (" (no extra buffer types)" if r.get("extra_bufts") is False else "") + tiled_note(r)
         rows.append(f"| {engine} | {r.get('weights', '?')} | {r['context']} | {num(r['peak_rss_mb'], '.0f')} | "
                     f"{r['state_bytes'] / 2**20:.1f} | {num(r['prefill_tokens_per_s'], '.1f')} | "
                     f"{num(r['decode_tokens_per_s'], '.1f')} | {num(r.get('first_token_s'), '.2f')} | "
