@@ -506,6 +506,20 @@ def _score(q, k, scale, softcap):
     return s
 
 
+_V16 = ir.VectorType(ir.FloatType(), 16)  # the passes' vectors: 16 floats, lowered by every target
+
+
+def _splat16(builder, x):
+    """x (float32) in all 16 lanes."""
+    i32 = ir.IntType(32)
+    one = builder.insert_element(ir.Constant(_V16, ir.Undefined), x, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_V16, ir.Undefined), ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+
+
+def _is_matrix(a):
+    return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == types.float32
+
+
 def _state_pass(vectors: int):
     """The intrinsic of one token's pass over a head's S and z for D = 16 x ``vectors`` (the
     arithmetic of :func:`_state_step`'s loops): numba kept the query's sums over S's rows in memory,
@@ -514,20 +528,11 @@ def _state_pass(vectors: int):
     so a row is one load, one store and 2 fmas (SmolLM2's D = 64: 0.53 -> 0.25-0.34 us a head and
     token, by hand; the same bits there). Plain LLVM vectors of 16 floats, which every target
     lowers (AVX-512 as they are, AVX2 as pairs)."""
-    lanes = 16
-    v16, f32, i64, i32 = ir.VectorType(ir.FloatType(), lanes), ir.FloatType(), ir.IntType(64), ir.IntType(32)
-
-    def splat(builder, x):
-        one = builder.insert_element(ir.Constant(v16, ir.Undefined), x, ir.Constant(i32, 0))
-        return builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-
-    def row(a):
-        return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == types.float32
+    lanes, v16, f32, i64 = 16, _V16, ir.FloatType(), ir.IntType(64)
 
     @intrinsic
     def state_pass(typingctx, kv, z, phi_q, phi_k, v, lam, num, den):
-        if not (isinstance(kv, types.Array) and kv.ndim == 2 and kv.layout == "C" and kv.dtype == types.float32
-                and all(row(a) for a in (z, phi_q, phi_k, v, num))):
+        if not (_is_matrix(kv) and all(i8._is_row(a, (types.float32,)) for a in (z, phi_q, phi_k, v, num))):
             return None
         signature = types.float32(kv, z, phi_q, phi_k, v, types.float32, num, types.float32)
 
@@ -538,7 +543,7 @@ def _state_pass(vectors: int):
             lam_, den0 = args[5], args[7]
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16, [v16] * 3), "llvm.fma.v16f32")
             at = lambda base, offset: builder.bitcast(builder.gep(base, [offset]), v16.as_pointer())  # noqa: E731
-            lam16 = splat(builder, lam_)
+            lam16 = _splat16(builder, lam_)
             values = [builder.load(at(v_, ir.Constant(i64, lanes * c)), align=4) for c in range(vectors)]
             sums0 = [builder.load(at(num_, ir.Constant(i64, lanes * c)), align=4) for c in range(vectors)]
             entry = builder.block
@@ -557,7 +562,7 @@ def _state_pass(vectors: int):
             z_i = builder.fadd(builder.fmul(builder.load(z_at), lam_), pk)
             builder.store(z_i, z_at)
             den_next = builder.fadd(den, builder.fmul(pq, z_i))
-            pk16, pq16 = splat(builder, pk), splat(builder, pq)
+            pk16, pq16 = _splat16(builder, pk), _splat16(builder, pq)
             start = builder.mul(i, ir.Constant(i64, lanes * vectors))
             following = []
             for c in range(vectors):
@@ -597,15 +602,11 @@ def _window_pass(vectors: int):
     r < nr, the 4 tokens' sums in vector registers across all the rows (numba's loops loaded and
     stored them for every row and token). The loops' order of operations: a hybrid layer's
     attention at T = 256 came out bit for bit the same, 2.9 -> 1.5 ms with the state pass (by hand)."""
-    lanes = 16
-    v16, i64, i32 = ir.VectorType(ir.FloatType(), lanes), ir.IntType(64), ir.IntType(32)
-
-    def matrix(a):
-        return isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" and a.dtype == types.float32
+    lanes, v16, i64 = 16, _V16, ir.IntType(64)
 
     @intrinsic
     def window_pass(typingctx, weights, values, first, nr, num, t0, c0):
-        if not (matrix(weights) and matrix(values) and matrix(num)):
+        if not (_is_matrix(weights) and _is_matrix(values) and _is_matrix(num)):
             return None
         signature = types.void(weights, values, types.intp, types.intp, num, types.intp, types.intp)
 
@@ -636,8 +637,7 @@ def _window_pass(vectors: int):
             following = []
             for a in range(4):
                 e = builder.load(builder.gep(weights_, [builder.add(builder.mul(ir.Constant(i64, a), weights_stride), r)]))
-                one = builder.insert_element(ir.Constant(v16, ir.Undefined), e, ir.Constant(i32, 0))
-                e16 = builder.shuffle_vector(one, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                e16 = _splat16(builder, e)
                 following.append([builder.call(fma, [e16, value_rows[c], sums[a][c]]) for c in range(vectors)])
             after = builder.add(r, ir.Constant(i64, 1))
             r.add_incoming(after, builder.block)
