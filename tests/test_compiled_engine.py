@@ -293,6 +293,35 @@ def test_second_process_loads_the_compiled_code_from_disk_without_torch(tmp_path
     assert first[-1] == second[-1] == "True"
 
 
+def test_cache_loads_skip_the_registries_only_inside():
+    """Inside the context a numba cache's lookup initialises numba's runtime and looks up without
+    refreshing the registries; outside, the cache's own method is back (a later compile of any
+    function refreshes them as numba always does); a dispatcher without a cache is left alone."""
+    from types import SimpleNamespace
+
+    from edge_lolcats.runtime import compiled_engine as ce
+
+    class Cache:
+        def __init__(self):
+            self.looked_up = []
+
+        def load_overload(self, sig, target_context):  # numba's: refresh, then the lookup
+            raise AssertionError("the refreshing lookup was called")
+
+        def _load_overload(self, sig, target_context):
+            self.looked_up.append(sig)
+            return None  # a miss
+
+    cache, bare = Cache(), SimpleNamespace()
+    from numba.core.registry import cpu_target
+
+    with ce._cache_loads_without_registries(SimpleNamespace(_cache=cache), bare):
+        assert cache.load_overload("sig", cpu_target.target_context) is None
+    assert cache.looked_up == ["sig"] and "load_overload" not in vars(cache)
+    with pytest.raises(AssertionError, match="refreshing"):
+        cache.load_overload("sig", None)
+
+
 def test_thread_tuner_moves_to_the_faster_count_and_back():
     """The engine's thread count follows the measured step times (a core taken by another process
     makes 2 threads slower than 1), keeps looking at the other count, never looks early on an idle
