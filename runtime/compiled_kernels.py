@@ -784,6 +784,8 @@ def hybrid_attention(q, k, v, fq_t, fk_t, window_factor, log_decay, kv, z, k_win
                 k_panel[g, r], v_panel[g, r] = k_rot[pos - position, g], v[pos - position, g]
             elif pos >= 0:
                 k_panel[g, r], v_panel[g, r] = k_window[g, pos % w], v_window[g, pos % w]
+    # what a token's state pass takes when no key leaves the window (read only, shared by the heads)
+    no_key, no_value = np.zeros(f2, np.float32), np.zeros(d, np.float32)
     for head in prange(h):
         g = head // group
         lam = np.float32(math.exp(log_decay[head]))
@@ -878,7 +880,6 @@ def hybrid_attention(q, k, v, fq_t, fk_t, window_factor, log_decay, kv, z, k_win
                 num = num_w[t0 + a]
                 for i in range(d):
                     num[i] *= factor
-        no_key, no_value = np.zeros(f2, np.float32), np.zeros(d, np.float32)
         for t in range(t_n):
             p = position + t
             num, den = num_w[t], den_w[t]
