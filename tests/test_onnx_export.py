@@ -206,14 +206,54 @@ def test_decode_graph_equals_the_block_graph(tiny_export):
 
 
 def test_decode_path_diagnostic_runs_the_same_math(tiny_export):
-    """`python -m edge_lolcats.bench.runtime --onnx-decode`: its IOBinding path (preallocated
-    buffers swapped each step) must leave exactly the decode graph's state (it raises otherwise)."""
+    """`python -m edge_lolcats.bench.runtime --onnx-decode`: the engine's path (bindings made once)
+    must leave exactly the decode graph's state (it raises otherwise)."""
     from edge_lolcats.bench.runtime import onnx_decode_paths
 
     _, folder = tiny_export
     ms = onnx_decode_paths(folder, steps=3, repeats=1)
-    assert set(ms) == {"block graph, T = 1", "decode graph", "decode graph + IOBinding"}
+    assert set(ms) == {"block graph, T = 1", "decode graph", "engine (bound once)"}
     assert all(0 < v < float("inf") for v in ms.values())
+
+
+def test_bound_decode_steps_equal_the_decode_graph(tiny_export):
+    """The engine's decode step runs the decode graph through bindings made once for two sets of
+    arrays that take turns: token for token it gives the decode graph's logits and state exactly,
+    reads the token and position written in place, follows a state whose arrays are replaced
+    (a copy, an edited dict) and keeps a logits array the next step does not overwrite."""
+    _, folder = tiny_export
+    engine = OnnxEngine(folder)
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, engine.meta["vocab_size"], 14).tolist()
+    state = engine.empty_state()
+    engine.run(tokens[:3], state)  # the block graph: arrays made by onnxruntime
+    reference = state.copy()
+
+    def plain_step(s, token):
+        out = engine.decode_session.run(None, {"input_ids": np.array([[token]], np.int64),
+                                               "position": np.array(s.position, np.int64), **s.tensors})
+        s.tensors, s.position = dict(zip(engine.state_names, out[1:])), s.position + 1
+        return out[0]
+
+    kept = []
+    for i, token in enumerate(tokens[3:]):
+        if i == 4:  # a copy resumed and edited (the arrays last bound keep the old numbers)
+            state = state.copy()
+            state.tensors[engine.state_names[0]] *= 0.5
+            reference.tensors[engine.state_names[0]] = reference.tensors[engine.state_names[0]] * 0.5
+        if i == 7:  # one array of the dict replaced
+            name = engine.state_names[2]
+            state.tensors[name] = state.tensors[name] * 0.5
+            reference.tensors[name] = reference.tensors[name] * 0.5
+        logits, state = engine.run([token], state)
+        want = plain_step(reference, token)
+        np.testing.assert_array_equal(logits, want)
+        kept.append((logits, want.copy()))
+        for n in engine.state_names:
+            np.testing.assert_array_equal(state.tensors[n], reference.tensors[n])
+        assert state.position == reference.position
+    assert all(np.array_equal(a, b) for a, b in kept)
+    assert len({a.tobytes() for a, _ in kept}) == len(kept)
 
 
 def _resident_bytes_of(path: str) -> int:
