@@ -29,6 +29,9 @@ from edge_lolcats.arch.hybrid import FEATURE_MAP_EPS, PRE_ROPE
 
 OPSET = 23  # RMSNormalization (the standalone norms)
 MS = "com.microsoft"
+# initializers named so are stacks of per-layer tensors along their first axis (the export stores
+# each layer's slice once, shared with the block graph's tensor of that layer)
+STACKED = "layers."
 
 
 class ExportError(ValueError):
@@ -244,6 +247,62 @@ class _Step:
         return self._once(("enters", w, n_s), build)
 
 
+def _feature_map(g: _Graph, x: str, weight: np.ndarray, hint: str, times: str | None = None,
+                 weight_name: str | None = None) -> str:
+    """Hedgehog on x [..., H, 1, D] with weight [..., H, D, F] (arch.hybrid.feature_map), as
+    [..., H, 2, F]: the halves softmax(xW) and softmax(-xW) on the length-1 axis, so that one
+    product and one Softmax take both (x times a [+1, -1] column: -(xW) = (-x)W exactly), times
+    ``times`` if given. Reshaped to [..., H, 1, 2F] this is phi in arch.hybrid's order. (Weights
+    [W, -W] would save the sign's node at twice the weights read.)"""
+    signed = g.op("Mul", [x, g.const(np.array([1.0, -1.0])[None, None, :, None], "signs")], hint + "_signed")
+    proj = g.op("MatMul", [signed, g.const(weight, weight_name or hint + ".weight")], hint)
+    phi = g.op("Max", [g.op("Softmax", [proj], hint + "_softmax", axis=-1),
+                       g.const(np.float32(FEATURE_MAP_EPS), "feature_eps")], hint + "_phi")
+    return phi if times is None else g.op("Mul", [phi, times], hint + "_times")
+
+
+def _leaving_features(g: _Graph, step: _Step, model, layout, shape) -> dict:
+    """{hybrid layer: (phi of the key leaving its window as a column [1, H, 2F, 1] (zero unless
+    it enters S and z), the value leaving [1, H, 1, D])}.
+
+    The key and value at slot p % W (position p - W) come from the input state alone, so the
+    feature maps of all hybrid layers are one chain of nodes over the stacked keys and weights
+    [L, H, D, F], not one per layer: each layer's own product read its 2 x 147 KB of weights cold
+    (evicted by the streamed matrices) at ~5 GB/s, a stacked one streams them (docs/BENCHMARKS.md)."""
+    from edge_lolcats.nn.model import HybridAttention
+
+    args, inner = model.args, model.model
+    hybrid = [i for i, layer in enumerate(inner.layers) if isinstance(layer.self_attn, HybridAttention)]
+    if not hybrid:
+        return {}
+    w, n_s, f2 = layout.window_size, layout.sink_tokens, 2 * layout.feature_dim
+    keys, out = [], {}
+    for i in hybrid:
+        _, _, k_window, v_window, *_ = layout.layer_names(i)
+        # [1, Hkv, W, D] -> [1, H, 1, D]: slot p % W of every query head's KV head, in one node
+        keys.append(g.op("GatherND", [k_window, step.leaving(w)], f"l{i}.k_leave", batch_dims=1))
+        out[i] = g.op("GatherND", [v_window, step.leaving(w)], f"l{i}.v_leave", batch_dims=1)
+    k_leave = g.op("Concat", keys, "k_leaving", axis=0) if len(keys) > 1 else keys[0]  # [L, H, 1, D]
+    if inner.layers[hybrid[0]].self_attn.recurrence.feature_maps == PRE_ROPE:
+        # stored rotated at p - W: rotated back, by each layer type's RoPE
+        types = [args.layer_types[i] for i in hybrid]
+        back = step.shifted("back", w, n_s)
+        if len(set(types)) == 1:
+            rope_back = step.rope(types[0], back)
+        else:
+            axes = g.const([0, 1], "axes01", np.int64)
+            rope_back = g.op("Concat", [g.op("Unsqueeze", [step.rope(t, back), axes], "rope_back_layer") for t in types],
+                             "rope_back_layers", axis=0)  # [L, 1, D, D]
+        k_leave = g.op("MatMul", [k_leave, rope_back], "k_leaving_back")
+    weights = np.stack([_np(inner.layers[i].self_attn.feature_map_k.weight) for i in hybrid])
+    phi = _feature_map(g, k_leave, weights, "phi_k", times=step.enters(w, n_s), weight_name=STACKED + "phi_k.weight")
+    columns = g.op("Reshape", [phi, shape([len(hybrid), args.num_heads, f2, 1], "shape_columns")], "phi_k_columns")
+    parts = ([columns] if len(hybrid) == 1 else
+             g.op("Split", [columns, g.const([1] * len(hybrid), "layer_sizes", np.int64)], "phi_k_layers",
+                  outputs=len(hybrid), axis=0))
+    return {i: (part, out[i]) for i, part in zip(hybrid, parts)}
+
+
 def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 4, quantized: dict | None = None,
                        importance: dict | None = None):
     """The compact decode graph (an onnx.ModelProto) of a linearized model (float32, LoRA merged):
@@ -291,18 +350,6 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
     if args.embedding_scale != 1.0:
         x = g.op("Mul", [x, g.const(np.float32(args.embedding_scale), "embed.scale")], "embed_scaled")
 
-    def feature_map(x, weight, hint, times=None):
-        """Hedgehog on x [1, H, 1, D] with weight [H, D, F] (arch.hybrid.feature_map), as [1, H, 2, F]:
-        the halves softmax(xW) and softmax(-xW) on the length-1 axis, so that one product and one
-        Softmax take both (x times a [+1, -1] column: -(xW) = (-x)W exactly), times ``times`` if
-        given. Reshaped to [1, H, 1, 2F] this is phi in arch.hybrid's order. (Weights [W, -W] would
-        save the sign's node at 18 MB more of weights.bin on SmolLM2.)"""
-        signed = g.op("Mul", [x, g.const(np.array([1.0, -1.0])[None, None, :, None], "signs")], hint + "_signed")
-        proj = g.op("MatMul", [signed, g.const(_np(weight), hint + ".weight")], hint)
-        phi = g.op("Max", [g.op("Softmax", [proj], hint + "_softmax", axis=-1),
-                           g.const(np.float32(FEATURE_MAP_EPS), "feature_eps")], hint + "_phi")
-        return phi if times is None else g.op("Mul", [phi, times], hint + "_times")
-
     def attend_softmax(scores, values, hint):
         """(sum_j e_j v_j [1, Hkv, G, D], sum_j e_j [1, Hkv, G, 1]), e = exp(scores - max)."""
         top = g.op("ReduceMax", [scores, g.const([-1], "axis_last", np.int64)], hint + "_max", keepdims=1)
@@ -318,6 +365,7 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
 
     outputs = {}
     names = layout.names()
+    leaving = _leaving_features(g, step, model, layout, shape)
     residual, delta = x, None
     for i, layer in enumerate(inner.layers):
         attn = layer.self_attn
@@ -368,17 +416,10 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
                 q = g.op("MatMul", [q, here], prefix + "q_rotated")
                 k = k_rot = g.op("MatMul", [k, here], prefix + "k_rot")
                 q_s = g.op("Mul", [q, g.const(np.float32(scale), "attn_scale")], prefix + "q_rot")
-            # the key leaving the window (slot p % W, position p - W) enters S and z
-            k_leave = g.op("GatherND", [k_window, step.leaving(w)], prefix + "k_leave", batch_dims=1)  # [1, H, 1, D]
-            v_leave = g.op("GatherND", [v_window, step.leaving(w)], prefix + "v_leave", batch_dims=1)
-            if pre:
-                k_leave = g.op("MatMul", [k_leave, step.rope(layer_type, step.shifted("back", w, n_s))],
-                               prefix + "k_leave_back")
-            phi_k = feature_map(k_leave, attn.feature_map_k.weight, prefix + "phi_k",
-                                times=step.enters(w, n_s))
+            # the key leaving the window enters S and z (its feature map: _leaving_features)
+            phi_k, v_leave = leaving[i]
             f2 = 2 * layout.feature_dim
-            update = g.op("MatMul", [g.op("Reshape", [phi_k, shape([1, h, f2, 1], "shape_col")], prefix + "phi_k_col"),
-                                     v_leave], prefix + "kv_update")
+            update = g.op("MatMul", [phi_k, v_leave], prefix + "kv_update")
             z_update = g.op("Reshape", [phi_k, shape([1, h, f2], "shape_row")], prefix + "z_update")
             if attn.log_decay is not None:
                 lam = np.exp(_np(attn.log_decay))
@@ -407,7 +448,7 @@ def build_decode_graph(model, *, bits: int | None = None, accuracy_level: int = 
             # o = (a soft + phi_q S) / (a total + phi_q z) with a = sigmoid(window_factor): numerator and
             # denominator divided by a, so 1 / a scales phi_q (one node, not one on each softmax sum)
             a = 1.0 / (1.0 + np.exp(-_np(attn.window_factor).astype(np.float64)))
-            phi_q = feature_map(q, attn.feature_map_q.weight, prefix + "phi_q",
+            phi_q = _feature_map(g, q, _np(attn.feature_map_q.weight), prefix + "phi_q",
                                 times=g.const((1.0 / a)[None, :, None, None], prefix + "inverse_window_factor"))
             phi_q = g.op("Reshape", [phi_q, shape([1, h, 1, f2], "shape_h12f")], prefix + "phi_q_row")
             num = g.op("Add", [soft, g.op("MatMul", [phi_q, kv_new], prefix + "linear_num")], prefix + "num")

@@ -38,7 +38,7 @@ from edge_lolcats.arch.ops import TorchOps
 from edge_lolcats.formats.fileio import atomic_folder
 from .gguf_export import model_fingerprint
 from .onnx_decode import OPSET as DECODE_OPSET
-from .onnx_decode import ExportError, build_decode_graph, output_names
+from .onnx_decode import STACKED, ExportError, build_decode_graph, output_names
 from .quantize import weight_key
 
 # 3: the model description (ModelArgs) in model.json; 4: the recurrence, rings per KV head; 5: int8 / int4
@@ -281,8 +281,9 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
 
 def _share_weights(paths: list[str], weights_path: str) -> dict:
     """Move the graphs' initializers into one external-data file, each distinct tensor once:
-    the block and decode graphs are traced from the same module, so their weights coincide
-    (under different names), and the file (and the runtime's memory) holds them once.
+    the block and decode graphs are built from the same module, so their weights coincide
+    (under different names; the decode graph's stacks of per-layer tensors hold the block graph's
+    as slices), and the file (and the runtime's memory) holds them once.
     Returns, per graph file, {initializer: {offset, length, dtype, shape}} for ``model.json``, so
     the runtime maps them without parsing protobuf (it does not depend on the onnx package)."""
     import hashlib
@@ -298,7 +299,10 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
             entries = table[os.path.basename(path)] = {}
             for t in m.graph.initializer:
                 raw = t.raw_data or onnx.numpy_helper.to_array(t).tobytes()
-                if len(raw) < INLINE_BYTES:
+                # a stack of layers' tensors along its first axis (the decode graph's feature maps of the
+                # leaving keys, [L, H, D, F]): each layer's slice is a tensor of its own, the block graph's
+                slices = t.dims[0] if t.name.startswith(STACKED) else 1
+                if len(raw) // slices < INLINE_BYTES:
                     continue
                 # bytes and type, not shape: a tied vocabulary matrix is the embedding's gather table
                 # [V, K] and the head's MatMulNBits weight [V, K/32, 32], the same bytes stored once
@@ -306,6 +310,10 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
                 if key not in offsets:
                     out.seek(-out.tell() % 64, 1)  # 64-byte aligned: arrays mapped from the file stay aligned
                     offsets[key] = (out.tell(), len(raw))
+                    step = len(raw) // slices
+                    for i in range(slices if slices > 1 else 0):
+                        part = hashlib.sha256(raw[i * step : (i + 1) * step] + str(t.data_type).encode()).digest()
+                        offsets.setdefault(part, (out.tell() + i * step, step))
                     out.write(raw)
                 offset, length = offsets[key]
                 entries[t.name] = {"offset": offset, "length": length, "shape": list(t.dims),
@@ -361,7 +369,8 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         onnx.save(decode, os.path.join(tmp, "decode.onnx"), save_as_external_data=True, location=DECODE_DATA,
                   size_threshold=INLINE_BYTES)
         del decode
-        paths = [os.path.join(tmp, f) for f in ("model.onnx", "decode.onnx")]
+        # the decode graph first: its stacked tensors hold the block graph's per-layer ones (_share_weights)
+        paths = [os.path.join(tmp, f) for f in ("decode.onnx", "model.onnx")]
         external = _share_weights(paths, os.path.join(tmp, WEIGHTS_FILE))
         os.remove(os.path.join(tmp, DECODE_DATA))
         for path in paths:

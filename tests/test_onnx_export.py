@@ -123,6 +123,34 @@ def test_quantized_export_holds_the_gguf_weights(tmp_path, smol_tokenizer, quant
     assert agree >= 17  # of 19: int8 activations move the argmax on a few near-ties of a random model
 
 
+def test_stacked_decode_weights_are_the_block_graphs_per_layer_tensors(tmp_path, smol_tokenizer):
+    """The decode graph reads the leaving keys' feature-map weights of all layers as one stacked
+    tensor: weights.bin holds it once, each layer's slice being the block graph's tensor of that
+    layer (4 KB slices and up leave the graphs; the tiny export's are inline)."""
+    model = linearize(tiny_model("llama"), window_size=8, feature_dim=32).eval()  # [4, 16, 32] = 8 KB a layer
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.feature_map_k.weight.normal_()
+    folder = str(tmp_path / "o")
+    export_onnx(model, smol_tokenizer, folder)
+    with open(os.path.join(folder, "model.json"), encoding="utf-8") as f:
+        tables = json.load(f)["external_initializers"]
+    stacked = [e for n, e in tables["decode.onnx"].items() if n.startswith("layers.")]
+    assert len(stacked) == 1 and stacked[0]["shape"][0] == model.args.num_layers
+    block = {(e["offset"], e["length"]) for e in tables["model.onnx"].values()}
+    size = stacked[0]["length"] // model.args.num_layers
+    assert all((stacked[0]["offset"] + i * size, size) in block for i in range(model.args.num_layers))
+    unique = dict(block)
+    assert os.path.getsize(os.path.join(folder, "weights.bin")) < sum(unique.values()) + 64 * len(unique)
+    engine = OnnxEngine(folder)  # and the decode graph still reads them right
+    with torch.no_grad():
+        want, _ = forward(model, torch.tensor([[5, 9, 2, 7, 1, 3, 8, 4, 6, 0, 11]]))
+    state = engine.empty_state()
+    for p, token in enumerate([5, 9, 2, 7, 1, 3, 8, 4, 6, 0, 11]):
+        logits, state = engine.run([token], state)
+    np.testing.assert_allclose(logits[0], want[0, -1].numpy(), rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_bad_exports_are_refused(tiny_export, tmp_path, smol_tokenizer):
     import shutil
 
