@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import run_cli, tiny_model
@@ -282,6 +283,43 @@ def test_bound_decode_steps_equal_the_decode_graph(tiny_export):
         assert state.position == reference.position
     assert all(np.array_equal(a, b) for a, b in kept)
     assert len({a.tobytes() for a, _ in kept}) == len(kept)
+
+
+def test_decode_graph_floors_are_cut_from_the_decode_graph(tiny_export):
+    """`python -m edge_lolcats.bench.onnx_floors`: the "upkeep" graph (no readout) updates S and z
+    exactly as the decode graph does; the "products" graph reads no state; both have fewer nodes,
+    and the three time."""
+    import onnx
+
+    from edge_lolcats.bench.onnx_floors import cut_decode_graph, decode_floors
+
+    _, folder = tiny_export
+    engine = OnnxEngine(folder)
+    model = onnx.load(os.path.join(folder, "decode.onnx"))
+    parts = {p: cut_decode_graph(model, p) for p in ("products", "upkeep", "decode")}
+    assert len(parts["products"].graph.node) < len(parts["upkeep"].graph.node) < len(model.graph.node)
+    assert len(parts["decode"].graph.node) == len(model.graph.node)
+    assert [o.name for o in parts["products"].graph.output] == ["logits"]
+    assert not any(i.name.startswith("state.") for i in parts["products"].graph.input)
+    assert [o.name for o in parts["upkeep"].graph.output] == engine.meta["outputs"]
+    assert not any(n.name.endswith(("linear_num", "phi_q", "scores")) for n in parts["upkeep"].graph.node)
+    rng = np.random.default_rng()
+    state = {n: np.abs(rng.standard_normal(a.shape)).astype(np.float32) for n, a in engine.empty_state().tensors.items()}
+    feeds = {"input_ids": np.array([[7]], np.int64), "position": np.array(13, np.int64), **state}
+    full = engine.decode_session.run(None, feeds)
+    sess = ort.InferenceSession(parts["upkeep"].SerializeToString(), providers=["CPUExecutionProvider"])
+    upkeep = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})
+    for name, a, b in zip(engine.state_names, full[1:], upkeep[1:]):
+        # S and z come from the input state alone, and layer 0's rings from the input token; past
+        # layer 0 the new keys and values follow a residual stream without attention
+        if name.startswith("state.0.") or name.endswith((".kv", ".z")):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a.shape == b.shape
+    with pytest.raises(ValueError, match="part"):
+        cut_decode_graph(model, "attention")
+    result = decode_floors(folder, rounds=2, block=2)
+    assert set(result) == {"products", "upkeep", "decode"} and all(r["ms"] > 0 for r in result.values())
 
 
 def _resident_bytes_of(path: str) -> int:
