@@ -279,6 +279,29 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
     onnx.save(m, path)
 
 
+def _basic_optimized(path: str):
+    """Replace the traced block graph at ``path`` by onnxruntime's basic optimization of it:
+    constants folded and redundant nodes removed, rewrites that run before the graph is split
+    between execution providers, so the graph keeps to standard ops and stays portable. The trace
+    is mostly shape arithmetic (SmolLM2: 20,658 nodes, 6,758 of them Constant; 10,989 after), and
+    onnxruntime redid this work on every load (creating the session took 4.5 s, 2.4 s after)."""
+    import onnx
+    import onnxruntime as ort
+
+    optimized, data = path + ".basic", os.path.basename(path) + ".basic.data"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = optimized
+    # its weights beside it while it is written (a protobuf holds at most 2 GB), then back inline
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                     str(INLINE_BYTES))
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    onnx.save(onnx.load(optimized), path)
+    os.remove(optimized)
+    os.remove(os.path.join(os.path.dirname(path), data))
+
+
 def _share_weights(paths: list[str], weights_path: str) -> dict:
     """Move the graphs' initializers into one external-data file, each distinct tensor once:
     the block and decode graphs are built from the same module, so their weights coincide
@@ -363,6 +386,7 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         onnx.checker.check_model(path)
         if quantize:
             _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size, importance, quantized)
+        _basic_optimized(path)
         decode = build_decode_graph(model, bits=QUANTIZE.get(quantize), accuracy_level=accuracy_level,
                                     quantized=quantized, importance=importance)
         # its weights outside the protobuf (over 2 GB it could not be written), then into weights.bin
