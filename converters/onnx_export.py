@@ -188,7 +188,7 @@ def _importance_by_weight(graph: "StepGraph", by_module: dict) -> dict:
 
 
 def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, importance: dict | None = None,
-                    done: dict | None = None):
+                    done: dict | None = None, progress=None):
     """Every linear layer (a MatMul by a 2-D weight initializer [K, N], K a multiple of 32) becomes
     ``com.microsoft.MatMulNBits`` with GGUF's own quantization of the same weight: 8 bits are q8_0,
     4 bits q4_0 except the vocabulary projection, which stays 8 bits (as the GGUF q4_0 file keeps
@@ -197,7 +197,8 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
     the softmax after them is sensitive). ``accuracy_level`` 4 multiplies with int8 activations
     (onnxruntime's fast kernels; 1 keeps them float32: 8-bit at level 0 ran 80x slower, FACTS).
     ``importance`` ({_weight_key: [K]}) weights q4_0's rounding as the GGUF exporter does; ``done``
-    keeps each matrix's blocks for the next graph (both graphs hold the same weights)."""
+    keeps each matrix's blocks for the next graph (both graphs hold the same weights);
+    ``progress(i, n)`` is called as each of the n matrices is rounded."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -242,7 +243,10 @@ def _quantize_nbits(path: str, bits: int, accuracy_level: int, vocab_size: int, 
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         rounded = pool.map(lambda job: nbits.from_gguf(quantize.quantize(*job), 8 if job[1] == "q8_0" else 4),
                            jobs.values())
-        done.update(zip(jobs, rounded))
+        for i, (key, blocks) in enumerate(zip(jobs, rounded)):
+            done[key] = blocks
+            if progress is not None:
+                progress(i + 1, len(jobs))
 
     nodes, dropped = [], set()
     for index, n in enumerate(m.graph.node):
@@ -352,11 +356,12 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
 
 
 def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, source: str = "",
-                accuracy_level: int = 4, calibration: np.ndarray | None = None) -> dict:
+                accuracy_level: int = 4, calibration: np.ndarray | None = None, progress=None) -> dict:
     """Write ``model.onnx`` + ``decode.onnx`` + ``weights.bin`` + ``model.json`` + tokenizer files to
     ``out_dir`` (atomically). ``quantize`` "int8" / "int4": the linear layers as MatMulNBits with
     the q8_0 / q4_0 GGUF file's weights (:func:`_quantize_nbits`; ``calibration`` as for
-    :func:`.gguf_export.export_gguf`, so the same calibration gives the same weights)."""
+    :func:`.gguf_export.export_gguf`, so the same calibration gives the same weights). ``progress(i,
+    n)``: the weight matrices rounded so far, when quantizing (a calibrated int4 export takes minutes)."""
     from edge_lolcats.nn.lora import lora_modules, merge_lora
     from edge_lolcats.nn.model import is_linearized, state_layout
 
@@ -385,7 +390,8 @@ def export_onnx(model, tokenizer, out_dir: str, *, quantize: str | None = None, 
         _export_graph(StepGraph(model).eval(), model, path)
         onnx.checker.check_model(path)
         if quantize:
-            _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size, importance, quantized)
+            _quantize_nbits(path, QUANTIZE[quantize], accuracy_level, model.args.vocab_size, importance, quantized,
+                            progress)
         _basic_optimized(path)
         decode = build_decode_graph(model, bits=QUANTIZE.get(quantize), accuracy_level=accuracy_level,
                                     quantized=quantized, importance=importance)

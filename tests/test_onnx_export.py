@@ -100,7 +100,11 @@ def test_quantized_export_holds_the_gguf_weights(tmp_path, smol_tokenizer, quant
     calibration = np.random.default_rng(1).integers(0, 49152, (2, 16)) if quantize == "int4" else None
     export_onnx(model, smol_tokenizer, str(tmp_path / "exact"), quantize=quantize, accuracy_level=1,
                 calibration=calibration)
-    export_onnx(model, smol_tokenizer, str(tmp_path / "fast"), quantize=quantize, calibration=calibration)
+    calls = []
+    export_onnx(model, smol_tokenizer, str(tmp_path / "fast"), quantize=quantize, calibration=calibration,
+                progress=lambda i, n: calls.append((i, n)))
+    # one call per distinct matrix rounded: q|k|v, o, gate|up and down of each of 2 layers, and the head
+    assert calls == [(i + 1, 4 * 2 + 1) for i in range(4 * 2 + 1)], calls
     export_gguf(model, smol_tokenizer, str(tmp_path / "m.gguf"), dtype=dtype, calibration=calibration)
     graph = onnx.load(str(tmp_path / "exact" / "decode.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]

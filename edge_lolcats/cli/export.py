@@ -44,21 +44,22 @@ def cmd_export(args):
         print("calibrating the 4-bit rounding on "
               f"{args.calibration or 'the installed corpus'}'s training text", file=sys.stderr)
         calibration = calibration_tokens(loaded.tokenizer, args.calibration)
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, desc="rounding weights" if args.format == "onnx" else "writing tensors",
+               unit="matrix" if args.format == "onnx" else "tensor", disable=not sys.stderr.isatty())
+
+    def progress(i, n):
+        bar.total = n
+        bar.update(1)
+
     if args.format == "onnx":
         summary = export_onnx(loaded.model, loaded.tokenizer, args.out, quantize=args.quantize, source=args.model,
-                              calibration=calibration)
+                              calibration=calibration, progress=progress)
     else:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, desc="writing tensors", unit="tensor", disable=not sys.stderr.isatty())
-
-        def progress(i, n):
-            bar.total = n
-            bar.update(1)
-
         summary = export_gguf(loaded.model, loaded.tokenizer, args.out, dtype=args.dtype, source=args.model,
                               progress=progress, as_softmax=args.softmax_teacher, calibration=calibration)
-        bar.close()
+    bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(summary))
