@@ -12,6 +12,8 @@ with the same inputs and outputs, arranged for a graph runtime:
   q/k/v and gate/up as one product each (``MatMulNBits`` when quantized, the GGUF file's blocks);
 - everything that depends only on the position (RoPE as [D, D] matrices, the ring slot, the
   masks, whether a key enters S) once per step, shared by the layers;
+- the feature maps of the keys leaving the windows, which depend only on the input state, for all
+  layers at once over stacked weights (:func:`_leaving_features`);
 - the attention scale folded into the queries' rotation, the feature maps' +x and -x halves
   through one product and one Softmax, the window factor into phi_q, the decay lam a constant;
 - the ring written with ``ScatterND`` at slot p % W (``Where`` on a one-hot slot, broadcast, was
