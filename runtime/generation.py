@@ -144,9 +144,9 @@ class StopStrings:
         return piece
 
 
-# tokens per prefill block, unless the engine says (``engine.prefill_chunk``): the numpy and ONNX
-# block steps cost O(T (W + T)), and on 2 cores both were fastest at 128 (ONNX 541 vs 421 tok/s at
-# 512, numpy 230 vs 171; docs/BENCHMARKS.md), with less memory
+# tokens per prefill block, unless the engine says (``engine.prefill_chunk``: the compiled and ONNX
+# engines take 256): the numpy engine's block step costs O(T (W + T)), and on 2 cores it was fastest
+# at 128 (230 vs 171 tok/s at 512; docs/BENCHMARKS.md), with less memory
 PREFILL_CHUNK = 128
 
 

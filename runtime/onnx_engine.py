@@ -56,6 +56,10 @@ class OnnxEngine:
 
     format = "onnx"
     name = "onnx"
+    # prompt tokens per block graph call (generation.prefill): 256 against 128, 1K tokens, fresh
+    # processes on the Zen 5 VM, by hand: int8 352-385 vs 271-305 tok/s at 627-634 vs 614-617 MB
+    # peak RSS; f32 538-596 vs 444-469 (512: int8 354-403 at 671 MB). docs/BENCHMARKS.md, session 17
+    prefill_chunk = 256
 
     def _map_weights(self, folder: str) -> dict:
         """{graph file: {initializer: OrtValue over the mapped weights file}}; {} if the export

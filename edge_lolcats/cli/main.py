@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (0, 1]")
     gen.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k best (0: off)")
     gen.add_argument("--seed", type=int, help="random seed for sampling")
-    gen.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per prefill chunk (default: 1024 in PyTorch; on the runtime 256 for the compiled engine, 128 for the others)")
+    gen.add_argument("--prefill-chunk", type=positive_int, help="prompt tokens per prefill chunk (default: 1024 in PyTorch; on the runtime 256 for the compiled and ONNX engines, 128 for numpy)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     rt = gen.add_argument_group("on an export (lolcats .gguf file or ONNX folder: the torch-free runtime)")
     rt.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1: off)")
