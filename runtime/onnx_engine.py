@@ -7,8 +7,10 @@ One token of one sequence runs the static decode graph, anything else the block 
 
 Memory: ``weights.bin`` is mapped, not read, and its arrays are handed to both sessions as
 user-owned initializers, so the two graphs share one copy of the weights (file-backed pages).
-The decode session pre-packs its MatMul weights (a private copy, worth 1.4x per token); the block
-session does not (at T = 512 packing on the fly costs nothing measurable).
+The decode session pre-packs its weights (a private copy, worth 1.4x per token). The block session
+pre-packs them only in int8 / int4 exports, where MatMulNBits multiplies in int8 only from packed
+weights (prefill +45-75%, peak RSS -20 to +30 MB); float32 MatMuls pack on the fly at no measurable
+cost, and a packed copy would hold another 500 MB (SmolLM2).
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ class OnnxEngine:
             raise ModelFileError(f"{meta_path}: not an edge-lolcats ONNX export")
         self._mapping, self._embedding_pages, self._rows_read = None, None, 0
         self._weights = self._map_weights(folder)
-        self.session = self._session(folder, self.meta["graph"], threads, prepack=not self._weights)
+        quantized = self.meta.get("weights") in ("int8", "int4")
+        self.session = self._session(folder, self.meta["graph"], threads, prepack=quantized or not self._weights,
+                                     block=True)
         decode = self.meta.get("decode_graph")  # exports before format 2 have the block graph only
-        self.decode_session = self._session(folder, decode, threads, prepack=True) if decode else None
+        self.decode_session = self._session(folder, decode, threads, prepack=True, block=False) if decode else None
         self.state_names = self.meta["inputs"][2:]
         graph_inputs = {i.name: i.shape for i in self.session.get_inputs()}
         for name, spec in self.meta["state"].items():
@@ -103,15 +107,16 @@ class OnnxEngine:
         start = offset - offset % mmap.PAGESIZE
         self._mapping.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
 
-    def _session(self, folder: str, graph: str, threads: int | None, prepack: bool):
+    def _session(self, folder: str, graph: str, threads: int | None, prepack: bool, block: bool):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        if not prepack:  # the block graph: also no memory pattern (its shapes change with T; measured
-            # 1100 -> 930 MB peak RSS over 2K tokens of prefill, at the same speed)
+        if not prepack:
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if block:  # no memory pattern: the block graph's shapes change with T (measured 1100 -> 930 MB
+            # peak RSS over 2K tokens of prefill, at the same speed)
             options.enable_mem_pattern = False
         for name, value in self._weights.get(graph, {}).items():
             options.add_initializer(name, value)
