@@ -296,7 +296,7 @@ def _basic_optimized(path: str):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = optimized
-    # its weights beside it while it is written (a protobuf holds at most 2 GB), then back inline
+    # onnxruntime writes the weights beside the graph (a protobuf holds at most 2 GB); inline again after, as traced
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                      str(INLINE_BYTES))
