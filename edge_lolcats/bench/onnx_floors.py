@@ -82,6 +82,8 @@ class _BoundSteps:
     def __init__(self, model, folder: str, weights: dict, threads: int | None, rng):
         import onnxruntime as ort
 
+        from edge_lolcats.arch import state as state_names
+
         options = ort.SessionOptions()
         # loaded from bytes: where its external data lives (the weights come as user initializers)
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
@@ -110,7 +112,7 @@ class _BoundSteps:
             binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
             for spec, a, b in zip(state_in, a_set, b_set):
                 binding.bind_cpu_input(spec.name, a)
-                out = spec.name.replace("state.", "new_state.", 1)
+                out = state_names.output_name(spec.name)
                 if out in outputs:
                     binding.bind_output(out, "cpu", 0, np.float32, list(b.shape), b.ctypes.data)
             self.bindings.append(binding)
