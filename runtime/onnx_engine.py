@@ -160,7 +160,8 @@ class OnnxEngine:
             ids = ids[None]
         if ids.shape[1] == 0:
             raise ValueError("no tokens to run")
-        binding = self._decode_binding(state) if ids.shape == (1, 1) and self.decode_session else None
+        decode = ids.shape == (1, 1) and self.decode_session is not None
+        binding = self._decode_binding(state) if decode else None
         if binding is not None:
             binding, outputs, logits = binding
             self._token[...] = ids
@@ -170,8 +171,7 @@ class OnnxEngine:
             state.tensors = dict(zip(self.state_names, outputs))  # a dict of its own: the caller may edit it
         else:
             feeds = {"input_ids": ids, "position": np.array(state.position, np.int64), **state.tensors}
-            session = self.decode_session if ids.shape == (1, 1) and self.decode_session else self.session
-            out = session.run(None, feeds)
+            out = (self.decode_session if decode else self.session).run(None, feeds)
             state.tensors = dict(zip(self.state_names, out[1:]))
         self._rows_read += ids.size
         if self._rows_read >= RELEASE_EVERY:  # at most this many rows stay resident between releases
@@ -200,13 +200,25 @@ class OnnxEngine:
         spare = tuple(np.empty_like(a) for a in current)
         self._bindings = []
         for inputs, outputs in ((current, spare), (spare, current)):
-            binding = self.decode_session.io_binding()
-            binding.bind_cpu_input("input_ids", self._token)
-            binding.bind_cpu_input("position", self._position)
             logits = np.empty((1, self.meta["vocab_size"]), np.float32)
-            binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            for name, out_name, a, b in zip(names, self.meta["outputs"][1:], inputs, outputs):
-                binding.bind_cpu_input(name, a)
-                binding.bind_output(out_name, "cpu", 0, np.float32, list(b.shape), b.ctypes.data)
+            binding = bind_decode_step(self.decode_session, self._token, self._position, dict(zip(names, inputs)),
+                                       logits, dict(zip(self.meta["outputs"][1:], outputs)))
             self._bindings.append((inputs, outputs, binding, logits))
         return self._decode_binding(state)
+
+
+def bind_decode_step(session, token: np.ndarray, position: np.ndarray, inputs: dict, logits: np.ndarray,
+                     outputs: dict):
+    """An IOBinding of a decode graph's ``session``, made once and run every step: ``token`` [1, 1]
+    and ``position`` [] int64 (arrays the caller writes in place before each run) and the state
+    ``inputs`` {input name: array} read where they are; ``logits`` and ``outputs`` {output name:
+    array} written in place. Inputs the graph does not take are left out (graphs cut from the decode
+    graph, edge_lolcats.bench.onnx_floors)."""
+    taken = {i.name for i in session.get_inputs()}
+    binding = session.io_binding()
+    for name, array in (("input_ids", token), ("position", position), *inputs.items()):
+        if name in taken:
+            binding.bind_cpu_input(name, array)
+    for name, array in (("logits", logits), *outputs.items()):
+        binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+    return binding

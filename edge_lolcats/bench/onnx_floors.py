@@ -77,12 +77,14 @@ def cut_decode_graph(model, part: str):
 
 class _BoundSteps:
     """A decode graph's session stepped through bindings made once, its state arrays taking turns
-    (as :meth:`OnnxEngine._decode_binding`), from a random state."""
+    (the engine's own binding, :func:`edge_lolcats.runtime.onnx_engine.bind_decode_step`), from a
+    random state."""
 
     def __init__(self, model, folder: str, weights: dict, threads: int | None, rng):
         import onnxruntime as ort
 
         from edge_lolcats.arch import state as state_names
+        from edge_lolcats.runtime.onnx_engine import bind_decode_step
 
         options = ort.SessionOptions()
         # loaded from bytes: where its external data lives (the weights come as user initializers)
@@ -101,21 +103,11 @@ class _BoundSteps:
         first = [np.abs(rng.standard_normal(i.shape)).astype(np.float32) * 0.1 for i in state_in]
         second = [np.empty_like(a) for a in first]
         self.logits = np.empty(outputs["logits"].shape, np.float32)
-        self.bindings = []
-        for a_set, b_set in ((first, second), (second, first)):
-            binding = self.session.io_binding()
-            names = {i.name for i in self.session.get_inputs()}
-            if "input_ids" in names:
-                binding.bind_cpu_input("input_ids", self.token)
-            if "position" in names:
-                binding.bind_cpu_input("position", self.position)
-            binding.bind_output("logits", "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data)
-            for spec, a, b in zip(state_in, a_set, b_set):
-                binding.bind_cpu_input(spec.name, a)
-                out = state_names.output_name(spec.name)
-                if out in outputs:
-                    binding.bind_output(out, "cpu", 0, np.float32, list(b.shape), b.ctypes.data)
-            self.bindings.append(binding)
+        self.bindings = [
+            bind_decode_step(self.session, self.token, self.position, {i.name: a for i, a in zip(state_in, a_set)},
+                             self.logits, {state_names.output_name(i.name): b for i, b in zip(state_in, b_set)
+                                           if state_names.output_name(i.name) in outputs})
+            for a_set, b_set in ((first, second), (second, first))]
         self.at = 600  # past the window and the sinks: every path of the step is taken
 
     def block(self, steps: int) -> float:
