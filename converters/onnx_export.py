@@ -337,10 +337,11 @@ def _share_weights(paths: list[str], weights_path: str) -> dict:
                 if key not in offsets:
                     out.seek(-out.tell() % 64, 1)  # 64-byte aligned: arrays mapped from the file stay aligned
                     offsets[key] = (out.tell(), len(raw))
-                    step = len(raw) // slices
-                    for i in range(slices if slices > 1 else 0):
-                        part = hashlib.sha256(raw[i * step : (i + 1) * step] + str(t.data_type).encode()).digest()
-                        offsets.setdefault(part, (out.tell() + i * step, step))
+                    if slices > 1:
+                        step = len(raw) // slices
+                        for i in range(slices):
+                            part = hashlib.sha256(raw[i * step : (i + 1) * step] + str(t.data_type).encode()).digest()
+                            offsets.setdefault(part, (out.tell() + i * step, step))
                     out.write(raw)
                 offset, length = offsets[key]
                 entries[t.name] = {"offset": offset, "length": length, "shape": list(t.dims),

@@ -46,8 +46,10 @@ def cmd_export(args):
         calibration = calibration_tokens(loaded.tokenizer, args.calibration)
     from tqdm import tqdm
 
+    # a float32 ONNX export rounds nothing: no bar
     bar = tqdm(total=None, desc="rounding weights" if args.format == "onnx" else "writing tensors",
-               unit="matrix" if args.format == "onnx" else "tensor", disable=not sys.stderr.isatty())
+               unit="matrix" if args.format == "onnx" else "tensor",
+               disable=not sys.stderr.isatty() or (args.format == "onnx" and not args.quantize))
 
     def progress(i, n):
         bar.total = n
